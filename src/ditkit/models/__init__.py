@@ -1,0 +1,5 @@
+"""Plain PyTorch networks: forward(x, t, y) -> tensor. Nothing here knows about noise."""
+
+from ditkit.models.dit import DIT_PRESETS, DiT, build_dit, count_params, forward_macs, train_flops_per_image
+
+__all__ = ["DiT", "DIT_PRESETS", "build_dit", "count_params", "forward_macs", "train_flops_per_image"]
