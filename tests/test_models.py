@@ -90,7 +90,7 @@ def test_official_key_names():
 
 def test_pos_embed_layout_first_half_columns():
     D, G = 16, 4
-    table = sincos_2d(D, G)  # (G*G, D)
+    table = sincos_2d(D, G).numpy()  # (G*G, D)
     row, col = 1, 3
     token = row * G + col
     omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,21 +27,21 @@ from ditkit.models.layers import (
 # ------------------------------------------------------------------------------------------------
 
 
-def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
-    """(M,) positions -> (M, embed_dim): [sin(pos * w), cos(pos * w)], w_i = 10000 ** (-2i / D)."""
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, embed_dim) float64: [sin(pos * w), cos(pos * w)], w_i = 10000 ** (-2i / D)."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    out = positions.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
-    """(grid_size**2, embed_dim) table for row-major patches: first half of the channels from the
-    column index, second half from the row index (the official DiT/MAE layout)."""
+def sincos_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """(grid_size**2, embed_dim) float64 table for row-major patches: first half of the channels
+    from the column index, second half from the row index (the official DiT/MAE layout)."""
     if embed_dim % 4:
         raise ValueError(f"sin-cos position embedding needs hidden size divisible by 4, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
-    return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -138,7 +137,7 @@ class DiT(nn.Module):
                 self.pos_embed.zero_()
             else:
                 table = sincos_2d(self.pos_embed.shape[-1], self.grid_size)
-                self.pos_embed.copy_(torch.from_numpy(table).float().unsqueeze(0))
+                self.pos_embed.copy_(table.float().unsqueeze(0))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W); token order row-major, per-token layout (p, p, C)."""

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up ditkit in a virtual environment (default .venv) with the right PyTorch build:
+# on a machine without an NVIDIA GPU it takes the CPU build, because the default Linux wheel of
+# torch on PyPI is a multi-GB CUDA build. Usage: bash scripts/setup.sh [extras, default "dev"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-dev}
+venv=${VENV:-.venv}
+python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  pip install "torch>=2.4"
+else
+  # The CPU wheel index; pip falls back to any local wheel store it is configured with.
+  pip install "torch==2.13.0" --retries 1 --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+pip install -e ".[$extras]"
+python -c "import torch, ditkit; print('ditkit', ditkit.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
