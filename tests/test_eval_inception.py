@@ -1,0 +1,115 @@
+"""Inception FID/IS wiring: the missing-file error, file validation, the Inception Score formula,
+and the path through torch-fidelity (faked here: the real package and weights are not on CI)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from ditkit.eval.evaluator import Evaluator
+from ditkit.eval.frechet import feature_stats, frechet_distance
+from ditkit.eval.inception import (
+    PYTORCH_FID_WEIGHTS_URL,
+    InceptionExtractor,
+    check_inception_weights,
+    inception_score,
+)
+
+
+def test_missing_weights_file_says_where_it_comes_from(tmp_path):
+    missing = tmp_path / "nowhere" / "pt_inception.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        check_inception_weights(missing)
+    message = str(info.value)
+    assert str(missing) in message
+    assert PYTORCH_FID_WEIGHTS_URL in message
+    assert "pt_inception-2015-12-05" in message and "--inception-weights" in message
+    assert "never downloads" in message
+
+
+def test_missing_weights_fail_before_any_work(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("must fail on the missing file before training a classifier")
+
+    monkeypatch.setattr("ditkit.eval.evaluator.get_classifier", no_training)
+    images = torch.zeros(8, 1, 8, 8)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+        Evaluator(images, torch.arange(8) % 2, cache_dir=tmp_path, inception_weights=tmp_path / "missing.pth")
+
+
+def test_wrong_file_is_rejected_with_the_same_guidance(tmp_path):
+    wrong = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(1000, 512)}, wrong)
+    with pytest.raises(ValueError, match=r"not the FID InceptionV3 state dict.*fc\.weight"):
+        InceptionExtractor(wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        InceptionExtractor(garbage)
+
+
+def test_inception_score_limits():
+    num_classes = 10
+    confident = 100.0 * torch.nn.functional.one_hot(torch.arange(1000) % num_classes, 1008).float()
+    mean, std = inception_score(confident, splits=1)
+    assert mean == pytest.approx(num_classes, rel=1e-6)  # confident and uniform over 10 classes
+    assert std == 0.0
+    mean, _ = inception_score(torch.zeros(1000, 1008))  # p(y|x) = p(y): no information
+    assert mean == pytest.approx(1.0, abs=1e-9)
+    mean, std = inception_score(confident, splits=10)  # shuffled splits are nearly balanced
+    assert 9.0 < mean <= 10.0 and std > 0
+
+
+class _FakeInception(torch.nn.Module):
+    """Stands in for torch_fidelity's FeatureExtractorInceptionV3: records its inputs and returns
+    deterministic (pool, logits) features from the uint8 pixels (64-wide pool instead of 2048 to
+    keep the test fast; ditkit does not depend on the width)."""
+
+    calls: list = []
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__()
+        assert feature_extractor_weights_path is not None, "ditkit must always pass the local file"
+        assert features_list == ["2048", "logits_unbiased"]
+        self.projection = torch.randn(3 * 8 * 8, 64, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        _FakeInception.calls.append((x.dtype, tuple(x.shape)))
+        pool = (x.float().flatten(1) / 255) @ self.projection
+        return pool, pool[:, :32]
+
+
+@pytest.fixture
+def fake_torch_fidelity(monkeypatch, tmp_path):
+    package = types.ModuleType("torch_fidelity")
+    package.__version__ = "fake"
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = _FakeInception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", package)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, weights)
+    _FakeInception.calls = []
+    return weights
+
+
+def test_inception_metrics_wired_through_torch_fidelity(fake_torch_fidelity, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(64, 1, 8, 8, generator=generator) * 2 - 1  # unlabelled: Inception only
+    samples = torch.rand(40, 1, 8, 8, generator=generator) * 2 - 1
+    evaluator = Evaluator(reference, None, cache_dir=tmp_path / "cache", inception_weights=fake_torch_fidelity)
+    results = evaluator.evaluate(samples)
+    # Grayscale uint8 images are expanded to 3 channels and handed over unresized.
+    assert _FakeInception.calls and all(call == (torch.uint8, (call[1][0], 3, 8, 8)) for call in _FakeInception.calls)
+    metrics = results["metrics"]
+    assert set(metrics) == {"inception_fid", "inception_score", "inception_score_std"}
+    extractor = evaluator.inception
+    ref_feats = extractor.features(evaluator.reference)
+    sample_feats = extractor.features(((samples.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8))
+    expected = frechet_distance(*feature_stats(sample_feats), *feature_stats(ref_feats))
+    assert metrics["inception_fid"] == pytest.approx(expected, rel=1e-9)
+    assert results["inception"]["weights_sha256"] and results["versions"]["torch_fidelity"] == "fake"
+    assert (tmp_path / "cache" / f"reference-{extractor.hash}-{evaluator.data_hash[:16]}.safetensors").is_file()
