@@ -184,3 +184,16 @@ def test_gradient_checkpointing_gives_same_gradients():
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_cpu_bf16_attention_path_matches_sdpa(is_causal):
+    from ditkit.models.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    fast = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=is_causal)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - ref).abs().max() < 0.05  # bf16 rounding of inputs and outputs
+    assert torch.equal(attention(q, k, v, is_causal=is_causal), ref)  # fp32 takes SDPA itself
