@@ -40,6 +40,16 @@ def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int =
     return statistics.median(times)
 
 
+def wall_and_cpu_seconds(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one fn() call. On a shared machine the CPU time
+    counts only the cycles this process got, so ratios of CPU times survive time-slicing."""
+    sync(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def peak_memory_mib(device: str) -> float:
     """Peak memory: CUDA allocator peak on GPU, else the process's max resident set size."""
     if device.startswith("cuda"):

@@ -1,0 +1,124 @@
+"""Training-step throughput of a DiT against the machine's own matmul peak (MFU), one table.
+
+Each case runs in a fresh subprocess (clean peak memory, clean compile caches) that first measures
+the matmul peak at its own precision (large square matmuls, median of repeats), then times the
+training step ditkit's loop runs: objective loss under autocast, backward, gradient clipping,
+fused AdamW, EMA update. Achieved FLOP/s use the analytic count 6 x forward MACs per image
+(forward + backward = 3 x forward, 2 FLOPs per MAC); MFU = achieved / measured peak.
+
+    python benchmarks/train_throughput.py                      # DiT-S/2, 32x32x4, batch 8
+    python benchmarks/train_throughput.py --cases fp32,bf16,bf16+compile --steps 10
+    python benchmarks/train_throughput.py --model DiT-XL/2 --batch 32 --device cuda   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import machine, peak_memory_mib, print_table, wall_and_cpu_seconds, write_json
+
+
+def run_case(args: argparse.Namespace, case: str) -> dict:
+    """Time one case in this process; `case` is 'fp32' or 'bf16', optionally '+compile'."""
+    from ditkit.diffusion import GaussianDiffusion, make_schedule
+    from ditkit.models.dit import build_dit, count_params, forward_macs
+    from ditkit.train.ema import EMA
+    from ditkit.train.precision import autocast
+
+    precision, _, extra = case.partition("+")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_dit(args.model, input_size=args.image_size, in_channels=args.channels,
+                      num_classes=args.num_classes, learn_sigma=True).to(device)
+    objective = GaussianDiffusion(make_schedule("linear", 1000), learn_sigma=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    ema = EMA(model, 0.9999)
+    net = torch.compile(model) if extra == "compile" else model
+    x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    noise = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = objective.loss(net, x, y, generator=noise).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+
+    t0 = time.perf_counter()
+    step()  # includes compilation when compiling
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
+    flops = 6 * forward_macs(model) * args.batch
+    # Interleave step timings with peak measurements so both see the same machine load; MFU is
+    # the median of the per-pair ratios (robust on a shared, noisy machine).
+    # On the CPU, MFU is also given in process CPU time (immune to time-slicing by other jobs).
+    n = 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(2):
+        step(), a @ b
+    step_times, peaks, cpu_ratios = [], [], []
+    for _ in range(args.steps):
+        wall, cpu = wall_and_cpu_seconds(step, args.device)
+        mm_wall, mm_cpu = min((wall_and_cpu_seconds(lambda: a @ b, args.device) for _ in range(3)), key=lambda p: p[0])
+        step_times.append(wall)
+        peaks.append(2 * n**3 / mm_wall / 1e9)
+        cpu_ratios.append((flops / cpu) / (2 * n**3 / mm_cpu))
+    memory = peak_memory_mib(args.device)
+    seconds, peak = statistics.median(step_times), statistics.median(peaks)
+    mfu = statistics.median(flops / s / 1e9 / p for s, p in zip(step_times, peaks))
+    achieved = flops / seconds / 1e9
+    return {
+        "case": case, "model": args.model, "params_M": count_params(model) / 1e6, "batch": args.batch,
+        "step_s": seconds, "images_per_s": args.batch / seconds, "first_step_s": first_step_s,
+        "GFLOP_per_step": flops / 1e9, "achieved_GFLOPs": achieved, "peak_GFLOPs": peak,
+        "MFU": mfu, "MFU_cpu_time": statistics.median(cpu_ratios), "peak_mem_MiB": memory,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per case (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="fp32,bf16,bf16+compile")
+    parser.add_argument("--json", default="benchmarks/results/train_throughput.json")
+    parser.add_argument("--one-case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_case:
+        print(json.dumps(run_case(args, args.one_case)))
+        return
+    rows = []
+    for case in args.cases.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one-case", case]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"case {case} failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done {case}: {rows[-1]['step_s']:.3f} s/step", file=sys.stderr)
+    print(f"{args.model} at {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {machine()}")
+    table = print_table(rows, ["case", "step_s", "images_per_s", "achieved_GFLOPs", "peak_GFLOPs", "MFU", "MFU_cpu_time",
+                               "peak_mem_MiB", "first_step_s"])
+    write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+    main()
