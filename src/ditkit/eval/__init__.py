@@ -21,6 +21,15 @@ from ditkit.eval.images import (
     uint8_to_images,
 )
 from ditkit.eval.precision_recall import knn_radii, precision_recall
+from ditkit.eval.text import (
+    TextLikelihood,
+    autoregressive_nll,
+    distinct_ngrams,
+    fraction_valid,
+    masked_diffusion_bound,
+    sampling_throughput,
+    text_likelihood,
+)
 
 __all__ = [
     "Classifier",
@@ -42,4 +51,11 @@ __all__ = [
     "summarize",
     "uint8_to_images",
     "write_results_json",
+    "TextLikelihood",
+    "autoregressive_nll",
+    "distinct_ngrams",
+    "fraction_valid",
+    "masked_diffusion_bound",
+    "sampling_throughput",
+    "text_likelihood",
 ]

@@ -1,7 +1,13 @@
-"""Command-line front ends of the interop room, for ``ditkit.cli`` to mount:
+"""Command-line front ends of the interop room, mounted by ``ditkit.cli``:
 
-    ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256
-    ditkit export-diffusers --ckpt RUN_OR_CKPT --out folder [--vae path/to/sd-vae]
+    ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256 [--vae sd-vae]
+    ditkit export-diffusers RUN_OR_CKPT OUT [--vae path/to/sd-vae]
+
+``import-dit`` writes a standard ditkit run (``config.json`` with a full Config, and
+``checkpoints/step_0000000/`` with ``model.safetensors`` and ``ema.safetensors``), so ``ditkit
+sample --ckpt RUN``, ``ditkit info RUN``, ``ditkit eval`` and ``ditkit train --init-from RUN`` read it
+like any run. The config records the official sampling algorithm (linear schedule, learned sigma,
+eps prediction, 250 uniform DDPM steps, no x0 clipping, guidance on 3 latent channels).
 
 ``register_cli(subparsers)`` adds both sub-commands; each sets ``args.func`` to a handler
 ``(args) -> exit code``. Errors are InteropError / ConfigError with the fix in the message.
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register_cli", "cmd_import_dit", "cmd_export_diffusers"]
@@ -27,9 +34,9 @@ def _bool(text: str) -> bool:
 def register_cli(subparsers: Any) -> None:
     """Add ``import-dit`` and ``export-diffusers`` to an argparse sub-parser collection."""
     imp = subparsers.add_parser(
-        "import-dit", help="import an official facebookresearch/DiT checkpoint",
+        "import-dit", help="import an official facebookresearch/DiT checkpoint as a ditkit run",
         description="Read an official DiT .pt (released weights or a training checkpoint, EMA used) "
-        "and write a ditkit checkpoint directory. Omitted flags are read off the checkpoint.",
+        "and write a standard ditkit run directory. Omitted flags are read off the checkpoint.",
     )
     imp.add_argument("checkpoint", metavar="FILE.pt")
     imp.add_argument("--model", default=None, help="preset, e.g. DiT-XL/2 (default: inferred)")
@@ -37,30 +44,45 @@ def register_cli(subparsers: Any) -> None:
     imp.add_argument("--num-classes", type=int, default=None, help="default: inferred")
     imp.add_argument("--learn-sigma", type=_bool, default=None, metavar="true|false", help="default: inferred")
     imp.add_argument("--use-model-weights", action="store_true", help="training checkpoints: 'model' instead of 'ema'")
-    imp.add_argument("--out", required=True, metavar="DIR")
+    imp.add_argument("--vae", default=None, metavar="DIR", help="local AutoencoderKL folder to record for decoding")
+    imp.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale recorded for sampling (official default 4.0)")
+    imp.add_argument("--out", required=True, metavar="RUN")
     imp.set_defaults(func=cmd_import_dit)
 
     exp = subparsers.add_parser(
         "export-diffusers", help="write a checkpoint as a diffusers DiT (or DiTPipeline with --vae)",
-        description="Write a DiTTransformer2DModel folder; with --vae a full DiTPipeline folder.",
+        description="Write a DiTTransformer2DModel folder; with a VAE (--vae, or the one a latent run "
+        "records) a full DiTPipeline folder.",
     )
-    exp.add_argument("--ckpt", required=True, metavar="RUN_OR_CKPT")
-    exp.add_argument("--out", required=True, metavar="DIR")
+    exp.add_argument("ckpt", metavar="RUN_OR_CKPT")
+    exp.add_argument("out", metavar="OUT")
     exp.add_argument("--vae", default=None, metavar="DIR", help="local AutoencoderKL folder: write a DiTPipeline")
+    exp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     exp.set_defaults(func=cmd_export_diffusers)
 
 
 def cmd_import_dit(args: argparse.Namespace) -> int:
-    from ditkit.interop.common import save_imported
-    from ditkit.interop.official import import_official_dit, read_official_checkpoint
+    from ditkit.interop.common import InteropError, imported_config, save_imported_run
+    from ditkit.interop.official import VAE_DOWNSAMPLE, import_official_dit, read_official_checkpoint
 
+    if args.vae is not None:
+        from ditkit.interop.vae import vae_folder
+
+        vae_folder(args.vae)  # fails early when it is not an AutoencoderKL folder
     ckpt = read_official_checkpoint(args.checkpoint, use_ema=not args.use_model_weights)
     model = import_official_dit(
         ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes, learn_sigma=args.learn_sigma
     )
-    meta = ckpt.meta() | {"image_size": model.input_size * 8}
-    out = save_imported(model, args.out, meta)
-    print(json.dumps({"out": str(out), **meta}, indent=2))
+    image_size = model.input_size * VAE_DOWNSAMPLE
+    meta = ckpt.meta() | {"image_size": image_size}
+    dataset = str((ckpt.args or {}).get("data_path") or "imagenet")
+    cfg = imported_config(model, image_size, vae_downsample=VAE_DOWNSAMPLE, dataset=dataset, vae=args.vae, cfg_scale=args.cfg_scale)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise InteropError(f"--out {args.out} exists and is not empty: pick a new run directory")
+    step_dir = save_imported_run(model, args.out, cfg, meta)
+    print(json.dumps({"out": str(args.out), "checkpoint": str(step_dir), **meta}, indent=2))
+    decode = f"decodes through {args.vae}" if args.vae else "has no VAE recorded: pass --vae PATH to ditkit sample to decode (without it, latents are written)"
+    print(f"sample with: ditkit sample --ckpt {args.out}  (DDPM 250 steps, cfg {args.cfg_scale:g} on 3 channels, no clipping; {decode})")
     return 0
 
 
@@ -69,16 +91,20 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     from ditkit.interop.diffusers_format import export_diffusers
     from ditkit.sampling import load_model
 
-    model, cfg, ckpt_dir = load_model(args.ckpt)
+    model, cfg, ckpt_dir = load_model(args.ckpt, use_ema=not args.no_ema)
     objective = cfg.objective
-    if args.vae is not None and objective.kind != "gaussian":
+    vae = args.vae if args.vae is not None else cfg.data.vae
+    if vae is not None and not cfg.data.latent_channels:
+        raise InteropError(f"--vae {vae}: {ckpt_dir} is a pixel-space model; a DiTPipeline needs a latent model. Drop --vae")
+    if vae is not None and objective.kind != "gaussian":
         raise InteropError(
             f"{ckpt_dir} was trained with objective {objective.kind!r}; DiTPipeline runs Gaussian (DDPM) "
             "models only. Export without --vae to get the transformer folder alone"
         )
     out = export_diffusers(
-        model, args.out, vae=args.vae, schedule=objective.schedule, num_timesteps=objective.num_timesteps,
+        model, args.out, vae=vae, schedule=objective.schedule, num_timesteps=objective.num_timesteps,
         prediction=objective.prediction,
     )
-    print(f"wrote {out} from {ckpt_dir}")
+    kind = "DiTPipeline" if vae is not None else "DiTTransformer2DModel"
+    print(f"wrote {kind} folder {out} from {ckpt_dir}")
     return 0

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ditkit.config import ConfigError
+from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
 from ditkit.models.dit import DIT_PRESETS, DiT
 from ditkit.models.layers import RMSNorm
 
@@ -31,6 +31,8 @@ __all__ = [
     "save_imported",
     "load_imported",
     "IMPORTED_CONFIG",
+    "imported_config",
+    "save_imported_run",
 ]
 
 IMPORTED_CONFIG = "model_config.json"
@@ -240,3 +242,108 @@ def load_imported(path: str | Path, use_ema: bool = True) -> DiT:
     check_state_dict(model, state, what=str(weights))
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Imported models as standard ditkit runs (what `ditkit sample / info / eval` and --init-from read).
+# ------------------------------------------------------------------------------------------------
+
+
+def imported_config(
+    model: DiT,
+    image_size: int,
+    *,
+    vae_downsample: int = 8,
+    pixel_channels: int = 3,
+    dataset: str = "imagenet",
+    vae: str | None = None,
+    cfg_scale: float = 4.0,
+) -> Config:
+    """A full ditkit ``Config`` for an imported official-style latent DiT.
+
+    Records what sampling must honour to follow the official algorithm: linear schedule over 1000
+    steps, eps prediction with the learned-range variance (if the model has it), no clipping of x0
+    (``objective.clip_x0 = 0``), 250 uniformly respaced DDPM steps, guidance on the first 3 of the 4
+    latent eps channels (``sample.guide_channels = 3``, what the released DiT does; its FID numbers
+    need it) at ``cfg_scale`` (4.0: the official sample.py default). The DiT works on
+    ``image_size / vae_downsample`` latents with ``model.in_channels`` channels; ``vae`` (a local
+    AutoencoderKL folder) is recorded for decoding, or left None (``--vae`` at sampling time).
+    """
+    kwargs = dit_kwargs(model)
+    preset = preset_name(kwargs["depth"], kwargs["hidden_size"], kwargs["patch_size"])
+    if model.input_size * vae_downsample != image_size:
+        raise InteropError(
+            f"--image-size {image_size} does not match the model's {model.input_size}x{model.input_size} latent at "
+            f"downsampling {vae_downsample}: use --image-size {model.input_size * vae_downsample}"
+        )
+    model_cfg = ModelConfig(
+        name=preset or "DiT-XL/2",  # every field below is explicit, so the preset only names it
+        patch_size=kwargs["patch_size"], hidden_size=kwargs["hidden_size"], depth=kwargs["depth"],
+        num_heads=kwargs["num_heads"], mlp_ratio=kwargs["mlp_ratio"], class_dropout_prob=kwargs["class_dropout_prob"],
+        qk_norm=kwargs["qk_norm"], norm=kwargs["norm"], mlp=kwargs["mlp"], pos_embed=kwargs["pos_embed"],
+        timestep_freq_shift=kwargs["timestep_freq_shift"],
+    )
+    latent_guided = 3 if model.in_channels == 4 else None
+    return Config(
+        recipe="import-dit",
+        model=model_cfg,
+        objective=ObjectiveConfig(
+            kind="gaussian", prediction="eps", schedule="linear", num_timesteps=1000,
+            learn_sigma=model.learn_sigma, clip_x0=0.0,
+        ),
+        data=DataConfig(
+            dataset=dataset, image_size=image_size, channels=pixel_channels, num_classes=model.num_classes,
+            hflip=True, vae=vae, latent_channels=model.in_channels, vae_downsample=vae_downsample,
+        ),
+        run=RunConfig(tensorboard=False),
+        sample=SampleConfig(
+            sampler="ddpm", num_sampling_steps=250, cfg_scale=cfg_scale, guide_channels=latent_guided,
+            timestep_spacing="uniform",
+        ),
+    )
+
+
+def save_imported_run(model: DiT, run_dir: str | Path, config: Config, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` as a standard ditkit run directory and return its checkpoint directory::
+
+        RUN/config.json                         the full Config (``imported_config``)
+        RUN/model_config.json                   provenance: DiT kwargs, preset, source record
+        RUN/checkpoints/step_0000000/           model.safetensors = ema.safetensors, config.json
+
+    No ``state.pt``: an imported checkpoint samples, evaluates, exports and fine-tunes
+    (``--init-from``), but cannot be resumed. The step directory is written to a temporary name
+    and renamed into place, so readers never see it half written.
+    """
+    import os
+    import shutil
+
+    from ditkit.checkpoint_io import CONFIG_FILE, EMA_FILE, MODEL_FILE, step_dir_name
+    from ditkit.sampling import build_model
+
+    rebuilt = build_model(config)  # the config alone must rebuild this architecture
+    check_state_dict(rebuilt, model.state_dict(), what="imported model", hint="(a bug: imported_config lost a setting)")
+    run = Path(run_dir)
+    root = run / "checkpoints"
+    final = root / step_dir_name(0)
+    if final.exists():
+        raise InteropError(f"{final} already exists: pick another --out, or delete it first")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = _contiguous(model.state_dict())
+    header = {"format": "pt", "step": "0", "epoch": "", "source": "imported"}
+    save_file(tensors, str(tmp / MODEL_FILE), metadata=header)
+    save_file(tensors, str(tmp / EMA_FILE), metadata=header)  # released weights are the EMA ones
+    (tmp / CONFIG_FILE).write_text(config.to_json())
+    os.replace(tmp, final)
+    (run / CONFIG_FILE).write_text(config.to_json())
+    kwargs = dit_kwargs(model)
+    record = {
+        "dit_kwargs": kwargs,
+        "preset": preset_name(kwargs["depth"], kwargs["hidden_size"], kwargs["patch_size"]),
+        "source": dict(meta or {}),
+        "checkpoint": str(final),
+    }
+    (run / IMPORTED_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    return final

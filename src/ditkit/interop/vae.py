@@ -127,6 +127,17 @@ class LatentVAE:
             out.append(self.vae.decode(latent).sample.float().clamp_(-1, 1).cpu())
         return torch.cat(out)
 
+    def decode_to(self, z: torch.Tensor, channels: Optional[int] = None, batch_size: int = 16) -> torch.Tensor:
+        """``decode`` then match the training images' channels: (B, c, h, w) -> (B, channels, h f, w f)
+        in [-1, 1]. An RGB VAE trained on grayscale data (fed as 3 equal channels) gives back the
+        channel mean."""
+        x = self.decode(z, batch_size)
+        if channels is None or channels == x.shape[1]:
+            return x
+        if channels == 1:
+            return x.mean(dim=1, keepdim=True)
+        raise InteropError(f"the VAE decodes {x.shape[1]} channels, the data has {channels}")
+
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentVAE:
     """Load a local AutoencoderKL folder (no network) as a LatentVAE."""

@@ -9,6 +9,9 @@ Layout (docs/architecture.md)::
         config.json                          the config again: a checkpoint alone rebuilds its model
         state.pt                             optimiser, step, EMA counter, data position, RNG states;
                                              loads with torch.load(weights_only=True)
+        sharded/                             FSDP runs only: model, EMA and optimiser shards written
+                                             by every rank through torch.distributed.checkpoint
+                                             (state.pt then has no optimiser; see train/distributed.py)
 
 A save writes every file into ``checkpoints/.tmp-step_XXXXXXX-PID/``, fsyncs each file and the
 directory, then renames the directory into place (atomic on POSIX) and fsyncs the parent. A crash
@@ -19,22 +22,34 @@ the next save.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
-from ditkit.config import Config, ConfigError
+# The read side lives in the neutral ditkit.checkpoint_io (sampling and serving use it without
+# importing ditkit.train); re-exported here so ditkit.train.checkpoint stays the one-stop module.
+from ditkit.checkpoint_io import (
+    CONFIG_FILE,
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_facts,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_config,
+    load_training_state,
+    load_weights,
+    resolve_checkpoint,
+    step_dir_name,
+    weights_sha256,
+)
+from ditkit.config import Config
 
 __all__ = [
     "MODEL_FILE",
@@ -53,22 +68,10 @@ __all__ = [
     "load_training_state",
     "checkpoint_facts",
     "prune_checkpoints",
+    "SHARDED_DIR",
+    "staging_dir",
     "weights_sha256",
 ]
-
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FILE = "state.pt"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint is missing or unreadable; the message names the path and what to pass instead."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -113,6 +116,21 @@ def _tensors_for_file(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
 
 
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint directory of an FSDP checkpoint
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """A fresh, empty temp directory where ``save_checkpoint(..., staged=...)`` of this process
+    will assemble step ``step``; other ranks write their shards into it before it is published."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -120,11 +138,14 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor],
     config: Config,
     training_state: dict[str, Any],
+    staged: Optional[Path] = None,
 ) -> Path:
     """Atomically write ``RUN/checkpoints/step_XXXXXXX/`` (see module doc) and return its path.
 
     ``training_state`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors,
     numbers, strings, lists, tuples, dicts). An existing checkpoint of the same step is replaced.
+    ``staged``: the directory from ``staging_dir`` that already holds files written by others
+    (the FSDP shards); it is published together with the files written here.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -132,9 +153,13 @@ def save_checkpoint(
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     old = root / f".old-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if staged is not None:
+        if Path(staged) != tmp:
+            raise ValueError(f"staged={staged}: pass the directory staging_dir(run_dir, {step}) made in this process")
+    else:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     # step and epoch also in the safetensors header: readers get them without loading state.pt
     meta = {"format": "pt", "step": str(step), "epoch": str(training_state.get("epoch", ""))}
     try:
@@ -175,116 +200,3 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
         if stale not in kept:
             shutil.rmtree(stale, ignore_errors=True)
     return doomed
-
-
-# ---- finding -------------------------------------------------------------------------------------
-
-
-def _is_complete(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete ``step_*`` directories of a run, oldest first. A step whose directory is missing
-    but whose previous copy was moved aside (``.old-step_*``, a crash while re-saving that step)
-    is listed under that copy."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found: dict[int, Path] = {}
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and _is_complete(p):
-            found[int(m.group(1))] = p
-    for p in root.glob(".old-step_*"):
-        m = _STEP_DIR.match(p.name[len(".old-"):].rsplit("-", 1)[0])
-        if m and int(m.group(1)) not in found and _is_complete(p):
-            found[int(m.group(1))] = p
-    return [found[k] for k in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint directory, a run directory (its newest checkpoint)
-    or a run's ``checkpoints/`` folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"--ckpt {path}: no such file or folder; pass a run directory or a checkpoint directory")
-    if path.is_file() and path.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE):
-        path = path.parent
-    if _is_complete(path) and path.is_dir():
-        return path
-    run = path.parent if path.name == "checkpoints" else path
-    latest = latest_checkpoint(run)
-    if latest is None:
-        raise CheckpointError(
-            f"no checkpoint under {path}: pass a run directory that holds checkpoints/step_XXXXXXX/ "
-            "(train with ditkit train first) or such a step directory"
-        )
-    return latest
-
-
-# ---- reading -------------------------------------------------------------------------------------
-
-
-def load_checkpoint_config(ckpt: str | Path) -> Config:
-    """The ``Config`` saved with a checkpoint (directory from ``resolve_checkpoint``)."""
-    path = Path(ckpt) / CONFIG_FILE
-    try:
-        return Config.from_json(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-
-
-def load_weights(ckpt: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
-    """State dict from ``ema.safetensors`` (``which="ema"``) or ``model.safetensors``. A checkpoint
-    without EMA weights (e.g. imported) falls back to the raw weights."""
-    ckpt = Path(ckpt)
-    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
-    if which == "ema" and not path.is_file():
-        path = ckpt / MODEL_FILE
-    try:
-        return load_safetensors(str(path), device="cpu")
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read weights {path}: {err}") from None
-
-
-def checkpoint_facts(ckpt: str | Path) -> dict[str, Optional[int]]:
-    """``{"step", "epoch", "num_params"}`` of a checkpoint from the header of ``model.safetensors``
-    (no tensor is loaded); step falls back to the directory name, epoch to None."""
-    ckpt = Path(ckpt)
-    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-        num_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    m = _STEP_DIR.match(ckpt.name)
-    step = meta.get("step") or (m.group(1) if m else "")
-    return {
-        "step": int(step) if step else None,
-        "epoch": int(meta["epoch"]) if meta.get("epoch") else None,
-        "num_params": num_params,
-    }
-
-
-def load_training_state(ckpt: str | Path) -> dict[str, Any]:
-    """``state.pt`` loaded with ``weights_only=True`` on the CPU."""
-    path = Path(ckpt) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it holds weights only and cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def weights_sha256(ckpt: str | Path, which: str = "ema") -> str:
-    """SHA-256 hex digest of the weights file sampling uses (identifies a checkpoint in metadata)."""
-    ckpt = Path(ckpt)
-    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
-    if not path.is_file():
-        path = ckpt / MODEL_FILE
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -11,6 +11,10 @@ the data order (a pure function of seed, epoch and position, see ``ditkit.data.s
 diffusion noise/time generator, and torch's global RNG (label dropout). The learning rate is a
 pure function of the step. So N steps straight and k steps + resume + N - k steps give bitwise
 identical weights.
+
+Under torchrun the same function runs in every process; the few places that differ go through
+``ctx`` (``ditkit.train.distributed.DistContext``: DDP / FSDP2, this rank's rows of the same random
+streams, rank 0 writes). One process without torchrun takes the code paths above unchanged.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ from ditkit.train.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from ditkit.train.distributed import NullLogger, is_sharded_checkpoint, load_training_checkpoint, setup_distributed
 from ditkit.train.ema import EMA
-from ditkit.train.precision import autocast, resolve_device, resolve_precision
+from ditkit.train.precision import autocast, resolve_precision
 
 __all__ = ["train", "preflight", "TrainResult", "NonFiniteLossError", "lr_at", "new_run_dir", "RESUMABLE_SECTIONS"]
 
@@ -214,6 +219,24 @@ class _Logger:
                 f"lr {metrics['lr']:.2e} {metrics['steps_per_sec']:.2f} steps/s eta {_duration(left)}"
             )
 
+    def write_eval(self, metrics: dict[str, Any]) -> None:
+        """An evaluation line (``step``, ``fd_classifier``, ``precision``, ...) in metrics.jsonl, and
+        the scalars under ``eval/`` in TensorBoard / W&B."""
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        step = metrics["step"]
+        scalars = {k: v for k, v in metrics.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+        if self.bar is not None:
+            self.bar.write(f"eval at step {step}: {shown}", file=sys.stderr)
+        else:
+            self.log(f"eval at step {step}: {shown}")
+
     def close(self) -> None:
         self.file.close()
         if self.bar is not None:
@@ -250,7 +273,10 @@ def _resolve_data(cfg: Config, dataset: ImageDataset) -> Config:
     """A copy of ``cfg`` with ``data.channels`` and ``data.num_classes`` set from the loaded data, so
     the saved config alone rebuilds the model."""
     resolved = Config.from_dict(cfg.to_dict())
-    resolved.data.channels = dataset.channels
+    if cfg.modality == "text":  # a TextTrainingSet: the tokenizer decides the vocabulary
+        resolved.data.vocab_size = dataset.tokenizer.vocab_size
+    else:
+        resolved.data.channels = dataset.channels
     resolved.data.num_classes = dataset.num_classes
     return resolved
 
@@ -262,6 +288,12 @@ def preflight(cfg: Config) -> None:
     probe = Config.from_dict(cfg.to_dict())
     probe.data.channels = probe.data.channels or 1  # placeholders: the data decides these later
     probe.data.num_classes = 0 if probe.data.num_classes is None else probe.data.num_classes
+    if cfg.modality == "text":
+        from ditkit.text_sampling import text_model_kwargs
+
+        probe.data.vocab_size = probe.data.vocab_size or 2
+        text_model_kwargs(probe)
+        return
     model_kwargs(probe)
 
 
@@ -269,7 +301,7 @@ def _check_resume_config(cfg: Config, saved: Config, ckpt: Path) -> None:
     for section in ("model", "objective", "data"):
         ours, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
         for key, value in ours.items():
-            if section == "data" and key in ("channels", "num_classes") and value is None:
+            if section == "data" and key in ("channels", "num_classes", "vocab_size", "latent_channels", "vae_downsample") and value is None:
                 continue  # not given: taken from the checkpoint
             if value != theirs.get(key):
                 raise ConfigError(
@@ -304,6 +336,9 @@ def train(
     """
     t0 = time.time()
     preflight(cfg)
+    ctx = setup_distributed(cfg)  # torchrun: rank, device, process group (ditkit.train.distributed)
+    if not ctx.is_main:
+        log = lambda message: None  # noqa: E731  (rank 0 reports)
     ckpt_in: Optional[Path] = None
     if resume is not None:
         ckpt_in = resolve_checkpoint(resume)
@@ -312,25 +347,44 @@ def train(
         cfg = dataclasses.replace(cfg, data=saved.data)
         run_dir = ckpt_in.parent.parent
     else:
-        run_dir = new_run_dir(cfg)
+        run_dir = ctx.broadcast(new_run_dir(cfg))  # rank 0's choice on every rank
         if latest_checkpoint(run_dir) is not None:
             raise ConfigError(
                 f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
                 "or pick another --run-name / --results-dir"
             )
     t = cfg.train
-    device = resolve_device(t.device)
+    device = ctx.device  # resolve_device(t.device); cuda:LOCAL_RANK under torchrun
     dtype = resolve_precision(t.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(t.seed)  # model init and label dropout; restored from the checkpoint on resume
-    dataset = load_dataset(cfg.data)
+    text = cfg.modality == "text"
+    if text:  # packed int64 token chunks; a resumed run keeps its checkpoint's tokenizer
+        from ditkit.data.text_loader import TextBatchSampler, load_text_data
+        from ditkit.data.tokenizers import save_tokenizer
+        from ditkit.text_sampling import load_checkpoint_tokenizer, write_training_samples
+
+        dataset = load_text_data(cfg.data, load_checkpoint_tokenizer(ckpt_in) if ckpt_in is not None else None)
+    else:
+        dataset = load_dataset(cfg.data)
     cfg = _resolve_data(cfg, dataset)
+    latent_cache = latent_vae = None
+    if cfg.data.vae is not None:  # latent diffusion: train on cached VAE latents, sample through the decoder
+        from ditkit.interop.training import prepare_latent_data
+
+        with ctx.main_first():  # rank 0 builds the cache on disk, the other ranks then reuse it
+            cfg, latent_cache, latent_vae = prepare_latent_data(cfg, dataset, device, log)
     model = build_model(cfg).to(device)
+    if t.init_from is not None and ckpt_in is None:  # fine-tuning: pretrained weights, fresh optimiser
+        from ditkit.interop.training import apply_init_from
+
+        apply_init_from(model, cfg, run_dir, log)
     objective = build_objective(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
+    net = ctx.wrap(model, ema)  # what the loss calls: model (one process), DDP, or FSDP2 (shards model and EMA)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -339,7 +393,13 @@ def train(
     fused = device.type == "cuda" or tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused, foreach=None if fused else True)
     micro_batch = t.global_batch_size // t.grad_accum_steps
-    sampler = EpochBatchSampler(dataset, micro_batch, seed=t.seed, hflip=cfg.data.hflip, device=device)
+    if latent_cache is not None:
+        from ditkit.data.latents import LatentBatchSampler
+
+        sampler = LatentBatchSampler(latent_cache, micro_batch, seed=t.seed, hflip=cfg.data.hflip, device=device)
+    else:
+        sampler = (TextBatchSampler if text else EpochBatchSampler)(dataset, micro_batch, seed=t.seed, hflip=cfg.data.hflip, device=device)
+    sampler = ctx.shard_sampler(sampler)  # several processes: this rank's rows of every global batch
     steps_per_epoch = max(1, len(dataset) // t.global_batch_size)
     total_steps = cfg.run_length(steps_per_epoch)
     noise = torch.Generator().manual_seed(t.seed + 1)  # diffusion times and noise (CPU: same on any device)
@@ -347,23 +407,32 @@ def train(
     step = 0
     if ckpt_in is not None:
         state = load_training_state(ckpt_in)
-        model.load_state_dict(load_weights(ckpt_in, "model"))
-        ema.model.load_state_dict(load_weights(ckpt_in, "ema"))
+        if ctx.active or is_sharded_checkpoint(ckpt_in):  # DDP / FSDP2 layouts, or an FSDP run's shards
+            load_training_checkpoint(ckpt_in, model, ema.model, optimizer, state)
+        else:
+            model.load_state_dict(load_weights(ckpt_in, "model"))
+            ema.model.load_state_dict(load_weights(ckpt_in, "ema"))
+            optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["data"])
         _restore_rng_state(state["rng"], noise)
         step = int(state["step"])
         log(f"resumed {ckpt_in} at step {step} (epoch {sampler.epoch}, batch {sampler.position})")
         if step >= total_steps:
             log(f"nothing to do: step {step} >= run length {total_steps} (raise --max-steps or --epochs)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CONFIG_FILE, cfg.to_json().encode())
+    if ctx.is_main:  # only rank 0 writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / CONFIG_FILE, cfg.to_json().encode())
+        if text:
+            save_tokenizer(dataset.tokenizer, run_dir)
+    what = dataset.describe() if text else (
+        f"{dataset.source} ({len(dataset)} images {cfg.data.image_size}x{cfg.data.image_size}x{dataset.channels}, "
+        f"{dataset.num_classes or 'no'} classes)"
+    )
     log(
-        f"run {run_dir}: {cfg.model.name} ({count_params(model) / 1e6:.2f}M params) on {dataset.source} "
-        f"({len(dataset)} images {cfg.data.image_size}x{cfg.data.image_size}x{dataset.channels}, "
-        f"{dataset.num_classes or 'no'} classes), {total_steps} steps of batch {t.global_batch_size}, "
-        f"{device.type} {str(dtype).removeprefix('torch.')}"
+        f"run {run_dir}: {cfg.model.name} ({count_params(model) / 1e6:.2f}M params) on {what}, "
+        f"{total_steps} steps of batch {t.global_batch_size}, "
+        f"{device.type} {str(dtype).removeprefix('torch.')}{ctx.describe()}"
     )
 
     def training_state() -> dict[str, Any]:
@@ -382,8 +451,14 @@ def train(
 
     def save() -> Path:
         nonlocal last_ckpt
-        last_ckpt = save_checkpoint(run_dir, step, model.state_dict(), ema.model.state_dict(), cfg, training_state())
-        prune_checkpoints(run_dir, t.keep_last)
+        if ctx.active:  # rank 0 writes (FSDP: every rank its shards); all ranks wait until it is complete
+            last_ckpt = ctx.save_checkpoint(run_dir, step, model, ema, optimizer, cfg, training_state)
+        else:
+            last_ckpt = save_checkpoint(run_dir, step, model.state_dict(), ema.model.state_dict(), cfg, training_state())
+        if text and ctx.is_main:  # beside config.json (a copy in the run directory covers a crash before this line)
+            save_tokenizer(dataset.tokenizer, last_ckpt)
+        if ctx.is_main:
+            prune_checkpoints(run_dir, t.keep_last)
         return last_ckpt
 
     # Device-side bookkeeping, read to the host only when logging or saving (no per-step sync).
@@ -394,7 +469,7 @@ def train(
     last_loss: Optional[float] = None
 
     def check_finite() -> None:
-        bad = int(first_bad_step.item())
+        bad = ctx.first_bad_step(first_bad_step)  # the earliest over all ranks (a collective)
         if bad >= 0:
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
             raise NonFiniteLossError(
@@ -402,7 +477,15 @@ def train(
                 "train.grad_clip (e.g. --set train.grad_clip=1.0) or use --precision fp32"
             )
 
-    logger = _Logger(cfg, run_dir, step, total_steps, log)
+    evaluator = None
+    if t.eval_every and ctx.is_main:  # built once: trains (or loads) the feature classifier and reference statistics
+        if text:  # validation bits per character instead
+            from ditkit.text_eval import TextPeriodicEvaluator as PeriodicEvaluator
+        else:
+            from ditkit.eval.model_eval import PeriodicEvaluator
+
+        evaluator = PeriodicEvaluator(cfg, dataset, device=device, dtype=dtype, vae=latent_vae, log=log)
+    logger = _Logger(cfg, run_dir, step, total_steps, log) if ctx.is_main else NullLogger()
     interrupted = False
     try:
         with _graceful_interrupt(log) as stop:
@@ -412,14 +495,15 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss = torch.zeros((), device=device)
-                for _ in range(t.grad_accum_steps):
+                for micro in range(t.grad_accum_steps):
                     x, y = sampler.next_batch()
-                    with autocast(device, dtype):
-                        loss = objective.loss(model, x, y, generator=noise).mean()
-                    (loss / t.grad_accum_steps).backward()
+                    with ctx.accumulate(net, last=micro == t.grad_accum_steps - 1):
+                        with autocast(device, dtype):  # one process: objective.loss(model, x, y, generator=noise).mean()
+                            loss = ctx.loss(objective, net, x, y, noise)
+                        (loss / t.grad_accum_steps).backward()
                     step_loss += loss.detach().float() / t.grad_accum_steps
                 max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+                grad_norm = ctx.clip_grad_norm(params, max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(model)
@@ -436,6 +520,7 @@ def train(
 
                 done = step == total_steps
                 if step % t.log_every == 0 or done:
+                    ctx.sync_window(loss_sum, grad_norm_sum, stop["stop"])  # means over ranks; agree on Ctrl-C
                     check_finite()
                     elapsed = time.time() - window_t0
                     last_loss = loss_sum.item() / window_steps
@@ -451,33 +536,48 @@ def train(
                 if t.sample_every and (step % t.sample_every == 0 or done):
                     check_finite()
                     sample_t0 = time.time()
-                    _sample_grid(ema.model, cfg, run_dir / "samples" / f"{step_dir_name(step)}.png", device, dtype)
+                    ema_model = ctx.full_model(ema.model)  # rank 0 (FSDP: gathered by all ranks); None elsewhere
+                    if ema_model is not None and text:  # decoded text instead of a PNG grid
+                        write_training_samples(ema_model, cfg, dataset.tokenizer, run_dir / "samples" / f"{step_dir_name(step)}.txt", device, dtype)
+                    elif ema_model is not None:
+                        _sample_grid(ema_model, cfg, run_dir / "samples" / f"{step_dir_name(step)}.png", device, dtype, vae=latent_vae)
                     window_t0 += time.time() - sample_t0  # steps/s measures training only
-                stopping = stop["stop"] or (stop_at_step is not None and step >= stop_at_step)
+                if t.eval_every and (step % t.eval_every == 0 or done):
+                    check_finite()
+                    eval_t0 = time.time()  # EMA samples scored against the data; leaves the RNGs untouched
+                    ema_model = ctx.full_model(ema.model)
+                    if evaluator is not None and ema_model is not None:
+                        logger.write_eval({"step": step, "epoch": sampler.epoch, **evaluator(ema_model)})
+                    window_t0 += time.time() - eval_t0
+                stopping = ctx.stopping(stop["stop"]) or (stop_at_step is not None and step >= stop_at_step)
                 if step % t.ckpt_every == 0 or done or stopping:
                     check_finite()
                     save()
                 if stopping:
-                    interrupted = stop["stop"]
+                    interrupted = ctx.stopping(stop["stop"])
                     log(f"{'interrupted' if interrupted else 'stopped'} at step {step}; checkpoint {last_ckpt}. "
                         f"Continue with: ditkit train --resume {run_dir}")
                     break
             model.eval()
     finally:
         logger.close()
+        ctx.close()
     return TrainResult(run_dir, step, last_ckpt, interrupted, last_loss, time.time() - t0)
 
 
 @torch.no_grad()
-def _sample_grid(model: torch.nn.Module, cfg: Config, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+def _sample_grid(
+    model: torch.nn.Module, cfg: Config, path: Path, device: torch.device, dtype: torch.dtype, vae: Any = None
+) -> None:
     """A grid of ``cfg.sample.num_samples`` EMA samples (labels cycling over the classes, fixed
-    seeds, so grids of successive steps are comparable). Leaves the training RNGs untouched."""
+    seeds, so grids of successive steps are comparable; latent runs decode through ``vae``).
+    Leaves the training RNGs untouched."""
     n = cfg.sample.num_samples
     num_classes = cfg.data.num_classes or 0
     labels = [i % num_classes for i in range(n)] if num_classes else None
     seeds = [cfg.sample.seed + i for i in range(n)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        images, _, _ = sample_images(model, cfg, labels, seeds, device=device, dtype=dtype)
+        images, _, _ = sample_images(model, cfg, labels, seeds, device=device, dtype=dtype, vae=vae)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = num_classes if num_classes and num_classes <= 16 and n % num_classes == 0 else None
     save_png(make_grid(images, nrow=nrow, scale=display_scale(cfg.data.image_size)), path, {"step": path.stem, "model": cfg.model.name})

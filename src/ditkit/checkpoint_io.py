@@ -1,0 +1,178 @@
+"""Reading checkpoints: the on-disk names, finding the newest complete checkpoint, and loading its
+config, weights and training state. No writing and no training code, so sampling and serving can
+read checkpoints without importing ``ditkit.train`` (docs/architecture.md: serve/ never imports
+train/). Saving lives in ``ditkit.train.checkpoint``, which re-exports everything here.
+
+Layout::
+
+    RUN/config.json                          the full typed config of the run
+    RUN/checkpoints/step_0001000/
+        model.safetensors                    raw weights (fp32)
+        ema.safetensors                      EMA weights, the ones sampling uses by default
+        config.json                          the config again: a checkpoint alone rebuilds its model
+        state.pt                             optimiser, step, EMA counter, data position, RNG states;
+                                             loads with torch.load(weights_only=True)
+
+A step directory is complete when it holds ``config.json`` and ``model.safetensors`` (saves publish
+a directory by an atomic rename, so readers never see a half-written one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors
+
+from ditkit.config import Config, ConfigError
+
+__all__ = [
+    "MODEL_FILE",
+    "EMA_FILE",
+    "CONFIG_FILE",
+    "STATE_FILE",
+    "CheckpointError",
+    "step_dir_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "load_checkpoint_config",
+    "load_weights",
+    "load_training_state",
+    "checkpoint_facts",
+    "weights_sha256",
+]
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing or unreadable; the message names the path and what to pass instead."""
+
+
+def step_dir_name(step: int) -> str:
+    """``step_0001000`` for step 1000: the name of a step's checkpoint directory."""
+    return f"step_{step:07d}"
+
+
+# ---- finding -------------------------------------------------------------------------------------
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete ``step_*`` directories of a run, oldest first. A step whose directory is missing
+    but whose previous copy was moved aside (``.old-step_*``, a crash while re-saving that step)
+    is listed under that copy."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and _is_complete(p):
+            found[int(m.group(1))] = p
+    for p in root.glob(".old-step_*"):
+        m = _STEP_DIR.match(p.name[len(".old-"):].rsplit("-", 1)[0])
+        if m and int(m.group(1)) not in found and _is_complete(p):
+            found[int(m.group(1))] = p
+    return [found[k] for k in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint directory, a run directory (its newest checkpoint)
+    or a run's ``checkpoints/`` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--ckpt {path}: no such file or folder; pass a run directory or a checkpoint directory")
+    if path.is_file() and path.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE):
+        path = path.parent
+    if _is_complete(path) and path.is_dir():
+        return path
+    run = path.parent if path.name == "checkpoints" else path
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise CheckpointError(
+            f"no checkpoint under {path}: pass a run directory that holds checkpoints/step_XXXXXXX/ "
+            "(train with ditkit train first) or such a step directory"
+        )
+    return latest
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def load_checkpoint_config(ckpt: str | Path) -> Config:
+    """The ``Config`` saved with a checkpoint (directory from ``resolve_checkpoint``)."""
+    path = Path(ckpt) / CONFIG_FILE
+    try:
+        return Config.from_json(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def load_weights(ckpt: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """State dict from ``ema.safetensors`` (``which="ema"``) or ``model.safetensors``. A checkpoint
+    without EMA weights (e.g. imported) falls back to the raw weights."""
+    ckpt = Path(ckpt)
+    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
+    if which == "ema" and not path.is_file():
+        path = ckpt / MODEL_FILE
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read weights {path}: {err}") from None
+
+
+def checkpoint_facts(ckpt: str | Path) -> dict[str, Optional[int]]:
+    """``{"step", "epoch", "num_params"}`` of a checkpoint from the header of ``model.safetensors``
+    (no tensor is loaded); step falls back to the directory name, epoch to None."""
+    ckpt = Path(ckpt)
+    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+        num_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    m = _STEP_DIR.match(ckpt.name)
+    step = meta.get("step") or (m.group(1) if m else "")
+    return {
+        "step": int(step) if step else None,
+        "epoch": int(meta["epoch"]) if meta.get("epoch") else None,
+        "num_params": num_params,
+    }
+
+
+def load_training_state(ckpt: str | Path) -> dict[str, Any]:
+    """``state.pt`` loaded with ``weights_only=True`` on the CPU."""
+    path = Path(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it holds weights only and cannot be resumed")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_sha256(ckpt: str | Path, which: str = "ema") -> str:
+    """SHA-256 hex digest of the weights file sampling uses (identifies a checkpoint in metadata)."""
+    ckpt = Path(ckpt)
+    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
+    if not path.is_file():
+        path = ckpt / MODEL_FILE
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

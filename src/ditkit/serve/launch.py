@@ -1,0 +1,70 @@
+"""Load the operator's checkpoints and run the server (``ditkit serve``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from ditkit.checkpoint_io import load_checkpoint_config, resolve_checkpoint
+from ditkit.config import ConfigError
+from ditkit.sampling import ImageGenerator
+from ditkit.serve.models import ImageModel, ServeLimits, model_name_for, parse_ckpt_arg
+from ditkit.serve.text import TextModel
+
+__all__ = ["load_models", "run_server"]
+
+
+def load_models(
+    ckpts: Sequence[str], *, device: str = "auto", precision: str = "fp32", use_ema: bool = True
+) -> list[ImageModel | TextModel]:
+    """One served model per ``--ckpt`` (``PATH`` or ``NAME=PATH``; a run directory serves its newest
+    checkpoint). Image or text is read from each checkpoint's config. Every path is checked
+    before any weights are loaded."""
+    if not ckpts:
+        raise ConfigError("nothing to serve: pass --ckpt RUN_OR_CKPT (one or more)")
+    plan = []
+    for arg in ckpts:
+        name, path = parse_ckpt_arg(arg)
+        ckpt_dir = resolve_checkpoint(path)
+        cfg = load_checkpoint_config(ckpt_dir)
+        plan.append((name or model_name_for(ckpt_dir), ckpt_dir, cfg.modality))
+    names = [name for name, _, _ in plan]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two checkpoints would be served as {name!r}: name them with --ckpt NAME=PATH")
+    models: list[ImageModel | TextModel] = []
+    for name, ckpt_dir, modality in plan:
+        if modality == "text":
+            models.append(TextModel.from_checkpoint(name, ckpt_dir, use_ema=use_ema, device=device, precision=precision))
+        else:
+            generator = ImageGenerator.from_checkpoint(ckpt_dir, use_ema=use_ema, device=device, precision=precision)
+            models.append(ImageModel(name, generator))
+    return models
+
+
+def run_server(
+    ckpts: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServeLimits = ServeLimits(),
+    device: str = "auto",
+    precision: str = "fp32",
+    use_ema: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Load ``ckpts`` and serve them until interrupted (Ctrl-C)."""
+    try:
+        import uvicorn
+
+        from ditkit.serve.app import create_app
+    except ImportError as err:
+        raise ConfigError(f"ditkit serve needs FastAPI and uvicorn ({err}): pip install 'ditkit[serve]'") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: use 0..65535")
+    models = load_models(ckpts, device=device, precision=precision, use_ema=use_ema)
+    app = create_app(models, limits)
+    for model in models:
+        print(f"serving {model.name!r} ({model.modality}) from {model.ckpt_dir}", file=sys.stderr)
+    print(f"open http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

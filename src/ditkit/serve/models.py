@@ -1,0 +1,253 @@
+"""What the server serves: checkpoints loaded once, each behind a small adapter that describes the
+model (for ``GET /v1/models`` and the page), checks a request against the model and the server's
+limits (``RequestError`` -> 4xx, raised on the event loop before anything is queued), and builds
+the job its worker runs.
+
+The checks here are the API's own (messages name the request field and the limit); the sampling
+code repeats its checks when the job runs, so nothing unchecked reaches a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ditkit.config import ConfigError
+from ditkit.sampling import (
+    FLOW_SAMPLERS,
+    GAUSSIAN_SAMPLERS,
+    GenerateResult,
+    ImageGenerator,
+    check_sampling_options,
+    default_sampler,
+    save_png,
+    to_uint8,
+)
+from ditkit.serve.limits import ServeLimits
+
+__all__ = ["ServeLimits", "RequestError", "ImageModel", "ImageJobSpec", "parse_ckpt_arg", "model_name_for", "png_base64"]
+
+MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; sample i uses seed + i, far from int64 overflow
+BATCH_SIZE = 64  # images drawn per forward batch
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is the HTTP code, the message says what to change."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _unprocessable(message: str) -> RequestError:
+    return RequestError(422, message)
+
+
+def check_range(field: str, value: float, low: float, high: float, limit_name: str) -> None:
+    """422 naming ``limit_name`` when ``value`` is outside ``[low, high]``."""
+    if not low <= value <= high:
+        raise _unprocessable(f"{field}={value} is outside the allowed range {low}..{high} ({limit_name})")
+
+
+def check_seed(seed: Optional[int]) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise _unprocessable(f"seed={seed} is outside the allowed range 0..{MAX_SEED}")
+
+
+def png_base64(pixels: Any, metadata: dict[str, str]) -> str:
+    """(H, W, C) uint8 -> base64 of a PNG carrying ``metadata`` as tEXt chunks (as ``ditkit sample``)."""
+    buffer = io.BytesIO()
+    save_png(pixels, buffer, metadata)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class ImageJobSpec:
+    """A checked image request: everything the worker needs, nothing left to validate."""
+
+    labels: Optional[list[int]]
+    num_images: int
+    sampler: str
+    steps: int
+    cfg_scale: float
+    seed: int
+
+
+class ImageModel:
+    """An image checkpoint served by name."""
+
+    modality = "image"
+
+    def __init__(self, name: str, generator: ImageGenerator) -> None:
+        cfg = generator.cfg
+        if cfg.data.latent_channels and generator.vae is None:
+            raise ConfigError(
+                f"--ckpt {generator.ckpt_dir} is a latent model and its VAE is not available: "
+                "serve it where its VAE folder exists (data.vae in its config)"
+            )
+        self.name = name
+        self.generator = generator
+        self.cfg = cfg
+        self.ckpt_dir = generator.ckpt_dir
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return GAUSSIAN_SAMPLERS if self.cfg.objective.kind == "gaussian" else FLOW_SAMPLERS
+
+    def describe(self, limits: ServeLimits) -> dict[str, Any]:
+        """The public facts of the model (no file paths): for ``GET /v1/models`` and the page."""
+        cfg, gen = self.cfg, self.generator
+        max_steps = limits.max_steps
+        if cfg.objective.kind == "gaussian":
+            max_steps = min(max_steps, cfg.objective.num_timesteps)
+        return {
+            "name": self.name,
+            "modality": "image",
+            "architecture": cfg.model.name,
+            "objective": cfg.objective.kind,
+            "dataset": Path(cfg.data.dataset).name,
+            "step": gen.step,
+            "checkpoint_sha256": gen.checkpoint_sha256,
+            "image_size": cfg.data.image_size,
+            "channels": cfg.data.channels,
+            "conditional": gen.num_classes > 0,
+            "num_classes": gen.num_classes,
+            "classes": [{"label": i, "name": n} for i, n in enumerate(gen.class_names[: gen.num_classes])],
+            "samplers": list(self.samplers),
+            "defaults": {
+                "sampler": default_sampler(cfg),
+                "steps": min(cfg.sample.num_sampling_steps, max_steps),
+                "cfg_scale": min(max(cfg.sample.cfg_scale, limits.min_cfg_scale), limits.max_cfg_scale),
+                "seed": cfg.sample.seed,
+                "num_images": min(4, limits.max_images_per_request),
+            },
+            "limits": {
+                "max_images_per_request": limits.max_images_per_request,
+                "max_steps": max_steps,
+                "min_cfg_scale": limits.min_cfg_scale,
+                "max_cfg_scale": limits.max_cfg_scale,
+                "max_seed": MAX_SEED,
+            },
+        }
+
+    def resolve_labels(self, class_labels: Optional[Sequence[int | str]], num_images: int) -> Optional[list[int]]:
+        """Per-image labels from ints or class names (repeated to ``num_images``); default: classes
+        in turn. None for an unconditional model."""
+        n_cls = self.generator.num_classes
+        if n_cls == 0:
+            if class_labels:
+                raise _unprocessable(f"model {self.name!r} is unconditional (no classes): send class_labels null or []")
+            return None
+        if not class_labels:
+            return [i % n_cls for i in range(num_images)]
+        names = {name.lower(): i for i, name in enumerate(self.generator.class_names[:n_cls])}
+        labels = []
+        for item in class_labels:
+            if isinstance(item, str):
+                if item.strip().lower() not in names:
+                    raise _unprocessable(
+                        f"class_labels: {item!r} is not a class of model {self.name!r}; "
+                        f"use one of {', '.join(self.generator.class_names[:n_cls])} or 0..{n_cls - 1}"
+                    )
+                labels.append(names[item.strip().lower()])
+            elif not 0 <= item < n_cls:
+                raise _unprocessable(f"class_labels: {item} is outside model {self.name!r}'s classes 0..{n_cls - 1}")
+            else:
+                labels.append(item)
+        return [labels[i % len(labels)] for i in range(num_images)]
+
+    def check(
+        self,
+        limits: ServeLimits,
+        *,
+        class_labels: Optional[Sequence[int | str]],
+        num_images: int,
+        sampler: Optional[str],
+        steps: Optional[int],
+        cfg_scale: Optional[float],
+        seed: Optional[int],
+    ) -> ImageJobSpec:
+        """Check a request against the model and ``limits``; raises ``RequestError`` (422)."""
+        cfg = self.cfg
+        check_range("num_images", num_images, 1, limits.max_images_per_request, "max_images_per_request")
+        if class_labels is not None and len(class_labels) > limits.max_images_per_request:
+            raise _unprocessable(
+                f"class_labels has {len(class_labels)} entries; the limit is {limits.max_images_per_request} "
+                "(max_images_per_request)"
+            )
+        if sampler is not None and sampler != "auto" and sampler not in self.samplers:
+            raise _unprocessable(
+                f"sampler={sampler!r} does not fit model {self.name!r} ({cfg.objective.kind}): "
+                f"use one of {', '.join(self.samplers)}"
+            )
+        if steps is not None:
+            check_range("steps", steps, 1, limits.max_steps, "max_steps")
+        if cfg_scale is not None:
+            check_range("cfg_scale", cfg_scale, limits.min_cfg_scale, limits.max_cfg_scale, "min_cfg_scale..max_cfg_scale")
+        check_seed(seed)
+        labels = self.resolve_labels(class_labels, num_images)
+        try:
+            sampler, steps, cfg_scale = check_sampling_options(cfg, sampler, steps, cfg_scale)
+        except ConfigError as err:  # e.g. more steps than the model's training schedule has
+            raise _unprocessable(str(err).replace("--num-sampling-steps", "steps")) from None
+        if steps > limits.max_steps:  # a default taken from the checkpoint may exceed the server's limit
+            steps = limits.max_steps
+        seed = cfg.sample.seed if seed is None else seed
+        return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed)
+
+    def total_steps(self, spec: ImageJobSpec) -> int:
+        """``step(1)`` calls a job makes: one per sampler step and batch."""
+        return spec.steps * math.ceil(spec.num_images / BATCH_SIZE)
+
+    def runner(self, spec: ImageJobSpec) -> Callable[[Callable[[int], None]], dict[str, Any]]:
+        """The job body: sample and encode the PNGs (all on the worker thread)."""
+
+        def run(step: Callable[[int], None]) -> dict[str, Any]:
+            result = self.generator.generate(
+                class_labels=spec.labels, num_samples=spec.num_images, sampler=spec.sampler,
+                num_sampling_steps=spec.steps, cfg_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
+                progress=step,
+            )
+            return self.encode(result)
+
+        return run
+
+    def encode(self, result: GenerateResult) -> dict[str, Any]:
+        """``{"metadata": shared entries, "images": [{index, seed, label, class_name, png_base64, metadata}]}``."""
+        pixels = to_uint8(result.images)  # (N, H, W, C)
+        images = []
+        for i in range(len(pixels)):
+            meta = result.sample_metadata(i)
+            images.append({
+                "index": i,
+                "seed": result.seeds[i],
+                "label": None if result.labels is None else result.labels[i],
+                "class_name": meta.get("class_name"),
+                "width": int(pixels.shape[2]),
+                "height": int(pixels.shape[1]),
+                "png_base64": png_base64(pixels[i], meta),
+                "metadata": meta,
+            })
+        return {"metadata": dict(result.metadata), "images": images}
+
+
+def parse_ckpt_arg(arg: str) -> tuple[Optional[str], str]:
+    """``"NAME=PATH"`` -> ``(NAME, PATH)``; ``"PATH"`` -> ``(None, PATH)``."""
+    if "=" in arg and not Path(arg).exists():
+        name, path = arg.split("=", 1)
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"--ckpt {arg}: a model name may use letters, digits, '-', '_' and '.' only (NAME=PATH)")
+        return name, path
+    return None, arg
+
+
+def model_name_for(ckpt_dir: Path) -> str:
+    """Default public name of a checkpoint: its run directory's name (``000-DiT-T-4-shapes``), else
+    the checkpoint directory's name."""
+    run = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
+    return run.name or ckpt_dir.name

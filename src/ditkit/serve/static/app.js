@@ -1,0 +1,242 @@
+// ditkit serve page: plain JavaScript, no build step. Talks to the JSON API of the same server:
+// GET /v1/models to fill the form, POST /v1/images or /v1/text to generate, and
+// GET /v1/progress/{request_id} (polled while the POST runs) for the progress bar.
+// Server text is inserted with textContent only, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let models = [];
+let busy = false;
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.appendChild(child);
+  return node;
+}
+
+function option(value, label) {
+  return el("option", { value: String(value), text: label });
+}
+
+function currentModel() {
+  return models.find((m) => m.name === $("model").value);
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function checkHealth() {
+  try {
+    const response = await fetch("/health");
+    const body = await response.json();
+    const queued = Object.values(body.models).reduce((n, m) => n + m.queued + (m.running ? 1 : 0), 0);
+    $("health").textContent = `${body.status} · ${queued} in progress`;
+    $("health").className = "health " + (response.ok ? "ok" : "bad");
+  } catch (err) {
+    $("health").textContent = "server unreachable";
+    $("health").className = "health bad";
+  }
+}
+
+async function loadModels() {
+  const response = await fetch("/v1/models");
+  if (!response.ok) throw new Error(`GET /v1/models: HTTP ${response.status}`);
+  models = (await response.json()).models;
+  const select = $("model");
+  select.replaceChildren(...models.map((m) => option(m.name, `${m.name} (${m.modality})`)));
+  selectModel();
+}
+
+function selectModel() {
+  const m = currentModel();
+  if (!m) return;
+  const isText = m.modality === "text";
+  $("image-options").hidden = isText;
+  $("text-options").hidden = !isText;
+  const d = m.defaults, lim = m.limits;
+  $("steps").value = d.steps;
+  $("steps").max = lim.max_steps;
+  $("seed").value = d.seed;
+  if (isText) {
+    $("model-info").textContent =
+      `${m.architecture} · ${m.objective} · trained ${m.step} steps · ${m.tokenizer} tokenizer, window ${m.seq_len}`;
+    $("length").value = d.length;
+    $("length").max = lim.max_text_length;
+    $("temperature").value = d.temperature;
+    $("num-samples").max = lim.max_text_samples;
+    $("template").disabled = !m.supports_infill;
+    $("prompt").maxLength = lim.max_prompt_chars;
+    $("template").maxLength = lim.max_prompt_chars;
+  } else {
+    $("model-info").textContent =
+      `${m.architecture} · ${m.objective} · trained ${m.step} steps · ${m.image_size}×${m.image_size}` +
+      (m.conditional ? ` · ${m.num_classes} classes` : " · unconditional");
+    const classes = [option("", m.conditional ? "each class in turn" : "unconditional")];
+    for (const c of m.classes) classes.push(option(c.label, c.name === String(c.label) ? c.name : `${c.label}: ${c.name}`));
+    $("class").replaceChildren(...classes);
+    $("class").disabled = !m.conditional;
+    $("sampler").replaceChildren(...m.samplers.map((s) => option(s, s)));
+    $("sampler").value = d.sampler;
+    $("num-images").value = d.num_images;
+    $("num-images").max = lim.max_images_per_request;
+    $("cfg-scale").value = d.cfg_scale;
+    $("cfg-scale").min = lim.min_cfg_scale;
+    $("cfg-scale").max = lim.max_cfg_scale;
+    $("cfg-scale").disabled = !m.conditional;
+  }
+}
+
+function intOrNull(id) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number.parseInt(value, 10);
+}
+
+function floatOrNull(id) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number.parseFloat(value);
+}
+
+function buildRequest(m, requestId) {
+  const body = { model: m.name, steps: intOrNull("steps"), seed: intOrNull("seed"), request_id: requestId };
+  if (m.modality === "text") {
+    const template = $("template").value;
+    if (template) body.template = template;
+    else {
+      body.prompt = $("prompt").value;
+      body.length = intOrNull("length");
+    }
+    body.temperature = floatOrNull("temperature");
+    body.num_samples = intOrNull("num-samples") ?? 1;
+    return ["/v1/text", body];
+  }
+  body.num_images = intOrNull("num-images") ?? 1;
+  body.sampler = $("sampler").value || null;
+  if (m.conditional) {
+    body.cfg_scale = floatOrNull("cfg-scale");
+    const label = $("class").value;
+    body.class_labels = label === "" ? null : [Number.parseInt(label, 10)];
+  }
+  return ["/v1/images", body];
+}
+
+function setBusy(on, text = "") {
+  busy = on;
+  $("generate").disabled = on;
+  $("status").hidden = !on;
+  $("status-text").textContent = text;
+  if (on) $("progress").removeAttribute("value"); // indeterminate until the first report
+}
+
+async function pollProgress(requestId, started) {
+  while (busy) {
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    if (!busy) return;
+    const elapsed = ((performance.now() - started) / 1000).toFixed(1);
+    try {
+      const response = await fetch(`/v1/progress/${requestId}`);
+      if (!response.ok) continue;
+      const p = await response.json();
+      if (!busy) return;
+      if (p.state === "queued") {
+        $("progress").removeAttribute("value");
+        $("status-text").textContent = `queued (${p.queue_position} ahead) · ${elapsed} s`;
+      } else {
+        $("progress").value = p.fraction;
+        $("status-text").textContent = `step ${p.done} / ${p.total} · ${elapsed} s`;
+      }
+    } catch (err) {
+      /* a missed poll is harmless */
+    }
+  }
+}
+
+function settingsLine(meta) {
+  const parts = [meta.model, `step ${meta.step}`, meta.sampler, `${meta.num_sampling_steps} steps`];
+  if (meta.cfg_scale !== undefined) parts.push(`cfg ${meta.cfg_scale}`);
+  return parts.join(" · ");
+}
+
+function addImageCard(modelName, body) {
+  const card = el("article", { class: "card" });
+  const grid = el("div", { class: "images" });
+  for (const image of body.images) {
+    const src = `data:image/png;base64,${image.png_base64}`;
+    const caption = image.class_name ? `${image.class_name} · seed ${image.seed}` : `seed ${image.seed}`;
+    const link = el("a", { href: src, download: `${modelName}-seed${image.seed}.png`, title: "download PNG" }, [
+      el("img", { src, alt: caption, width: "128", height: "128", class: "sample" }),
+    ]);
+    grid.appendChild(el("figure", {}, [link, el("figcaption", { text: caption })]));
+  }
+  card.appendChild(grid);
+  card.appendChild(el("p", { class: "settings", text: `${modelName} · ${settingsLine(body.metadata)} · ${body.elapsed_s} s` }));
+  prepend(card);
+}
+
+function addTextCard(modelName, body) {
+  const card = el("article", { class: "card" });
+  for (const sample of body.samples) {
+    card.appendChild(el("pre", { class: "text-sample", text: sample.text }));
+    card.appendChild(el("p", { class: "settings", text: `seed ${sample.seed}` + (sample.class_name ? ` · ${sample.class_name}` : "") }));
+  }
+  const meta = body.metadata;
+  const what = meta.prompt ? `prompt "${meta.prompt}"` : meta.infill ? `template "${meta.infill}"` : "unconditional";
+  card.appendChild(el("p", { class: "settings", text: `${modelName} · ${what} · ${settingsLine(meta)} · T ${meta.temperature} · ${body.elapsed_s} s` }));
+  prepend(card);
+}
+
+function prepend(card) {
+  $("empty").hidden = true;
+  $("gallery").prepend(card);
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (busy) return;
+  const m = currentModel();
+  if (!m) return;
+  showError("");
+  const requestId = `page-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+  const [url, body] = buildRequest(m, requestId);
+  const started = performance.now();
+  setBusy(true, "sending…");
+  const polling = pollProgress(requestId, started);
+  try {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const reply = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      showError(`${response.status}: ${reply.detail || response.statusText}` + (retry ? ` (retry in ${retry} s)` : ""));
+      return;
+    }
+    if (m.modality === "text") addTextCard(m.name, reply);
+    else addImageCard(m.name, reply);
+  } catch (err) {
+    showError(`request failed: ${err}`);
+  } finally {
+    setBusy(false);
+    await polling;
+    checkHealth();
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("model").addEventListener("change", selectModel);
+  $("controls").addEventListener("submit", generate);
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = Math.floor(Math.random() * 2 ** 31);
+  });
+  loadModels().catch((err) => showError(`cannot load the model list: ${err}`));
+  checkHealth();
+  setInterval(checkHealth, 5000);
+});

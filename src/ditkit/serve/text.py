@@ -1,0 +1,278 @@
+"""Serving text models: a TextDiT checkpoint loaded once, sampled per request through
+``ditkit.text_sampling.sample_text`` (MDLM ancestral sampling for masked models, next-token
+sampling for the autoregressive baseline).
+
+A request gives a ``prompt`` (the text continues after it), an infill ``template`` (each
+``mask_char`` is one token to fill; masked models only) or neither. The adapter checks it against
+the model and the server's limits on the event loop (422 naming the limit), including that the
+tokenizer can encode it, so the worker only runs requests that can succeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+import ditkit
+from ditkit.checkpoint_io import checkpoint_facts, resolve_checkpoint, weights_sha256
+from ditkit.config import Config, ConfigError
+from ditkit.data.tokenizers import Tokenizer
+from ditkit.device import resolve_device, resolve_precision
+from ditkit.serve.models import RequestError, ServeLimits, check_range, check_seed
+from ditkit.text_sampling import default_text_sampler, encode_infill, load_text_model, sample_text
+
+__all__ = ["TextModel", "TextJobSpec", "MAX_TEMPERATURE"]
+
+MAX_TEMPERATURE = 10.0
+
+
+@dataclass
+class TextJobSpec:
+    """A checked text request (options ready for ``sample_text``)."""
+
+    prompt: Optional[str]
+    template: Optional[str]
+    mask_char: str
+    num_tokens: Optional[int]
+    label: Optional[int]
+    num_samples: int
+    steps: int
+    temperature: float
+    cfg_scale: float
+    seed: int
+    forwards: int  # network calls a full run makes (progress total)
+
+
+class _CountingModel:
+    """The network with a hook on every forward: the progress ``step`` of the job (which also
+    raises ``JobCancelled`` once the request is cancelled, stopping the sampler mid-way)."""
+
+    def __init__(self, model: torch.nn.Module, step: Callable[[int], None]) -> None:
+        self.model = model
+        self.step = step
+        self.time_conditioning = getattr(model, "time_conditioning", True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.step(1)
+        return self.model(*args, **kwargs)
+
+
+class TextModel:
+    """A text checkpoint served by name."""
+
+    modality = "text"
+
+    def __init__(
+        self, name: str, model: torch.nn.Module, cfg: Config, ckpt_dir: Path, tokenizer: Tokenizer,
+        *, use_ema: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.ckpt_dir = Path(ckpt_dir)
+        self.tokenizer = tokenizer
+        self.weights = "ema" if use_ema else "model"
+        self.step = checkpoint_facts(self.ckpt_dir)["step"]
+        self.checkpoint_sha256 = weights_sha256(self.ckpt_dir, self.weights)
+        from ditkit.text_sampling import _class_names  # the label names text sampling prints
+
+        self.class_names = _class_names(cfg)
+
+    @classmethod
+    def from_checkpoint(
+        cls, name: str, ckpt: str | Path, *, use_ema: bool = True, device: str = "auto", precision: str = "fp32"
+    ) -> "TextModel":
+        ckpt_dir = resolve_checkpoint(ckpt)
+        dev = resolve_device(device)
+        dtype = resolve_precision(precision, dev)
+        model, cfg, ckpt_dir, tokenizer = load_text_model(ckpt_dir, use_ema=use_ema)
+        return cls(name, model, cfg, ckpt_dir, tokenizer, use_ema=use_ema, device=dev, dtype=dtype)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.data.num_classes or 0
+
+    @property
+    def masked(self) -> bool:
+        return self.cfg.objective.kind == "masked"
+
+    def describe(self, limits: ServeLimits) -> dict[str, Any]:
+        cfg, s = self.cfg, self.cfg.sample
+        return {
+            "name": self.name,
+            "modality": "text",
+            "architecture": cfg.model.name,
+            "objective": cfg.objective.kind,
+            "dataset": Path(cfg.data.dataset).name,
+            "step": self.step,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "tokenizer": cfg.data.tokenizer,
+            "vocab_size": cfg.data.vocab_size,
+            "seq_len": cfg.data.seq_len,
+            "conditional": self.num_classes > 0,
+            "num_classes": self.num_classes,
+            "classes": [{"label": i, "name": n} for i, n in enumerate(self.class_names[: self.num_classes])],
+            "samplers": [default_text_sampler(cfg)],
+            "supports_infill": self.masked,
+            "defaults": {
+                "length": min(cfg.data.seq_len, limits.max_text_length),
+                "steps": min(s.num_sampling_steps, limits.max_steps),
+                "temperature": s.temperature,
+                "cfg_scale": s.cfg_scale,
+                "seed": s.seed,
+                "num_samples": 1,
+            },
+            "limits": {
+                "max_prompt_chars": limits.max_prompt_chars,
+                # beyond its window a masked model continues in semi-autoregressive windows
+                "max_text_length": limits.max_text_length,
+                "max_text_samples": limits.max_text_samples,
+                "max_steps": limits.max_steps,
+                "max_temperature": MAX_TEMPERATURE,
+                "min_cfg_scale": limits.min_cfg_scale,
+                "max_cfg_scale": limits.max_cfg_scale,
+            },
+        }
+
+    def check(self, limits: ServeLimits, fields: dict[str, Any]) -> TextJobSpec:
+        """Check a ``TextRequest``'s fields; raises ``RequestError`` (422) naming the limit."""
+        cfg, s = self.cfg, self.cfg.sample
+        prompt, template = fields.get("prompt"), fields.get("template")
+        for key, text in (("prompt", prompt), ("template", template)):
+            if text is not None and len(text) > limits.max_prompt_chars:
+                raise RequestError(
+                    422, f"{key} has {len(text)} characters; the limit is {limits.max_prompt_chars} (max_prompt_chars)"
+                )
+        if prompt and template:
+            raise RequestError(422, "give either prompt or template, not both (put the prompt text into the template)")
+        if template is not None and fields.get("length") is not None:
+            raise RequestError(422, "length is set by the template (one token per mask_char): drop length")
+        if template is not None and not self.masked:
+            raise RequestError(422, f"model {self.name!r} is autoregressive and writes left to right: template needs a masked model")
+        length = fields.get("length")
+        if length is not None:
+            check_range("length", length, 1, limits.max_text_length, "max_text_length")
+        num_samples = fields.get("num_samples", 1)
+        check_range("num_samples", num_samples, 1, limits.max_text_samples, "max_text_samples")
+        steps = fields.get("steps")
+        if steps is not None:
+            check_range("steps", steps, 1, limits.max_steps, "max_steps")
+        temperature = fields.get("temperature")
+        if temperature is not None:
+            check_range("temperature", temperature, 0.0, MAX_TEMPERATURE, "max_temperature")
+        cfg_scale = fields.get("cfg_scale")
+        if cfg_scale is not None:
+            check_range("cfg_scale", cfg_scale, limits.min_cfg_scale, limits.max_cfg_scale, "min_cfg_scale..max_cfg_scale")
+        seed = fields.get("seed")
+        check_seed(seed)
+        label = self._label(fields.get("class_label"))
+        mask_char = fields.get("mask_char") or "_"
+        prompt_tokens = 0
+        try:  # the tokenizer must be able to encode the text (e.g. characters it never saw)
+            if template is not None:
+                template_ids = encode_infill(self.tokenizer, template, mask_char)
+                if len(template_ids) + 1 > cfg.data.seq_len:
+                    raise RequestError(
+                        422, f"template is {len(template_ids)} tokens; a template must fit the model's window of "
+                        f"{cfg.data.seq_len - 1} tokens"
+                    )
+            elif prompt:
+                prompt_tokens = len(self.tokenizer.encode(prompt))
+        except (ConfigError, ValueError) as err:
+            raise RequestError(422, f"{'template' if template is not None else 'prompt'}: {err}") from None
+        steps = min(s.num_sampling_steps, limits.max_steps) if steps is None else steps
+        if length is None:  # default: fill the model's window after the prompt
+            length = min(max(cfg.data.seq_len - prompt_tokens, 1), limits.max_text_length)
+        # sample_text counts the prompt in num_tokens; the API's length counts generated tokens only
+        num_tokens = None if template is not None else prompt_tokens + length
+        if self.masked:
+            windows = 1 if num_tokens is None or num_tokens <= cfg.data.seq_len else -(-num_tokens // max(cfg.data.seq_len // 2, 1))
+            forwards = steps * windows
+        else:
+            forwards = num_tokens or cfg.data.seq_len
+        return TextJobSpec(
+            prompt=prompt, template=template, mask_char=mask_char, num_tokens=num_tokens, label=label,
+            num_samples=num_samples, steps=steps,
+            temperature=s.temperature if temperature is None else temperature,
+            cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+            seed=s.seed if seed is None else seed, forwards=forwards,
+        )
+
+    def _label(self, value: Optional[int | str]) -> Optional[int]:
+        if value is None:
+            return None
+        if self.num_classes == 0:
+            raise RequestError(422, f"model {self.name!r} is unconditional (no classes): send class_label null")
+        names = {n.lower(): i for i, n in enumerate(self.class_names[: self.num_classes])}
+        if isinstance(value, str):
+            if value.strip().lower() not in names:
+                raise RequestError(
+                    422, f"class_label: {value!r} is not a class of model {self.name!r}; use one of "
+                    f"{', '.join(self.class_names[: self.num_classes])} or 0..{self.num_classes - 1}"
+                )
+            return names[value.strip().lower()]
+        if not 0 <= value < self.num_classes:
+            raise RequestError(422, f"class_label: {value} is outside model {self.name!r}'s classes 0..{self.num_classes - 1}")
+        return value
+
+    def total_steps(self, spec: TextJobSpec) -> int:
+        return spec.forwards
+
+    def runner(self, spec: TextJobSpec) -> Callable[[Callable[[int], None]], dict[str, Any]]:
+        """The job body: sample, decode, and describe (on the worker thread)."""
+
+        def run(step: Callable[[int], None]) -> dict[str, Any]:
+            seeds = [spec.seed + i for i in range(spec.num_samples)]
+            labels = None if spec.label is None else [spec.label] * spec.num_samples
+            tokens, start = sample_text(
+                _CountingModel(self.model, step), self.cfg, self.tokenizer, seeds, labels,  # type: ignore[arg-type]
+                prompt=spec.prompt or None, infill=spec.template, mask_char=spec.mask_char,
+                num_tokens=spec.num_tokens, num_sampling_steps=spec.steps, cfg_scale=spec.cfg_scale,
+                temperature=spec.temperature, device=self.device, dtype=self.dtype,
+            )
+            texts = [self.tokenizer.decode(row[start:].tolist()) for row in tokens]
+            return {"metadata": self.metadata(spec), "samples": self.records(texts, seeds, labels)}
+
+        return run
+
+    def metadata(self, spec: TextJobSpec) -> dict[str, str]:
+        """The entries ``ditkit.text_sampling.generate_text`` records."""
+        cfg = self.cfg
+        meta = {
+            "software": f"ditkit {ditkit.__version__}",
+            "model": cfg.model.name,
+            "checkpoint": str(self.ckpt_dir),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "step": str(self.step),
+            "weights": self.weights,
+            "dataset": cfg.data.dataset,
+            "objective": cfg.objective.kind,
+            "sampler": default_text_sampler(cfg),
+            "num_sampling_steps": str(spec.steps),
+            "cfg_scale": str(spec.cfg_scale),
+            "temperature": str(spec.temperature),
+            "seed": str(spec.seed),
+            "precision": str(self.dtype).removeprefix("torch."),
+        }
+        if spec.prompt:
+            meta["prompt"] = spec.prompt
+        if spec.template is not None:
+            meta["infill"] = spec.template
+        if spec.label is not None:
+            meta["label"] = str(spec.label)
+        return meta
+
+    def records(self, texts: list[str], seeds: list[int], labels: Optional[list[int]]) -> list[dict[str, Any]]:
+        rows = []
+        for i, text in enumerate(texts):
+            row: dict[str, Any] = {"index": i, "seed": seeds[i], "text": text}
+            if labels is not None:
+                row["label"] = labels[i]
+                row["class_name"] = self.class_names[labels[i]] if labels[i] < len(self.class_names) else None
+            rows.append(row)
+        return rows
