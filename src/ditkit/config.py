@@ -169,6 +169,9 @@ class TrainConfig:
     # several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2) and saves
     # sharded checkpoints; one process without torchrun ignores "ddp" (see ditkit.train.distributed)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # torch.compile the network the loss calls (applied from outside the model). Off by default:
+    # compiling DiT-S/2 takes about a minute on a 2-core CPU (docs/benchmarks.md has the figures)
+    compile: bool = False
     eval_every: int = 0  # steps between evaluations of the EMA model (metrics.jsonl); 0: off
     eval_samples: int = 500  # samples per evaluation (labels cycle over the classes)
     init_from: Optional[str] = None  # --init-from: pretrained weights (ditkit run, official .pt, diffusers folder)
@@ -207,8 +210,9 @@ class SampleConfig:
     remasking: Literal["random", "low_confidence"] = "random"  # masked text sampler
     temperature: float = 1.0  # text samplers; 0 is greedy
     top_k: Optional[int] = None  # autoregressive sampler
-    # gaussian timesteps: auto = uniform for ddpm (official), quadratic for ddim / dpm++ (few steps)
-    timestep_spacing: Literal["auto", "uniform", "quadratic"] = "auto"
+    # gaussian samplers' timesteps: uniform (the official respacing) or quadratic (dense near the
+    # data); docs/eval.md compares them
+    timestep_spacing: Literal["uniform", "quadratic"] = "uniform"
 
 
 @dataclass

@@ -385,6 +385,8 @@ def train(
     objective = build_objective(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
     net = ctx.wrap(model, ema)  # what the loss calls: model (one process), DDP, or FSDP2 (shards model and EMA)
+    if t.compile:
+        net = torch.compile(net)  # same parameters: optimiser, EMA and checkpoints see the plain model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
