@@ -100,10 +100,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="timed steps per case (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="fp32,bf16,bf16+compile")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default="benchmarks/results/train_throughput.json")
     parser.add_argument("--one-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_case:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         print(json.dumps(run_case(args, args.one_case)))
         return
     rows = []
