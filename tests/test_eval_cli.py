@@ -64,7 +64,7 @@ def test_eval_command_samples_scores_and_writes_the_promised_json(runs, tmp_path
     run = runs[1]
     out = tmp_path / "r.json"
     code = main(["eval", "--ckpt", str(run), "--num-samples", "12", "--sampler", "ddim", "--num-sampling-steps", "3",
-                 "--cfg-scale", "2", "--seed", "5", "--out", str(out)])
+                 "--cfg-scale", "2", "--seed", "5", "--timestep-spacing", "quadratic", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "FD (classifier features)" in printed and "conditional accuracy" in printed and "12 samples" in printed

@@ -36,7 +36,10 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path_factory, monkeypatch):
+    from ditkit.eval import ClassifierConfig, model_eval
+
     monkeypatch.setenv("DITKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ditkit-cache"))
+    monkeypatch.setattr(model_eval, "CLASSIFIER_CONFIG", ClassifierConfig(width=8, feature_dim=16, epochs=2))
 
 
 TINY = ["train", "--recipe", "shapes_tiny", "--model", "DiT-T/2", "--set", "data.num_items=64",
@@ -45,8 +48,10 @@ TINY = ["train", "--recipe", "shapes_tiny", "--model", "DiT-T/2", "--set", "data
 
 def test_train_with_a_vae_end_to_end_then_sample_decoded_images(tmp_path, vae_dir, capsys):
     args = [*TINY, "--vae", str(vae_dir), "--max-steps", "4", "--sample-every", "4", "--results-dir", str(tmp_path)]
-    assert main([*args, "--run-name", "lat"]) == 0
+    assert main([*args, "--run-name", "lat", "--set", "train.eval_every=4", "--set", "train.eval_samples=10"]) == 0
     run = tmp_path / "lat"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "fd_classifier" in x]
+    assert len(evals) == 1 and evals[0]["step"] == 4 and 0 <= evals[0]["conditional_accuracy"] <= 1  # decoded, scored
     cfg = load_config(run)
     assert (cfg.data.vae, cfg.data.latent_channels, cfg.data.vae_downsample) == (str(vae_dir), 4, 4)
     ema = load_file(str(run / "checkpoints" / "step_0000004" / "ema.safetensors"))

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     sa.add_argument("--guide-channels", type=int, help="guide only the first N output channels")
     sa.add_argument("--ddim-eta", type=float)
-    sa.add_argument("--timestep-spacing", choices=["auto", "uniform", "quadratic"], help="gaussian samplers (default: the checkpoint's)")
+    sa.add_argument("--timestep-spacing", choices=["uniform", "quadratic"], help="gaussian samplers (default: the checkpoint's)")
     sa.add_argument("--vae", metavar="DIR", help="latent models: AutoencoderKL folder to decode with (default: the recorded one)")
     sa.add_argument("--seed", type=int, help="sample i uses seed + i (default: the checkpoint's sample.seed)")
     sa.add_argument("--batch-size", type=int, default=64)

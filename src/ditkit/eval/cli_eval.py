@@ -36,7 +36,7 @@ def register_cli(subparsers: Any) -> None:
     ev.add_argument("--sampler", choices=["auto", "ddpm", "ddim", "dpm++", "euler", "heun"], help="default: the checkpoint's")
     ev.add_argument("--num-sampling-steps", type=int)
     ev.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
-    ev.add_argument("--timestep-spacing", choices=["auto", "uniform", "quadratic"], help="gaussian samplers")
+    ev.add_argument("--timestep-spacing", choices=["uniform", "quadratic"], help="gaussian samplers (default: the checkpoint's)")
     ev.add_argument("--guide-channels", type=int, help="guide only the first N output channels")
     ev.add_argument("--seed", type=int, help="sample i uses seed + i (default: the checkpoint's sample.seed)")
     ev.add_argument("--batch-size", type=int, default=250)
