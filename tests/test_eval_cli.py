@@ -109,3 +109,12 @@ def test_clear_errors(runs, tmp_path, capsys):
     assert "--ckpt" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(runs[1]), "--sampler", "heun"]) == 2
     assert "does not fit a gaussian model" in capsys.readouterr().err
+
+
+def test_data_flag_swaps_the_reference_but_sampling_stays_the_checkpoints(runs, tmp_path):
+    out = tmp_path / "d.json"
+    assert main(["eval", "--ckpt", str(runs[1]), "--data", "shapes", "--num-samples", "12", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["reference"]["num_images"] == 2048  # the full procedural set, not the run's 128 images
+    s = results["sampling"]
+    assert (s["sampler"], s["num_sampling_steps"], s["cfg_scale"]) == ("dpm++", 3, 2.0)  # the checkpoint's settings

@@ -61,26 +61,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _reference_config(args: argparse.Namespace) -> Any:
-    """The config whose data is the reference: the checkpoint's, or one built from --data."""
+def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(checkpoint config or None, reference config)``: the reference data is the checkpoint's
+    training data, or ``--data`` (at ``--image-size``, default the checkpoint's resolution)."""
     from ditkit.config import Config, ConfigError
     from ditkit.sampling import load_checkpoint_config, resolve_checkpoint
 
-    if args.data is not None:
-        cfg = Config()
-        cfg.data.dataset = args.data
-        if args.image_size is not None:
-            cfg.data.image_size = args.image_size
-        elif args.ckpt is None:
-            raise ConfigError("--data needs --image-size N (the resolution the samples were drawn at)")
-        if args.ckpt is not None:
-            saved = load_checkpoint_config(resolve_checkpoint(args.ckpt))
-            cfg.data.image_size = args.image_size or saved.data.image_size
-            cfg.data.channels = saved.data.channels
-        return cfg
-    if args.ckpt is None:
-        raise ConfigError("give --ckpt RUN (sample and score it) or --npz FILE with --ckpt RUN or --data NAME")
-    return load_checkpoint_config(resolve_checkpoint(args.ckpt))
+    saved = load_checkpoint_config(resolve_checkpoint(args.ckpt)) if args.ckpt is not None else None
+    if args.data is None:
+        if saved is None:
+            raise ConfigError("give --ckpt RUN (sample and score it) or --npz FILE with --ckpt RUN or --data NAME")
+        return saved, saved
+    reference = Config()
+    reference.data.dataset = args.data
+    if args.image_size is not None:
+        reference.data.image_size = args.image_size
+    elif saved is not None:
+        reference.data.image_size = saved.data.image_size
+    else:
+        raise ConfigError("--data needs --image-size N (the resolution the samples were drawn at)")
+    if saved is not None:
+        reference.data.channels = saved.data.channels
+    return saved, reference
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -102,24 +104,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except FileNotFoundError as err:  # the message says where the file comes from
             raise ConfigError(str(err)) from None
     device = resolve_device(args.device)
-    cfg = _reference_config(args)
+    saved, reference = _configs(args)
 
     if args.npz is not None:
         npz = Path(args.npz)
         if not npz.is_file():
             raise ConfigError(f"--npz {npz}: no such file")
-        evaluator = build_evaluator(cfg, cache=args.cache_dir, inception_weights=args.inception_weights, device=device, verbose=True)
+        evaluator = build_evaluator(reference, cache=args.cache_dir, inception_weights=args.inception_weights, device=device, verbose=True)
         metadata = {"samples": str(npz), "samples_sha256": _sha256(npz), "checkpoint": args.ckpt}
         results = evaluator.evaluate(npz, None, metadata)
         out = Path(args.out) if args.out else npz.with_suffix(".eval.json")
     else:
+        if saved is None:
+            raise ConfigError("sampling needs --ckpt RUN (or score existing samples with --npz FILE)")
         # every check before the work: sampling options, then the model, then the reference data
-        sampler, steps, cfg_scale = check_sampling_options(cfg, args.sampler, args.num_sampling_steps, args.cfg_scale)
+        sampler, steps, cfg_scale = check_sampling_options(saved, args.sampler, args.num_sampling_steps, args.cfg_scale)
         generator = ImageGenerator.from_checkpoint(
             args.ckpt, use_ema=not args.no_ema, device=str(device), precision=args.precision, vae=args.vae
         )
-        evaluator = build_evaluator(cfg, cache=args.cache_dir, inception_weights=args.inception_weights, device=device, verbose=True)
-        seed = cfg.sample.seed if args.seed is None else args.seed
+        evaluator = build_evaluator(reference, cache=args.cache_dir, inception_weights=args.inception_weights, device=device, verbose=True)
+        seed = saved.sample.seed if args.seed is None else args.seed
         results = evaluate_generator(
             generator, evaluator, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale,
             timestep_spacing=args.timestep_spacing, guide_channels=args.guide_channels, seed=seed,
