@@ -12,6 +12,9 @@ Layout::
         config.json                          the config again: a checkpoint alone rebuilds its model
         state.pt                             optimiser, step, EMA counter, data position, RNG states;
                                              loads with torch.load(weights_only=True)
+        sharded/                             FSDP runs only: model, EMA and optimiser shards written
+                                             by every rank through torch.distributed.checkpoint
+                                             (state.pt then has no optimiser; see train/distributed.py)
 
 A step directory is complete when it holds ``config.json`` and ``model.safetensors`` (saves publish
 a directory by an atomic rename, so readers never see a half-written one).

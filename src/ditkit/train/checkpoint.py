@@ -1,17 +1,6 @@
 """Checkpoints: the on-disk format, atomic saving, finding and loading.
 
-Layout (docs/architecture.md)::
-
-    RUN/config.json                          the full typed config of the run
-    RUN/checkpoints/step_0001000/
-        model.safetensors                    raw weights (fp32)
-        ema.safetensors                      EMA weights, the ones sampling uses by default
-        config.json                          the config again: a checkpoint alone rebuilds its model
-        state.pt                             optimiser, step, EMA counter, data position, RNG states;
-                                             loads with torch.load(weights_only=True)
-        sharded/                             FSDP runs only: model, EMA and optimiser shards written
-                                             by every rank through torch.distributed.checkpoint
-                                             (state.pt then has no optimiser; see train/distributed.py)
+The layout is described once, in ``ditkit.checkpoint_io`` (the read side, re-exported here).
 
 A save writes every file into ``checkpoints/.tmp-step_XXXXXXX-PID/``, fsyncs each file and the
 directory, then renames the directory into place (atomic on POSIX) and fsyncs the parent. A crash
