@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ditkit.data.images import DataError, ImageDataset
+from ditkit.data.sampler import ResumableEpochOrder
 
 __all__ = [
     "LatentEncoder",
@@ -212,7 +213,7 @@ def build_latent_cache(
     return LatentCache(final, in_memory=in_memory, reused=False)
 
 
-class LatentBatchSampler:
+class LatentBatchSampler(ResumableEpochOrder):
     """Yields ``(z (B, c, h, w) float32 in DiT space, y (B,) int64 or None)`` forever, like
     ``ditkit.data.EpochBatchSampler`` (same seeded epoch order, same resumable state).
 
@@ -270,18 +271,5 @@ class LatentBatchSampler:
         else:
             z = mean
         y = self.labels[idx].to(self.device) if self.labels is not None else None
-        self.position += 1
-        if self.position == self.steps_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
+        self._advance()
         return z.to(self.device), y
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
-            raise DataError(
-                f"cannot resume the data order: the checkpoint used seed {state['seed']} and batch "
-                f"{state['batch_size']}, this run seed {self.seed} and batch {self.batch_size}"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -29,7 +29,36 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-class EpochBatchSampler:
+class ResumableEpochOrder:
+    """Where a seeded epoch-based batch order stands: (seed, epoch, position), which is all a
+    checkpoint needs to continue it exactly. Users set seed, batch_size, steps_per_epoch, epoch
+    and position."""
+
+    seed: int
+    batch_size: int
+    steps_per_epoch: int
+    epoch: int
+    position: int
+
+    def _advance(self) -> None:
+        """One batch further; a new epoch after ``steps_per_epoch`` batches."""
+        self.position += 1
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
+            raise DataError(
+                f"cannot resume the data order: the checkpoint used seed {state['seed']} and batch "
+                f"{state['batch_size']}, this run seed {self.seed} and batch {self.batch_size}"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class EpochBatchSampler(ResumableEpochOrder):
     """Yields ``(x (B, C, H, W) float32 in [-1, 1], y (B,) int64 or None)`` forever, epoch after epoch.
 
     The last incomplete batch of an epoch is dropped (as the official DiT loader does), so every
@@ -94,18 +123,6 @@ class EpochBatchSampler:
             flip = self._flip[lo : lo + self.local_batch_size].view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
         y = self.labels[idx] if self.labels is not None else None
-        self.position += 1
-        if self.position == self.steps_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
+        self._advance()
         return x, y
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
-            raise DataError(
-                f"cannot resume the data order: the checkpoint used seed {state['seed']} and batch "
-                f"{state['batch_size']}, this run seed {self.seed} and batch {self.batch_size}"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
