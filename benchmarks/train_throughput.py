@@ -6,8 +6,14 @@ training step ditkit's loop runs: objective loss under autocast, backward, gradi
 fused AdamW, EMA update. Achieved FLOP/s use the analytic count 6 x forward MACs per image
 (forward + backward = 3 x forward, 2 FLOPs per MAC); MFU = achieved / measured peak.
 
+A case is a precision (fp32 or bf16) with optional '+' suffixes: '+compile' (torch.compile of the
+model) and '+devnoise' (draw the diffusion noise and times with a generator on the device; the
+training loop draws them on the CPU so a seed gives the same run on any device). On CUDA, fp32
+means TF32 matmuls, as in the training loop.
+
     python benchmarks/train_throughput.py                      # DiT-S/2, 32x32x4, batch 8
     python benchmarks/train_throughput.py --cases fp32,bf16,bf16+compile --steps 10
+    python benchmarks/train_throughput.py --model TextDiT-S --seq-len 256 --batch 8   # text (MDLM)
     python benchmarks/train_throughput.py --model DiT-XL/2 --batch 32 --device cuda   # on a GPU
 """
 
@@ -34,20 +40,34 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
     from ditkit.train.ema import EMA
     from ditkit.train.precision import autocast
 
-    precision, _, extra = case.partition("+")
+    precision, *extras = case.split("+")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     device = torch.device(args.device)
+    if device.type == "cuda":  # as the training loop: TF32 for fp32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = build_dit(args.model, input_size=args.image_size, in_channels=args.channels,
-                      num_classes=args.num_classes, learn_sigma=True).to(device)
-    objective = GaussianDiffusion(make_schedule("linear", 1000), learn_sigma=True)
+    if args.model.startswith("TextDiT"):  # masked diffusion (MDLM) on token ids, no time conditioning
+        from ditkit.diffusion.masked import MaskedDiffusion
+        from ditkit.models.text_dit import build_text_dit, text_forward_macs
+
+        model = build_text_dit(args.model, vocab_size=args.vocab_size, time_conditioning=False).to(device)
+        objective = MaskedDiffusion(args.vocab_size)
+        macs_per_item = text_forward_macs(model, args.seq_len)
+        x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device)
+        y = None
+    else:
+        model = build_dit(args.model, input_size=args.image_size, in_channels=args.channels,
+                          num_classes=args.num_classes, learn_sigma=True).to(device)
+        objective = GaussianDiffusion(make_schedule("linear", 1000), learn_sigma=True)
+        macs_per_item = forward_macs(model)
+        x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
+        y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     ema = EMA(model, 0.9999)
-    net = torch.compile(model) if extra == "compile" else model
-    x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
-    noise = torch.Generator().manual_seed(0)
+    net = torch.compile(model) if "compile" in extras else model
+    noise = torch.Generator(device if "devnoise" in extras else "cpu").manual_seed(0)
 
     def step() -> None:
         with autocast(device, dtype):
@@ -63,11 +83,11 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_step_s = time.perf_counter() - t0
-    flops = 6 * forward_macs(model) * args.batch
+    flops = 6 * macs_per_item * args.batch
     # Interleave step timings with peak measurements so both see the same machine load; MFU is
     # the median of the per-pair ratios (robust on a shared, noisy machine).
     # On the CPU, MFU is also given in process CPU time (immune to time-slicing by other jobs).
-    n = 2048
+    n = args.peak_n or (8192 if device.type == "cuda" else 2048)  # big enough to reach the peak
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     for _ in range(2):
         step(), a @ b
@@ -97,6 +117,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256, help="text models (TextDiT-*): tokens per sequence")
+    parser.add_argument("--vocab-size", type=int, default=65, help="text models: vocabulary (65: tinyshakespeare chars)")
+    parser.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per case (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="fp32,bf16,bf16+compile")
@@ -121,7 +144,8 @@ def main() -> None:
             raise SystemExit(f"case {case} failed")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {case}: {rows[-1]['step_s']:.3f} s/step", file=sys.stderr)
-    print(f"{args.model} at {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {machine()}")
+    shape = f"sequence {args.seq_len}" if args.model.startswith("TextDiT") else f"{args.image_size}x{args.image_size}x{args.channels}"
+    print(f"{args.model} at {shape}, batch {args.batch}, {machine()}")
     table = print_table(rows, ["case", "step_s", "images_per_s", "achieved_GFLOPs", "peak_GFLOPs", "MFU", "MFU_cpu_time",
                                "peak_mem_MiB", "first_step_s"])
     write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows, "table": table})

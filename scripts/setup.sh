@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up ditkit in a virtual environment (default .venv) with the right PyTorch build:
 # on a machine without an NVIDIA GPU it takes the CPU build, because the default Linux wheel of
-# torch on PyPI is a multi-GB CUDA build. Usage: bash scripts/setup.sh [extras, default "dev"]
+# torch on PyPI is a multi-GB CUDA build. Usage: bash scripts/setup.sh [extras, default "dev"];
+# "dev" also installs torch-fidelity (Inception FID/IS) without its torchvision requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-dev}
@@ -16,4 +17,10 @@ else
   pip install "torch==2.13.0" --retries 1 --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 pip install -e ".[$extras]"
+if [[ ",$extras," == *",dev,"* ]]; then
+  # Standard Inception FID/IS (tests run the real network on random weights). --no-deps: the
+  # package declares torchvision, which would replace a CPU torch with a CUDA build; ditkit loads
+  # torch-fidelity's InceptionV3 without torchvision (ditkit/eval/inception.py).
+  pip install --no-deps "torch-fidelity>=0.3"
+fi
 python -c "import torch, ditkit; print('ditkit', ditkit.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"

@@ -1,5 +1,7 @@
 """Inception FID/IS wiring: the missing-file error, file validation, the Inception Score formula,
-and the path through torch-fidelity (faked here: the real package and weights are not on CI)."""
+and the path through torch-fidelity: faked to check the wiring, then the real torch-fidelity network
+(installed without torchvision) on a random weights file of the real shapes (the real weights
+cannot be downloaded here)."""
 
 from __future__ import annotations
 
@@ -113,3 +115,44 @@ def test_inception_metrics_wired_through_torch_fidelity(fake_torch_fidelity, tmp
     assert metrics["inception_fid"] == pytest.approx(expected, rel=1e-9)
     assert results["inception"]["weights_sha256"] and results["versions"]["torch_fidelity"] == "fake"
     assert (tmp_path / "cache" / f"reference-{extractor.hash}-{evaluator.data_hash[:16]}.safetensors").is_file()
+
+
+# --- the real torch-fidelity network (installed with --no-deps; no torchvision), random weights ---
+
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
+    # torch-fidelity is a test dependency (scripts/setup.sh installs it): a missing one fails here.
+    from inception_helpers import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth")
+
+
+def test_real_torch_fidelity_network_runs_without_torchvision(random_inception_file):
+    extractor = InceptionExtractor(random_inception_file)
+    assert type(extractor.model).__module__ == "torch_fidelity.feature_extractor_inceptionv3"
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats, logits = extractor.features_and_logits(images, batch_size=4)
+    assert feats.shape == (6, 2048) and logits.shape == (6, 1008)
+    assert torch.isfinite(feats).all() and torch.isfinite(logits).all()
+    assert feats.std(dim=0).mean() > 1e-3  # the random network still tells images apart
+    # The same images one at a time give the same features (no batch coupling, eval mode).
+    single, _ = extractor.features_and_logits(images[:1])
+    torch.testing.assert_close(single, feats[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_inception_fid_and_is_end_to_end_on_the_real_network(random_inception_file, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    # Smooth random "images": low-resolution noise upsampled, so Gaussian noise added below is a
+    # distortion of growing strength, as in the FD tests of the classifier features.
+    base = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4, generator=generator) * 2 - 1, size=16, mode="bilinear")
+    evaluator = Evaluator(base, None, cache_dir=tmp_path / "cache", inception_weights=random_inception_file)
+    fids = []
+    for sigma in (0.0, 0.2, 0.6):
+        noisy = (base + sigma * torch.randn(base.shape, generator=generator)).clamp(-1, 1)
+        results = evaluator.evaluate(noisy)
+        fids.append(results["metrics"]["inception_fid"])
+    assert fids[0] < 1e-6 * max(fids[2], 1.0)  # FID(X, X) ~ 0
+    assert fids[0] < fids[1] < fids[2]  # and it grows with the distortion
+    assert results["metrics"]["inception_score"] >= 1.0
+    assert results["inception"]["weights_sha256"] and results["versions"]["torch_fidelity"] not in ("", "unknown")

@@ -44,7 +44,7 @@ from ditkit.eval.classifier import (
 )
 from ditkit.eval.frechet import feature_stats, frechet_distance
 from ditkit.eval.images import images_to_uint8, load_npz_labels, load_npz_samples
-from ditkit.eval.inception import InceptionExtractor, inception_score
+from ditkit.eval.inception import InceptionExtractor, inception_score, torch_fidelity_version
 from ditkit.eval.precision_recall import precision_recall
 
 FD_CLASSIFIER_DISPLAY_NAME = "FD (classifier features)"
@@ -110,9 +110,7 @@ def reference_statistics(
 def _versions(with_inception: bool) -> dict[str, str]:
     versions = tool_versions()
     if with_inception:
-        import torch_fidelity
-
-        versions["torch_fidelity"] = torch_fidelity.__version__
+        versions["torch_fidelity"] = torch_fidelity_version()
     return versions
 
 

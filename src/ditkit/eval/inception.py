@@ -7,12 +7,23 @@ downloads when given no path. Before torch-fidelity sees the file, ditkit opens 
 `torch.load(weights_only=True)` and checks it is the expected state dict, so a wrong or
 untrusted file fails early and safely.
 
-torch-fidelity (and the torchvision it imports) is an optional dependency, imported only here.
+torch-fidelity is an optional dependency, imported only here. Its InceptionV3 module needs only
+torch, but the package's `__init__` imports torchvision (for its datasets and other extractors),
+and PyPI's torchvision does not import beside a CPU-only torch build. So when the plain import
+fails for want of torchvision, ditkit loads the InceptionV3 module (and the three small modules it
+uses) from the installed torch-fidelity without running the package's `__init__`: the same code
+and the same numbers, no torchvision. Install it with `pip install --no-deps torch-fidelity` on such
+machines (its declared torchvision requirement would pull a CUDA torch).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +85,50 @@ def _validate_state_dict(path: Path) -> None:
             )
 
 
+def torch_fidelity_inception_class() -> type:
+    """torch-fidelity's `FeatureExtractorInceptionV3` class, with or without torchvision.
+
+    The plain import is tried first. If it fails because torchvision is missing or broken, the
+    module is imported under a stand-in `torch_fidelity` package object whose `__path__` is the
+    installed package's folder, so `torch_fidelity.feature_extractor_inceptionv3` and its
+    torchvision-free dependencies load and the package `__init__` (the torchvision importer) does
+    not run. The stand-in is removed again, so a later `import torch_fidelity` behaves as before.
+    """
+    module_name = "torch_fidelity.feature_extractor_inceptionv3"
+    try:
+        return importlib.import_module(module_name).FeatureExtractorInceptionV3
+    except ImportError as error:
+        spec = importlib.util.find_spec("torch_fidelity") if "torchvision" in str(error) else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "Inception FID/IS needs the optional package torch-fidelity: pip install --no-deps "
+                f"torch-fidelity (with --no-deps, a CPU torch stays; torchvision is not needed). ({error})"
+            ) from error
+    stand_in = types.ModuleType("torch_fidelity")
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    previous = sys.modules.get("torch_fidelity")
+    sys.modules["torch_fidelity"] = stand_in
+    try:
+        sys.modules.pop(module_name, None)  # a half-finished import may have left one behind
+        return importlib.import_module(module_name).FeatureExtractorInceptionV3
+    finally:
+        if previous is None:
+            sys.modules.pop("torch_fidelity", None)
+        else:
+            sys.modules["torch_fidelity"] = previous
+
+
+def torch_fidelity_version() -> str:
+    """The torch-fidelity version for result files (its package `__init__` may not be importable)."""
+    loaded = sys.modules.get("torch_fidelity")
+    if getattr(loaded, "__version__", None):
+        return loaded.__version__
+    try:
+        return importlib.metadata.version("torch-fidelity")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class InceptionExtractor:
     """torch-fidelity InceptionV3 loaded from a local file: pool3 features (2048) and the 1008
     unbiased logits used by IS. Images go in as uint8 (N, C, H, W), C in {1, 3}; torch-fidelity
@@ -84,13 +139,7 @@ class InceptionExtractor:
     def __init__(self, weights_path: str | Path, device: str | torch.device = "cpu"):
         path = check_inception_weights(weights_path)
         _validate_state_dict(path)
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as error:
-            raise ImportError(
-                "Inception FID/IS needs the optional package torch-fidelity (and a torchvision built for "
-                f"your torch {torch.__version__}): pip install torch-fidelity torchvision. ({error})"
-            ) from error
+        FeatureExtractorInceptionV3 = torch_fidelity_inception_class()
         self.weights_path = path
         self.weights_sha256 = file_sha256(path)
         self.hash = f"inception-{self.weights_sha256[:16]}"
