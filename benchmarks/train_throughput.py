@@ -7,7 +7,8 @@ fused AdamW, EMA update. Achieved FLOP/s use the analytic count 6 x forward MACs
 (forward + backward = 3 x forward, 2 FLOPs per MAC); MFU = achieved / measured peak.
 
 A case is a precision (fp32 or bf16) with optional '+' suffixes: '+compile' (torch.compile of the
-model) and '+devnoise' (draw the diffusion noise and times with a generator on the device; the
+model), '+official' (the official DiT train.py's step on ditkit's model: see
+_official_style_step) and '+devnoise' (draw the diffusion noise and times with a generator on the device; the
 training loop draws them on the CPU so a seed gives the same run on any device). On CUDA, fp32
 means TF32 matmuls, as in the training loop.
 
@@ -20,6 +21,7 @@ means TF32 matmuls, as in the training loop.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -31,6 +33,39 @@ from pathlib import Path
 
 import torch
 from common import machine, peak_memory_mib, print_table, wall_and_cpu_seconds, write_json
+
+
+def _official_style_step(model, objective, x, y, dtype, noise):
+    """The training step of the official DiT train.py, reproduced on ditkit's (numerically
+    identical) model so the two run in one process: attention through F.scaled_dot_product_attention
+    (timm's Attention; on the CPU, the flash kernel), AdamW with torch's default implementation,
+    the EMA as a per-parameter loop (its update_ema), `loss.item()` every step (its running loss),
+    no gradient clipping. Not the official code itself, which is not vendored here."""
+    from collections import OrderedDict
+
+    import torch.nn.functional as F
+
+    from ditkit.models import layers
+    from ditkit.train.precision import autocast
+
+    layers.attention = lambda q, k, v, is_causal=False: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema_params = OrderedDict(ema.named_parameters())
+    model_params = OrderedDict(model.named_parameters())
+    device = x.device
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = objective.loss(model, x, y, generator=noise).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for name, param in model_params.items():  # the official update_ema(ema, model)
+            ema_params[name].mul_(0.9999).add_(param.data, alpha=1 - 0.9999)
+        loss.item()  # running_loss += loss.item()
+
+    return step
 
 
 def run_case(args: argparse.Namespace, case: str) -> dict:
@@ -64,19 +99,22 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
         x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
         y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    ema = EMA(model, 0.9999)
     net = torch.compile(model) if "compile" in extras else model
     noise = torch.Generator(device if "devnoise" in extras else "cpu").manual_seed(0)
+    if "official" in extras:
+        step = _official_style_step(model, objective, x, y, dtype, noise)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+        ema = EMA(model, 0.9999)
 
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = objective.loss(net, x, y, generator=noise).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        def step() -> None:
+            with autocast(device, dtype):
+                loss = objective.loss(net, x, y, generator=noise).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model)
 
     t0 = time.perf_counter()
     step()  # includes compilation when compiling
