@@ -127,3 +127,20 @@ def test_pack_stream_and_complete_segments():
     assert pack_stream(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert complete_segments([1, 9, 2, 3, 9, 9, 4, 9, 5], sep_id=9) == [[2, 3], [], [4]]
     assert complete_segments([1, 2, 3], sep_id=9) == []
+
+
+def test_tokenizer_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    tok = CharTokenizer.fit(["abc"])
+    save_tokenizer(tok, tmp_path)
+    before = (tmp_path / "text_tokenizer.json").read_text()
+
+    def crash(src, dst):  # the process dies between writing the temp file and the rename
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_tokenizer(CharTokenizer.fit(["xyz"]), tmp_path)
+    assert (tmp_path / "text_tokenizer.json").read_text() == before  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["text_tokenizer.json"]  # no temp file left

@@ -12,6 +12,7 @@ rebuilt by ``load_tokenizer``, which also accepts a plain Hugging Face ``tokeniz
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
@@ -209,10 +210,16 @@ def build_tokenizer(kind: str, texts: Sequence[str], bpe_vocab_size: int = 1024)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
-    """Write ``directory/text_tokenizer.json``; returns its path."""
+    """Write ``directory/text_tokenizer.json`` atomically (a temp file, then a rename: a crash
+    never leaves a half-written tokenizer beside a checkpoint); returns its path."""
     path = Path(directory) / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

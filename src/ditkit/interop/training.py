@@ -101,11 +101,13 @@ def prepare_latent_data(
 
 
 def apply_init_from(
-    model: torch.nn.Module, cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print
+    model: torch.nn.Module, cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print,
+    write_record: bool = True,
 ) -> dict[str, Any]:
     """Load ``cfg.train.init_from`` into the freshly built ``model`` (in place, any device) and write
-    the provenance to ``run_dir/init_from.json``. New label rows are drawn from a generator seeded
-    with ``train.seed``. Returns the provenance record."""
+    the provenance to ``run_dir/init_from.json`` (``write_record``: only rank 0 writes, under
+    torchrun). New label rows are drawn from a generator seeded with ``train.seed``, so every rank
+    builds the same model. Returns the provenance record."""
     t = cfg.train
     if t.init_from is None:
         raise ConfigError("apply_init_from needs train.init_from (--init-from RUN_OR_FILE)")
@@ -116,9 +118,10 @@ def apply_init_from(
         record = init_from(model, t.init_from, class_map, generator=torch.Generator().manual_seed(t.seed))
     finally:
         model.to(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if write_record:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log(
         f"initialised from {record['init_from']} ({record['kind']}, {record['weights']} weights): "
         f"{record['label_rows_copied']} label rows copied, {record['label_rows_fresh']} fresh, pos_embed "
