@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ditkit.diffusion.objective import Objective
+
 __all__ = ["AutoregressiveLM"]
 
 
-class AutoregressiveLM:
+class AutoregressiveLM(Objective):
     """Next-token cross-entropy with a BOS token; ``loss`` has the interface of every objective.
 
     Args:
@@ -54,16 +56,6 @@ class AutoregressiveLM:
         nll = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none").sum(1)
         num_tokens = torch.full_like(nll, x0.shape[1])
         return {"nll": nll, "num_tokens": num_tokens, "loss": nll / num_tokens}
-
-    def loss(
-        self,
-        model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-        x0: Tensor,
-        y: Tensor | None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Per-sequence training loss ``(B,)``: next-token cross-entropy in nats per token."""
-        return self.loss_terms(model, x0, y, generator)["loss"]
 
     def denoiser(self, net: Callable[[Tensor, Tensor], Tensor], context_len: int) -> Callable[[Tensor], Tensor]:
         """Adapt ``net(x, t) -> logits (B, n, V)`` (conditioning bound) to the AR sampler:

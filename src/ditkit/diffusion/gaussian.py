@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ditkit.diffusion.objective import Objective
 from ditkit.diffusion.schedules import (
     PREDICTIONS,
     GaussianSchedule,
@@ -77,7 +78,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(Objective):
     """Discrete Gaussian diffusion objective (Ho et al. 2020; Nichol & Dhariwal 2021).
 
     Args:
@@ -182,17 +183,6 @@ class GaussianDiffusion:
         else:  # stop-gradient on the mean: vb trains only the variance (Nichol & Dhariwal 2021, Sec. 3.1)
             vb = self.vb_bits(mean_out.detach(), v, x0, x_t, t)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
-
-    def loss(
-        self,
-        model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-        x0: Tensor,
-        y: Tensor | None,
-        generator: torch.Generator | None = None,
-        **kwargs: Tensor,
-    ) -> Tensor:
-        """Per-sample training loss ``(B,)``: MSE to the target (+ ``vb`` with learned sigma)."""
-        return self.loss_terms(model, x0, y, generator, **kwargs)["loss"]
 
     def denoiser(self, net: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], GaussianPrediction]:
         """Adapt ``net(x, t_float) -> raw output`` (conditioning bound) to the sampler interface.

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ditkit.diffusion.objective import Objective
+
 __all__ = [
     "MaskedDiffusion",
     "log_linear_alpha",
@@ -86,7 +88,7 @@ def subs_log_probs(logits: Tensor, z_t: Tensor, mask_id: int) -> Tensor:
     return torch.where(clean.unsqueeze(-1), carry, logp)
 
 
-class MaskedDiffusion:
+class MaskedDiffusion(Objective):
     """MDLM objective: absorbing-state diffusion, log-linear schedule, SUBS, continuous-time NELBO.
 
     Args:
@@ -159,17 +161,6 @@ class MaskedDiffusion:
         nll = (ce * masked).sum(1) / t.to(ce.dtype)
         num_tokens = torch.full_like(nll, x0.shape[1])
         return {"nll": nll, "num_tokens": num_tokens, "loss": nll / num_tokens, "num_masked": masked.sum(1), "t": t}
-
-    def loss(
-        self,
-        model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-        x0: Tensor,
-        y: Tensor | None,
-        generator: torch.Generator | None = None,
-        **kwargs: Tensor,
-    ) -> Tensor:
-        """Per-sequence training loss ``(B,)``: the NELBO estimate in nats per token."""
-        return self.loss_terms(model, x0, y, generator, **kwargs)["loss"]
 
     def count_form_nll(
         self,
