@@ -14,17 +14,8 @@ from torch import Tensor
 
 
 class Objective:
-    """Base class: ``loss`` is ``loss_terms(...)["loss"]``."""
-
-    def loss_terms(
-        self,
-        model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-        x0: Tensor,
-        y: Tensor | None,
-        generator: torch.Generator | None = None,
-        **given: Tensor,
-    ) -> dict[str, Tensor]:
-        raise NotImplementedError
+    """Base class: ``loss`` is ``loss_terms(...)["loss"]``; subclasses define
+    ``loss_terms(model, x0, y, generator=None, **given) -> dict[str, Tensor]``."""
 
     def loss(
         self,
@@ -36,4 +27,4 @@ class Objective:
     ) -> Tensor:
         """Per-sample training loss ``(B,)`` (the objective's ``loss_terms`` say what it measures);
         ``given`` fixes random draws (``t``, ``noise``, ``z_t``) instead of drawing them."""
-        return self.loss_terms(model, x0, y, generator, **given)["loss"]
+        return self.loss_terms(model, x0, y, generator, **given)["loss"]  # type: ignore[attr-defined]
