@@ -137,6 +137,16 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
         peaks.append(2 * n**3 / mm_wall / 1e9)
         cpu_ratios.append((flops / cpu) / (2 * n**3 / mm_cpu))
     memory = peak_memory_mib(args.device)
+    if args.profile:  # where one step's time goes: torch.profiler, ops by self time, to stderr
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"profile of 3 steps, case {case}:\n" + prof.key_averages().table(sort_by=sort, row_limit=args.profile),
+              file=sys.stderr)
     seconds, peak = statistics.median(step_times), statistics.median(peaks)
     mfu = statistics.median(flops / s / 1e9 / p for s, p in zip(step_times, peaks))
     achieved = flops / seconds / 1e9
@@ -163,6 +173,8 @@ def main() -> None:
     parser.add_argument("--cases", default="fp32,bf16,bf16+compile")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default="benchmarks/results/train_throughput.json")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile 3 steps of each case and print the top ROWS ops by self time")
     parser.add_argument("--one-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_case:
@@ -180,6 +192,8 @@ def main() -> None:
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {case} failed")
+        if args.profile:
+            print(out.stderr[out.stderr.find("profile of"):], file=sys.stderr)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {case}: {rows[-1]['step_s']:.3f} s/step", file=sys.stderr)
     shape = f"sequence {args.seq_len}" if args.model.startswith("TextDiT") else f"{args.image_size}x{args.image_size}x{args.channels}"
