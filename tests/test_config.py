@@ -105,8 +105,11 @@ def test_recipes_are_valid_and_round_trip(name):
         assert "pip install" in str(err)
         return
     assert Config.from_json(cfg.to_json()) == cfg
-    if cfg.data.dataset.startswith("path/"):
-        cfg.data.dataset = "shapes"  # a placeholder path in the paper recipe
+    if cfg.data.dataset.startswith("path/"):  # a placeholder: the recipe's data is given with --data
+        with pytest.raises(ConfigError, match="fix --data"):
+            preflight(cfg)
+        # a built-in dataset of the recipe's own modality stands in for the user's file
+        cfg.data.dataset = "pydoc" if cfg.modality == "text" else "shapes"
     preflight(cfg)
     assert cfg.recipe == name
 
@@ -131,3 +134,22 @@ def test_learning_rate_schedule():
     assert lr_at(110, t, 110) == pytest.approx(0.1)
     t.lr_schedule = "constant"
     assert lr_at(50, t, 110) == 1.0
+
+
+def test_compile_setting_auto_true_false():
+    import torch
+
+    from ditkit.train.loop import COMPILE_AUTO_MIN_STEPS, compile_enabled
+
+    assert Config().train.compile == "auto"
+    for raw, expected in (("true", True), ("off", False), ("auto", "auto")):
+        assert apply_overrides(Config(), {"train.compile": raw}).train.compile == expected
+    with pytest.raises(ConfigError, match="train.compile"):
+        apply_overrides(Config(), {"train.compile": "sometimes"})
+    old = Config().to_dict()
+    old["train"]["compile"] = False  # configs saved before "auto" existed still load
+    assert Config.from_dict(old).train.compile is False
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compile_enabled("auto", cpu, 10**6)  # CPU: 0-5% gain, not worth ~1 min of compiling
+    assert compile_enabled("auto", cuda, COMPILE_AUTO_MIN_STEPS) and not compile_enabled("auto", cuda, 100)
+    assert compile_enabled(True, cpu, 1) and not compile_enabled(False, cuda, 10**6)

@@ -3,6 +3,7 @@ diffusion and the autoregressive baseline; exact resume of a text run; the promi
 
 import argparse
 import json
+import random
 
 import pytest
 import torch
@@ -178,3 +179,27 @@ def test_text_resume_is_bitwise_exact_and_the_control_catches_a_lost_data_positi
     monkeypatch.setattr(TextBatchSampler, "load_state_dict", lambda self, state: None)
     a, c = weights(straight.run_dir), weights(resume_in_two("control").run_dir)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_shakespeare_char_recipe_takes_its_corpus_from_data(tmp_path, capsys):
+    """The benchmark recipe names no corpus of its own (tinyshakespeare is a benchmark file, not a
+    dependency): without --data it stops with the fix; with --data it trains both objectives with the
+    benchmark's settings, evaluating and keeping the best checkpoint."""
+    cfg = get_recipe("shakespeare_char")
+    assert "shared" not in cfg.data.dataset and cfg.data.dataset.startswith("path/")
+    assert main(["train", "--recipe", "shakespeare_char", "--print-config"]) == 2
+    assert "fix --data" in capsys.readouterr().err
+    rng = random.Random(0)  # varied text: no validation chunk repeats a training one
+    words = ["thou", "art", "king", "my", "lord", "sweet", "night", "what", "say", "you", "to", "me"]
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(400)))
+    for kind in ("masked", "autoregressive"):
+        assert main(["train", "--recipe", "shakespeare_char", "--data", str(corpus), "--max-steps", "4",
+                     "--set", "train.eval_every=2", "--set", "train.eval_samples=16", "--set", f"objective.kind={kind}",
+                     "--results-dir", str(tmp_path), "--run-name", kind]) == 0
+        saved = json.loads((tmp_path / kind / "config.json").read_text())
+        assert saved["recipe"] == "shakespeare_char" and saved["objective"]["kind"] == kind
+        assert saved["data"]["dataset"] == str(corpus) and saved["data"]["seq_len"] == 64
+        assert saved["model"]["name"] == "TextDiT-T" and saved["train"]["global_batch_size"] == 32
+        best = json.loads((tmp_path / kind / "best.json").read_text())
+        assert best["metric"] == "val_bits_per_char" and (tmp_path / kind / "checkpoints" / best["checkpoint"]).is_dir()

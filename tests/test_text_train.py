@@ -12,19 +12,27 @@ AdamW 3e-3, 300 steps, ~11 s each), sampling with the EMA weights, seeds 0-1 thr
   0.13-0.18 correct sums (plain loop, raw weights) -> bar 0.08. Masked diffusion learns this
   small-scale arithmetic far more slowly than AR (the any-order task is harder), as the issue warned
   for brackets.
+
+``train.keep_best`` (the benchmark's best-validation checkpoint) is tested here on the same tiny
+runs: which checkpoint survives pruning and resume, and that it holds the evaluated weights.
 """
 
+import json
 import re
+from typing import Iterator
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ditkit.config import ConfigError
 from ditkit.data.text import is_valid_sum
 from ditkit.data.text_loader import load_text_data
 from ditkit.eval.text import fraction_valid, text_likelihood
 from ditkit.recipes import get_recipe
+from ditkit.text_eval import TextPeriodicEvaluator
 from ditkit.text_sampling import build_text_objective, load_text_model, sample_text
-from ditkit.train.loop import train
+from ditkit.train.loop import read_best, train
 
 
 def well_formed(s: str) -> bool:
@@ -75,3 +83,73 @@ def test_masked_diffusion_learns_some_sums(tmp_path):
     out, _ = sample_text(model, cfg, tokenizer, list(range(64)))
     res = fraction_valid(out, tokenizer, is_valid_sum)
     assert res["fraction_valid"] >= 0.08, res
+
+
+class ScriptedEvaluator:
+    """Stands in for ``TextPeriodicEvaluator``: reports the next value of ``VALUES`` as the
+    validation bpc, so which evaluation is best is known in advance. The iterator lives on the class,
+    so a resumed run (a new evaluator) continues the script."""
+
+    VALUES: Iterator[float] = iter(())
+
+    def __init__(self, cfg, dataset, **kwargs):
+        pass
+
+    def __call__(self, model):
+        return {"val_bits_per_char": next(type(self).VALUES), "eval_seconds": 0.0}
+
+
+def keep_best_config(tmp_path, name, steps):
+    cfg = get_recipe("text_sums")  # constant learning rate: the first 10 of 20 steps equal a 10-step run
+    cfg.train.max_steps, cfg.train.ckpt_every, cfg.train.keep_last, cfg.train.log_every = steps, steps, 1, 5
+    cfg.train.eval_every, cfg.train.eval_samples, cfg.train.keep_best = 5, 16, True
+    cfg.data.synthetic_docs = 600
+    cfg.run.results_dir, cfg.run.run_name = str(tmp_path), name
+    return cfg
+
+
+def test_keep_best_keeps_the_best_evaluated_checkpoint_across_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr("ditkit.text_eval.TextPeriodicEvaluator", ScriptedEvaluator)
+    # evaluations at steps 5, 10, 15 | resume | 20: the best is step 10, and the resumed run must not
+    # forget it (a fresh search would crown step 20's 4.0)
+    ScriptedEvaluator.VALUES = iter([3.0, 1.0, 2.0, 4.0])
+    first = train(keep_best_config(tmp_path, "best", 20), stop_at_step=15, log=lambda m: None)
+    assert first.step == 15 and read_best(first.run_dir)["step"] == 10
+    result = train(keep_best_config(tmp_path, "best", 20), resume=first.run_dir, log=lambda m: None)
+    assert result.step == 20
+    best = read_best(result.run_dir)
+    assert best == {"step": 10, "metric": "val_bits_per_char", "value": 1.0, "checkpoint": "step_0000010"}
+    # keep_last=1 prunes everything but the newest checkpoint and the best one
+    assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    assert read_best(result.run_dir, max_step=5) is None  # a resume from before the best forgets it
+
+    # the kept checkpoint holds the weights of step 10: a 10-step run ends with the same EMA
+    ScriptedEvaluator.VALUES = iter([5.0, 5.0])
+    short = train(keep_best_config(tmp_path, "short", 10), log=lambda m: None)
+    a = load_file(str(result.run_dir / "checkpoints" / "step_0000010" / "ema.safetensors"))
+    b = load_file(str(short.checkpoint / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(result.checkpoint / "ema.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the control: step 20 differs
+
+
+def test_keep_best_with_the_text_evaluator_reproduces_the_logged_value(tmp_path):
+    cfg = keep_best_config(tmp_path, "real", 30)
+    cfg.train.eval_every, cfg.train.eval_samples = 10, 64
+    result = train(cfg, log=lambda m: None)
+    evals = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+             if "val_bits_per_char" in line]
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    best = read_best(result.run_dir)
+    logged = min(evals, key=lambda e: e["val_bits_per_char"])
+    assert best["step"] == logged["step"] and best["value"] == logged["val_bits_per_char"]
+    model, saved, _, tokenizer = load_text_model(result.run_dir / "checkpoints" / best["checkpoint"])
+    again = TextPeriodicEvaluator(saved, load_text_data(saved.data, tokenizer), log=lambda m: None)(model)
+    assert again["val_bits_per_char"] == pytest.approx(logged["val_bits_per_char"], rel=1e-6)
+
+
+def test_keep_best_needs_evaluations():
+    cfg = get_recipe("text_sums")
+    cfg.train.keep_best = True
+    with pytest.raises(ConfigError, match="set train.eval_every"):
+        cfg.validate()

@@ -169,11 +169,16 @@ class TrainConfig:
     # several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2) and saves
     # sharded checkpoints; one process without torchrun ignores "ddp" (see ditkit.train.distributed)
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    # torch.compile the network the loss calls (applied from outside the model). Off by default:
-    # compiling DiT-S/2 takes about a minute on a 2-core CPU (docs/benchmarks.md has the figures)
-    compile: bool = False
+    # torch.compile the network the loss calls (applied from outside the model). "auto": on for
+    # CUDA runs of at least COMPILE_AUTO_MIN_STEPS steps, off on the CPU. Measured (docs/benchmarks.md):
+    # DiT-XL/2 on an H200 steps 1.46-1.49x faster after ~80 s of compilation (pays after ~2,500
+    # steps); on a 2-core CPU it gains 0-5% for ~50 s of compilation.
+    compile: Union[bool, Literal["auto"]] = "auto"
     eval_every: int = 0  # steps between evaluations of the EMA model (metrics.jsonl); 0: off
     eval_samples: int = 500  # samples per evaluation (labels cycle over the classes)
+    # with eval_every: also keep the checkpoint of the best evaluation (lowest val_bits_per_char for
+    # text, fd_classifier for images), saved when it improves and named in RUN/best.json
+    keep_best: bool = False
     init_from: Optional[str] = None  # --init-from: pretrained weights (ditkit run, official .pt, diffusers folder)
     init_class_map: Optional[str] = None  # --class-map NEW:OLD,...: label rows kept from the source
 
@@ -335,6 +340,8 @@ def _validate_pretrained_and_eval(cfg: Config) -> None:
         raise ConfigError(f"train.eval_every={t.eval_every}: use 0 (off) or a number of steps")
     if t.eval_every and t.eval_samples < 10:
         raise ConfigError(f"train.eval_samples={t.eval_samples}: use at least 10 (500-1000 gives stable numbers)")
+    if t.keep_best and not t.eval_every:
+        raise ConfigError("train.keep_best=true keeps the best evaluated checkpoint: set train.eval_every too")
     if d.vae is not None and not Path(d.vae).is_dir():
         raise ConfigError(f"--vae {d.vae}: no such folder; pass a local diffusers AutoencoderKL folder")
     if t.init_from is not None and not Path(t.init_from).exists():
@@ -554,8 +561,13 @@ def _parse_string(tp: Any, raw: str, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if raw.lower() in ("none", "null") and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _parse_string(inner, raw, key)
+        inner = [a for a in args if a is not type(None)]
+        for arg in inner[:-1]:  # e.g. Union[bool, Literal["auto"]]: the first reading that fits
+            try:
+                return _check_value(arg, _parse_string(arg, raw, key), key)
+            except ConfigError:
+                continue
+        return _parse_string(inner[-1], raw, key)
     if tp is bool:
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):

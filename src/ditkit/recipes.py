@@ -13,7 +13,10 @@ Text (``--set objective.kind=autoregressive`` trains the AR baseline of any of t
 
 * ``text_sums``: masked diffusion on the synthetic ``a+b=c`` language, a 2 x 64 TextDiT, seconds.
 * ``pydoc_char``: character-level on Python's own documentation topics (ships with CPython); with
-  ``--data path/to/tinyshakespeare.txt`` the same recipe trains on any text file (the benchmark).
+  ``--data my_corpus.txt`` the same recipe trains on any text file.
+* ``shakespeare_char``: the MDLM-vs-AR benchmark (``benchmarks/text_mdlm_vs_ar.py``, docs/text.md):
+  character level, 4 x 128 TextDiT, 64-character chunks, validation bits per character every 250
+  steps and the best checkpoint kept. The corpus is given with ``--data path/to/tinyshakespeare.txt``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ditkit.config import (
 
 __all__ = [
     "RECIPES", "get_recipe", "digits", "shapes", "shapes_tiny", "mnist", "dit_xl_2_imagenet256",
-    "text_sums", "pydoc_char",
+    "text_sums", "pydoc_char", "shakespeare_char",
 ]
 
 
@@ -148,6 +151,28 @@ def pydoc_char() -> Config:
     )
 
 
+def shakespeare_char() -> Config:
+    """Character-level MDLM vs AR benchmark settings (docs/text.md); --data path/to/tinyshakespeare.txt."""
+    # The corpus is a benchmark file, not a dependency: "path/to/..." is a placeholder that fails
+    # preflight with "fix --data" until --data names the file. Both objectives train with exactly these
+    # settings (--set objective.kind=autoregressive for AR): the same size, chunks, batch and steps, so
+    # the same training FLOPs (neither model is time-conditioned; only the attention mask differs).
+    # 6,000 steps is what fits the benchmark's CPU budget; the checkpoints are the final one and the best.
+    return Config(
+        recipe="shakespeare_char",
+        model=ModelConfig(name="TextDiT-T", time_conditioning=False),
+        objective=ObjectiveConfig(kind="masked", time_sampling="stratified", learn_sigma=False),
+        data=DataConfig(dataset="path/to/tinyshakespeare.txt", seq_len=64, tokenizer="char", val_fraction=0.1),
+        train=TrainConfig(
+            lr=2e-3, betas=(0.9, 0.98), warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1, grad_clip=1.0,
+            global_batch_size=32, max_steps=6000, ema_decay=0.999, precision="fp32", log_every=250,
+            ckpt_every=6000, eval_every=250, eval_samples=512, keep_best=True, sample_every=0, keep_last=1,
+        ),
+        run=RunConfig(tensorboard=False),
+        sample=SampleConfig(num_sampling_steps=64, cfg_scale=1.0, num_samples=4),
+    )
+
+
 RECIPES: dict[str, Callable[[], Config]] = {
     "digits": digits,
     "shapes": shapes,
@@ -156,6 +181,7 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "dit_xl_2_imagenet256": dit_xl_2_imagenet256,
     "text_sums": text_sums,
     "pydoc_char": pydoc_char,
+    "shakespeare_char": shakespeare_char,
 }
 
 

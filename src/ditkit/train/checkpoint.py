@@ -172,9 +172,9 @@ def save_checkpoint(
     return final
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints and stale temp directories; return the
-    deleted checkpoint paths."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Optional[Path] = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (and ``keep``, e.g. the best-validation
+    one) and stale temp directories; return the deleted checkpoint paths."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -182,7 +182,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     kept = list_checkpoints(run_dir)
-    doomed = kept[:-keep_last] if keep_last > 0 else []
+    doomed = [p for p in (kept[:-keep_last] if keep_last > 0 else []) if keep is None or p.name != Path(keep).name]
     for path in doomed:
         shutil.rmtree(path)
     for stale in root.glob(".old-*"):  # moved-aside copies that are not the newest copy of a step

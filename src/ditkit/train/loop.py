@@ -4,7 +4,9 @@ Per optimiser step: ``grad_accum_steps`` micro-batches of forward (bf16 autocast
 backward, gradient clipping, AdamW, EMA update. Every ``log_every`` steps the loss is read to the
 host (the only sync), written to ``metrics.jsonl`` (and TensorBoard / W&B when enabled) and shown
 on a tqdm bar (a terminal) or a log line (a pipe). Every ``sample_every`` steps the EMA model draws
-a PNG grid; every ``ckpt_every`` steps and at the end a checkpoint is saved atomically.
+a PNG grid; every ``ckpt_every`` steps and at the end a checkpoint is saved atomically. Every
+``eval_every`` steps the EMA model is evaluated (a line in ``metrics.jsonl``); with ``keep_best`` an
+improving evaluation also saves a checkpoint, spared by pruning and named in ``best.json``.
 
 Exact resume: everything random comes from three sources, all saved in ``state.pt`` and restored:
 the data order (a pure function of seed, epoch and position, see ``ditkit.data.sampler``), the
@@ -63,10 +65,16 @@ from ditkit.train.distributed import NullLogger, is_sharded_checkpoint, load_tra
 from ditkit.train.ema import EMA
 from ditkit.train.precision import autocast, resolve_precision
 
-__all__ = ["train", "preflight", "TrainResult", "NonFiniteLossError", "lr_at", "new_run_dir", "RESUMABLE_SECTIONS"]
+__all__ = [
+    "train", "preflight", "TrainResult", "NonFiniteLossError", "lr_at", "new_run_dir", "read_best", "RESUMABLE_SECTIONS",
+    "BEST_METRICS", "BEST_FILE",
+]
 
 # Sections a resumed run may change; the others define the model and its data and must match.
 RESUMABLE_SECTIONS = ("train", "run", "sample")
+# What train.keep_best minimises: the first of these an evaluation reports (lower is better for both).
+BEST_METRICS = ("val_bits_per_char", "fd_classifier")
+BEST_FILE = "best.json"  # RUN/best.json: {"step", "metric", "value", "checkpoint"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,6 +92,19 @@ class TrainResult:
     interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved)
     loss: Optional[float]  # mean loss of the last logging window
     wall_time_s: float
+
+
+COMPILE_AUTO_MIN_STEPS = 5_000
+
+
+def compile_enabled(setting: bool | str, device: torch.device, total_steps: int) -> bool:
+    """train.compile: true/false as given; "auto" compiles CUDA runs of at least
+    COMPILE_AUTO_MIN_STEPS steps. Measured (docs/benchmarks.md): DiT-XL/2 on an H200 steps
+    1.46x (batch 32) to 1.49x (batch 256) faster after ~80 s of compilation, so it pays after about
+    2,500 steps; on a 2-core CPU compiling gains 0-5% for ~50 s, so auto leaves the CPU eager."""
+    if isinstance(setting, bool):
+        return setting
+    return device.type == "cuda" and total_steps >= COMPILE_AUTO_MIN_STEPS
 
 
 def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
@@ -297,6 +318,25 @@ def preflight(cfg: Config) -> None:
     model_kwargs(probe)
 
 
+def read_best(run_dir: str | Path, max_step: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """The best evaluation a ``train.keep_best`` run recorded (``RUN/best.json``: ``step``, ``metric``,
+    ``value``, ``checkpoint`` directory name), or None. ``max_step``: ignore a record from a later
+    step (a run resumed from an earlier checkpoint starts its search again)."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text())
+    return None if max_step is not None and best["step"] > max_step else best
+
+
+def _best_metric(metrics: dict[str, Any]) -> Optional[tuple[str, float]]:
+    """``(name, value)`` of the first ``BEST_METRICS`` entry an evaluation reported, or None."""
+    for name in BEST_METRICS:
+        if isinstance(metrics.get(name), (int, float)) and math.isfinite(metrics[name]):
+            return name, float(metrics[name])
+    return None
+
+
 def _check_resume_config(cfg: Config, saved: Config, ckpt: Path) -> None:
     for section in ("model", "objective", "data"):
         ours, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
@@ -381,12 +421,10 @@ def train(
     if t.init_from is not None and ckpt_in is None:  # fine-tuning: pretrained weights, fresh optimiser
         from ditkit.interop.training import apply_init_from
 
-        apply_init_from(model, cfg, run_dir, log)
+        apply_init_from(model, cfg, run_dir, log, write_record=ctx.is_main)  # the same weights on every rank
     objective = build_objective(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
     net = ctx.wrap(model, ema)  # what the loss calls: model (one process), DDP, or FSDP2 (shards model and EMA)
-    if t.compile:
-        net = torch.compile(net)  # same parameters: optimiser, EMA and checkpoints see the plain model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -404,6 +442,9 @@ def train(
     sampler = ctx.shard_sampler(sampler)  # several processes: this rank's rows of every global batch
     steps_per_epoch = max(1, len(dataset) // t.global_batch_size)
     total_steps = cfg.run_length(steps_per_epoch)
+    compiled = compile_enabled(t.compile, device, total_steps)
+    if compiled:
+        net = torch.compile(net)  # same parameters: optimiser, EMA and checkpoints see the plain model
     noise = torch.Generator().manual_seed(t.seed + 1)  # diffusion times and noise (CPU: same on any device)
 
     step = 0
@@ -434,7 +475,7 @@ def train(
     log(
         f"run {run_dir}: {cfg.model.name} ({count_params(model) / 1e6:.2f}M params) on {what}, "
         f"{total_steps} steps of batch {t.global_batch_size}, "
-        f"{device.type} {str(dtype).removeprefix('torch.')}{ctx.describe()}"
+        f"{device.type} {str(dtype).removeprefix('torch.')}{', torch.compile' if compiled else ''}{ctx.describe()}"
     )
 
     def training_state() -> dict[str, Any]:
@@ -450,17 +491,24 @@ def train(
         }
 
     last_ckpt: Optional[Path] = ckpt_in
+    # train.keep_best: the best evaluation so far (RUN/best.json); a new best becomes "candidate"
+    # until its checkpoint is on disk
+    best = read_best(run_dir, step) if t.keep_best and ctx.is_main else None
+    candidate: Optional[dict[str, Any]] = None
 
     def save() -> Path:
-        nonlocal last_ckpt
+        nonlocal last_ckpt, best, candidate
         if ctx.active:  # rank 0 writes (FSDP: every rank its shards); all ranks wait until it is complete
             last_ckpt = ctx.save_checkpoint(run_dir, step, model, ema, optimizer, cfg, training_state)
         else:
             last_ckpt = save_checkpoint(run_dir, step, model.state_dict(), ema.model.state_dict(), cfg, training_state())
         if text and ctx.is_main:  # beside config.json (a copy in the run directory covers a crash before this line)
             save_tokenizer(dataset.tokenizer, last_ckpt)
+        if candidate is not None and ctx.is_main:  # the checkpoint exists, then the record naming it
+            best, candidate = {**candidate, "checkpoint": last_ckpt.name}, None
+            atomic_write_bytes(run_dir / BEST_FILE, json.dumps(best).encode())
         if ctx.is_main:
-            prune_checkpoints(run_dir, t.keep_last)
+            prune_checkpoints(run_dir, t.keep_last, keep=Path(best["checkpoint"]) if best else None)
         return last_ckpt
 
     # Device-side bookkeeping, read to the host only when logging or saving (no per-step sync).
@@ -492,6 +540,7 @@ def train(
     try:
         with _graceful_interrupt(log) as stop:
             model.train()
+            first_step_start = time.perf_counter()
             while step < total_steps and (stop_at_step is None or step < stop_at_step):
                 lr = lr_at(step, t, total_steps)
                 for group in optimizer.param_groups:
@@ -509,6 +558,10 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(model)
+                if compiled and first_step_start is not None:  # report the compilation time (one sync, once)
+                    step_loss.item()  # wait for the device, so the time is the step's
+                    log(f"torch.compile: first step {time.perf_counter() - first_step_start:.1f} s, compilation included")
+                    first_step_start = None
                 step += 1
                 loss_sum += step_loss
                 grad_norm_sum += grad_norm.float()
@@ -544,15 +597,22 @@ def train(
                     elif ema_model is not None:
                         _sample_grid(ema_model, cfg, run_dir / "samples" / f"{step_dir_name(step)}.png", device, dtype, vae=latent_vae)
                     window_t0 += time.time() - sample_t0  # steps/s measures training only
-                if t.eval_every and (step % t.eval_every == 0 or done):
+                evaluated = bool(t.eval_every) and (step % t.eval_every == 0 or done)
+                if evaluated:
                     check_finite()
                     eval_t0 = time.time()  # EMA samples scored against the data; leaves the RNGs untouched
                     ema_model = ctx.full_model(ema.model)
                     if evaluator is not None and ema_model is not None:
-                        logger.write_eval({"step": step, "epoch": sampler.epoch, **evaluator(ema_model)})
+                        metrics = evaluator(ema_model)
+                        logger.write_eval({"step": step, "epoch": sampler.epoch, **metrics})
+                        scored = _best_metric(metrics) if t.keep_best else None
+                        if scored is not None and (best is None or scored[1] < best["value"]):
+                            candidate = {"step": step, "metric": scored[0], "value": scored[1]}
                     window_t0 += time.time() - eval_t0
+                # rank 0 evaluates; every rank takes part in a save (one broadcast per evaluation)
+                improved = t.keep_best and evaluated and bool(ctx.broadcast(candidate is not None))
                 stopping = ctx.stopping(stop["stop"]) or (stop_at_step is not None and step >= stop_at_step)
-                if step % t.ckpt_every == 0 or done or stopping:
+                if step % t.ckpt_every == 0 or done or stopping or improved:
                     check_finite()
                     save()
                 if stopping:
