@@ -148,6 +148,8 @@ def likelihood_job(cfg: Config, threads: int, final_passes: int, num_samples: in
     """Train (or reuse) one run, then score its best checkpoint on the whole validation split."""
     run_dir, how = train_or_reuse(cfg, threads)
     best = read_best(run_dir)
+    if best is None:
+        raise SystemExit(f"{run_dir} has no best checkpoint: the benchmark needs train.keep_best=true and eval_every")
     ckpt = run_dir / "checkpoints" / best["checkpoint"]
     model, cfg, _, tokenizer = load_text_model(ckpt)  # the EMA weights, as the trainer evaluated them
     data = load_text_data(cfg.data, tokenizer)

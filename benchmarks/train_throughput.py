@@ -69,13 +69,16 @@ def _official_style_step(model, objective, x, y, dtype, noise):
 
 
 def run_case(args: argparse.Namespace, case: str) -> dict:
-    """Time one case in this process; `case` is 'fp32' or 'bf16', optionally '+compile'."""
+    """Time one case in this process: 'fp32' or 'bf16' with optional suffixes (module docstring)."""
     from ditkit.diffusion import GaussianDiffusion, make_schedule
     from ditkit.models.dit import build_dit, count_params, forward_macs
     from ditkit.train.ema import EMA
     from ditkit.train.precision import autocast
 
     precision, *extras = case.split("+")
+    unknown = set(extras) - {"compile", "official", "devnoise"}
+    if unknown or {"compile", "official"} <= set(extras):  # the official-style step is never compiled
+        raise SystemExit(f"case {case!r}: use fp32|bf16 with +compile, +official or +devnoise ({sorted(unknown)} unknown)")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     device = torch.device(args.device)
     if device.type == "cuda":  # as the training loop: TF32 for fp32 matmuls and convolutions

@@ -154,5 +154,29 @@ def test_inception_fid_and_is_end_to_end_on_the_real_network(random_inception_fi
         fids.append(results["metrics"]["inception_fid"])
     assert fids[0] < 1e-6 * max(fids[2], 1.0)  # FID(X, X) ~ 0
     assert fids[0] < fids[1] < fids[2]  # and it grows with the distortion
-    assert results["metrics"]["inception_score"] >= 1.0
     assert results["inception"]["weights_sha256"] and results["versions"]["torch_fidelity"] not in ("", "unknown")
+
+
+@pytest.mark.parametrize("broken", ["missing", "runtime_error"])
+def test_fallback_loads_the_network_when_torchvision_is_missing_or_broken(broken, monkeypatch):
+    """torchvision absent (ImportError) or built for another torch (RuntimeError at import, as
+    PyPI's torchvision beside a CPU torch): the InceptionV3 module still loads, and no stand-in
+    torch_fidelity package is left behind."""
+    from ditkit.eval.inception import torch_fidelity_inception_class
+
+    for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith(("torch_fidelity.", "torchvision"))]:
+        monkeypatch.delitem(sys.modules, name)
+    if broken == "missing":
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # "import torchvision" raises ImportError
+    else:
+        class _BrokenFinder:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torchvision":
+                    raise RuntimeError("operator torchvision::nms does not exist")
+                return None
+
+        monkeypatch.setattr(sys, "meta_path", [_BrokenFinder(), *sys.meta_path])
+    cls = torch_fidelity_inception_class()
+    assert cls.__name__ == "FeatureExtractorInceptionV3"
+    assert cls.__module__ == "torch_fidelity.feature_extractor_inceptionv3"
+    assert "torch_fidelity" not in sys.modules  # the stand-in package is gone again

@@ -134,6 +134,9 @@ def test_keep_best_keeps_the_best_evaluated_checkpoint_across_a_resume(tmp_path,
 
 
 def test_keep_best_with_the_text_evaluator_reproduces_the_logged_value(tmp_path):
+    # The real evaluator end to end: best.json names the checkpoint of the lowest logged bpc, and
+    # re-scoring that checkpoint gives the logged value. (Here the best is usually the last step;
+    # the save-on-improvement path mid-run is covered by the scripted-evaluator test above.)
     cfg = keep_best_config(tmp_path, "real", 30)
     cfg.train.eval_every, cfg.train.eval_samples = 10, 64
     result = train(cfg, log=lambda m: None)

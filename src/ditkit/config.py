@@ -453,7 +453,7 @@ def _check_value(tp: Any, value: Any, key: str) -> Any:
                 return _check_value(arg, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+        raise ConfigError("; ".join(errors) if errors else f"{key}: must not be null")  # every accepted form
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(str, args))}")

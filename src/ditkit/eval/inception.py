@@ -88,7 +88,8 @@ def _validate_state_dict(path: Path) -> None:
 def torch_fidelity_inception_class() -> type:
     """torch-fidelity's `FeatureExtractorInceptionV3` class, with or without torchvision.
 
-    The plain import is tried first. If it fails because torchvision is missing or broken, the
+    The plain import is tried first. If it fails (torchvision missing, or broken beside this torch:
+    ImportError or RuntimeError) and torch-fidelity is installed, the
     module is imported under a stand-in `torch_fidelity` package object whose `__path__` is the
     installed package's folder, so `torch_fidelity.feature_extractor_inceptionv3` and its
     torchvision-free dependencies load and the package `__init__` (the torchvision importer) does
@@ -97,19 +98,25 @@ def torch_fidelity_inception_class() -> type:
     module_name = "torch_fidelity.feature_extractor_inceptionv3"
     try:
         return importlib.import_module(module_name).FeatureExtractorInceptionV3
-    except ImportError as error:
-        spec = importlib.util.find_spec("torch_fidelity") if "torchvision" in str(error) else None
-        if spec is None or not spec.submodule_search_locations:
+    except Exception as error:  # noqa: BLE001 - a broken torchvision raises ImportError or RuntimeError
+        if importlib.util.find_spec("torch_fidelity") is None:
             raise ImportError(
                 "Inception FID/IS needs the optional package torch-fidelity: pip install --no-deps "
-                f"torch-fidelity (with --no-deps, a CPU torch stays; torchvision is not needed). ({error})"
+                "torch-fidelity (with --no-deps, a CPU torch stays; torchvision is not needed)"
             ) from error
+        first_error = error
+    spec = importlib.util.find_spec("torch_fidelity")
+    if not spec.submodule_search_locations:
+        raise ImportError(f"torch_fidelity at {spec.origin} is not a package") from first_error
     stand_in = types.ModuleType("torch_fidelity")
     stand_in.__path__ = list(spec.submodule_search_locations)
     previous = sys.modules.get("torch_fidelity")
     sys.modules["torch_fidelity"] = stand_in
     try:
-        sys.modules.pop(module_name, None)  # a half-finished import may have left one behind
+        # The failed package import may have left this module bound to the failed package: load it
+        # afresh under the stand-in. (Its submodules stay loaded without a parent package, so the
+        # class cannot be pickled by reference; nothing in ditkit pickles it.)
+        sys.modules.pop(module_name, None)
         return importlib.import_module(module_name).FeatureExtractorInceptionV3
     finally:
         if previous is None:

@@ -97,14 +97,14 @@ class TrainResult:
 COMPILE_AUTO_MIN_STEPS = 5_000
 
 
-def compile_enabled(setting: bool | str, device: torch.device, total_steps: int) -> bool:
-    """train.compile: true/false as given; "auto" compiles CUDA runs of at least
-    COMPILE_AUTO_MIN_STEPS steps. Measured (docs/benchmarks.md): DiT-XL/2 on an H200 steps
+def compile_enabled(setting: bool | str, device: torch.device, steps_to_run: int) -> bool:
+    """train.compile: true/false as given; "auto" compiles CUDA runs with at least
+    COMPILE_AUTO_MIN_STEPS steps still to run. Measured (docs/benchmarks.md): DiT-XL/2 on an H200 steps
     1.46x (batch 32) to 1.49x (batch 256) faster after ~80 s of compilation, so it pays after about
     2,500 steps; on a 2-core CPU compiling gains 0-5% for ~50 s, so auto leaves the CPU eager."""
     if isinstance(setting, bool):
         return setting
-    return device.type == "cuda" and total_steps >= COMPILE_AUTO_MIN_STEPS
+    return device.type == "cuda" and steps_to_run >= COMPILE_AUTO_MIN_STEPS
 
 
 def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
@@ -326,7 +326,10 @@ def read_best(run_dir: str | Path, max_step: Optional[int] = None) -> Optional[d
     if not path.is_file():
         return None
     best = json.loads(path.read_text())
-    return None if max_step is not None and best["step"] > max_step else best
+    if max_step is not None and best["step"] > max_step:
+        return None
+    # a run resumed with keep_best off prunes the best checkpoint: the record then names nothing
+    return best if (Path(run_dir) / "checkpoints" / best["checkpoint"]).is_dir() else None
 
 
 def _best_metric(metrics: dict[str, Any]) -> Optional[tuple[str, float]]:
@@ -442,9 +445,6 @@ def train(
     sampler = ctx.shard_sampler(sampler)  # several processes: this rank's rows of every global batch
     steps_per_epoch = max(1, len(dataset) // t.global_batch_size)
     total_steps = cfg.run_length(steps_per_epoch)
-    compiled = compile_enabled(t.compile, device, total_steps)
-    if compiled:
-        net = torch.compile(net)  # same parameters: optimiser, EMA and checkpoints see the plain model
     noise = torch.Generator().manual_seed(t.seed + 1)  # diffusion times and noise (CPU: same on any device)
 
     step = 0
@@ -463,6 +463,9 @@ def train(
         log(f"resumed {ckpt_in} at step {step} (epoch {sampler.epoch}, batch {sampler.position})")
         if step >= total_steps:
             log(f"nothing to do: step {step} >= run length {total_steps} (raise --max-steps or --epochs)")
+    compiled = compile_enabled(t.compile, device, total_steps - step)  # "auto" weighs the steps left to run
+    if compiled:
+        net = torch.compile(net)  # same parameters: optimiser, EMA and checkpoints see the plain model
     if ctx.is_main:  # only rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / CONFIG_FILE, cfg.to_json().encode())
