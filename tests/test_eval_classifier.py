@@ -19,14 +19,8 @@ from ditkit.eval.classifier import (
 
 
 @pytest.fixture(scope="module")
-def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16 * 2 - 1  # (1797, 1, 8, 8)
-    labels = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    test, train = order[:360], order[360:]
-    return images[train], labels[train], images[test], labels[test]
+def digits(digits_split):
+    return digits_split[:4]  # train_x, train_y, test_x, test_y
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,8 @@ from ditkit.eval.images import images_to_uint8, uint8_to_images
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16 * 2 - 1  # (1797, 1, 8, 8)
-    labels = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    test, train = order[:360], order[360:]
-    cache = tmp_path_factory.getbasetemp() / "ditkit-eval-cache"  # shared by the eval test files
-    return images[train], labels[train], images[test], labels[test], cache
+def digits(digits_split):
+    return digits_split
 
 
 @pytest.fixture(scope="module")

@@ -76,17 +76,11 @@ def test_feature_stats_matches_numpy_and_accepts_tensors():
 
 
 @pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory):
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16 * 2 - 1  # (1797, 1, 8, 8)
-    labels = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    test, train = order[:360], order[360:]
-    cache = tmp_path_factory.getbasetemp() / "ditkit-eval-cache"  # shared by the eval test files
-    classifier, _ = get_classifier(images[train], labels[train], cache)
-    reference = feature_stats(classifier.features(images[train]))
-    return classifier, reference, images[test]
+def digits_setup(digits_split):
+    train_x, train_y, test_x, _, cache = digits_split
+    classifier, _ = get_classifier(train_x, train_y, cache)
+    reference = feature_stats(classifier.features(train_x))
+    return classifier, reference, test_x
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

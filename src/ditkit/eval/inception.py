@@ -99,15 +99,12 @@ def torch_fidelity_inception_class() -> type:
     try:
         return importlib.import_module(module_name).FeatureExtractorInceptionV3
     except Exception as error:  # noqa: BLE001 - a broken torchvision raises ImportError or RuntimeError
-        if importlib.util.find_spec("torch_fidelity") is None:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None or not spec.submodule_search_locations:
             raise ImportError(
                 "Inception FID/IS needs the optional package torch-fidelity: pip install --no-deps "
                 "torch-fidelity (with --no-deps, a CPU torch stays; torchvision is not needed)"
             ) from error
-        first_error = error
-    spec = importlib.util.find_spec("torch_fidelity")
-    if not spec.submodule_search_locations:
-        raise ImportError(f"torch_fidelity at {spec.origin} is not a package") from first_error
     stand_in = types.ModuleType("torch_fidelity")
     stand_in.__path__ = list(spec.submodule_search_locations)
     previous = sys.modules.get("torch_fidelity")

@@ -53,6 +53,7 @@ from ditkit.train.checkpoint import (
     CONFIG_FILE,
     atomic_write_bytes,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint_config,
     load_training_state,
     load_weights,
@@ -329,7 +330,7 @@ def read_best(run_dir: str | Path, max_step: Optional[int] = None) -> Optional[d
     if max_step is not None and best["step"] > max_step:
         return None
     # a run resumed with keep_best off prunes the best checkpoint: the record then names nothing
-    return best if (Path(run_dir) / "checkpoints" / best["checkpoint"]).is_dir() else None
+    return best if any(ckpt.name == best["checkpoint"] for ckpt in list_checkpoints(run_dir)) else None
 
 
 def _best_metric(metrics: dict[str, Any]) -> Optional[tuple[str, float]]:

@@ -1,0 +1,20 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def digits_split(tmp_path_factory):
+    """sklearn's digits in [-1, 1], split 1437 train / 360 held out with a fixed seed, and one eval
+    cache directory shared by the eval test files: (train_x, train_y, test_x, test_y, cache)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16 * 2 - 1  # (1797, 1, 8, 8)
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    test, train = order[:360], order[360:]
+    cache = tmp_path_factory.getbasetemp() / "ditkit-eval-cache"
+    return images[train], labels[train], images[test], labels[test], cache
