@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from ditkit.eval.model_eval import build_evaluator, eval_labels, evaluate_generator, reference_dataset  # noqa: E402
-from ditkit.sampling import ImageGenerator  # noqa: E402
+from ditkit.pipelines.image import ImagePipeline  # noqa: E402
 
 # (sampler, steps, spacing) of the Gaussian table; DDPM 250 uniform is the official DiT setting.
 GAUSSIAN_TABLE = [
@@ -43,7 +43,7 @@ FLOW_TABLE = [("euler", 50, "-"), ("euler", 20, "-"), ("euler", 10, "-"), ("heun
 METRICS = ("FD", "precision", "recall", "accuracy")
 
 
-def measure(gen: ImageGenerator, evaluator, n: int, sampler: str, steps: int, spacing: str, cfg: float, seed: int,
+def measure(gen: ImagePipeline, evaluator, n: int, sampler: str, steps: int, spacing: str, cfg: float, seed: int,
             batch_size: int) -> dict:
     results = evaluate_generator(
         gen, evaluator, n, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg,
@@ -141,7 +141,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2) + "\n")
 
-    def run(gen: ImageGenerator, evaluator, model: str, sampler: str, steps: int, spacing: str, cfg: float) -> None:
+    def run(gen: ImagePipeline, evaluator, model: str, sampler: str, steps: int, spacing: str, cfg: float) -> None:
         for seed in args.seeds:
             key = dict(model=model, sampler=sampler, steps=steps, spacing=spacing, cfg=cfg, seed=seed)
             if any(all(r[k] == v for k, v in key.items()) for r in record["rows"]):
@@ -157,7 +157,7 @@ def main() -> None:
         return [(s, int(n), sp) for s, n, sp in (item.split(":") for item in text.split(",") if item)]
 
     first = args.ckpt or args.flow_ckpt
-    gen = ImageGenerator.from_checkpoint(first, device="cpu", precision=args.precision)
+    gen = ImagePipeline.from_checkpoint(first, device="cpu", precision=args.precision)
     dataset = reference_dataset(gen.cfg)
     evaluator = build_evaluator(gen.cfg, dataset, verbose=True)
     record["feature_extractor"] = {"hash": evaluator.classifier.hash, "holdout_accuracy": evaluator.classifier.info.get("holdout_accuracy")}
@@ -184,8 +184,8 @@ def main() -> None:
     ):
         if not ckpt:
             continue
-        gen = ImageGenerator.from_checkpoint(ckpt, device="cpu", precision=args.precision)
-        record.setdefault("checkpoints", {})[model] = {"path": str(gen.ckpt_dir), "sha256": gen.checkpoint_sha256, "step": gen.step}
+        gen = ImagePipeline.from_checkpoint(ckpt, device="cpu", precision=args.precision)
+        record.setdefault("checkpoints", {})[model] = {"path": str(gen.checkpoint.dir), "sha256": gen.checkpoint_sha256, "step": gen.step}
         for sampler, steps, spacing in table:
             run(gen, evaluator, model, sampler, steps, spacing, args.table_cfg)
         for sampler, steps, spacing in sweeps:

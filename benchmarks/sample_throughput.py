@@ -1,7 +1,7 @@
 """Sampling throughput: images/s for each sampler at its default step count, with guidance.
 
 The model is built from a recipe's config with fresh weights (speed does not depend on the
-weights); sampling goes through ditkit.sampling.sample_images, the path `ditkit sample` takes.
+weights); sampling goes through ditkit's ImagePipeline, the path `ditkit sample` takes.
 
     python benchmarks/sample_throughput.py                         # digits recipe, 40 images
     python benchmarks/sample_throughput.py --recipe shapes --num-images 16 --precision bf16
@@ -16,7 +16,8 @@ import torch
 from common import machine, print_table, write_json
 
 from ditkit.recipes import get_recipe
-from ditkit.sampling import build_model, sample_images
+from ditkit.builders import build_model
+from ditkit.pipelines.image import ImagePipeline
 from ditkit.train.precision import resolve_precision
 
 # sampler -> default number of steps (docs/eval.md explains the choice)
@@ -44,16 +45,15 @@ def main() -> None:
             cfg.data.num_classes = 10
         cfg.data.channels = cfg.data.channels or 1
         dtype = resolve_precision(args.precision, torch.device("cpu"))
-        model = build_model(cfg).eval()
+        pipe = ImagePipeline(build_model(cfg), cfg, dtype=dtype)
         labels = [i % cfg.data.num_classes for i in range(args.num_images)] if cfg.data.num_classes else None
-        seeds = list(range(args.num_images))
         for sampler, steps in samplers.items():
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    sample_images(model, cfg, labels, seeds, sampler=sampler, num_sampling_steps=steps,
-                                  cfg_scale=args.cfg_scale, dtype=dtype)
+                    pipe(class_labels=labels, num_samples=args.num_images, sampler=sampler, num_inference_steps=steps,
+                         guidance_scale=args.cfg_scale, seed=0, allow_untrained_uncond=True)
                 times.append(time.perf_counter() - t0)
             best = sorted(times)[len(times) // 2]
             rows.append({"objective": kind, "sampler": sampler, "steps": steps, "cfg_scale": args.cfg_scale,

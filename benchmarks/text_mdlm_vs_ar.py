@@ -53,7 +53,8 @@ from ditkit.models.text_dit import text_forward_macs
 from ditkit.recipes import get_recipe
 from ditkit.samplers.autoregressive import autoregressive
 from ditkit.samplers.masked import ancestral, canvas
-from ditkit.text_sampling import build_text_model, build_text_objective, load_text_model, sample_text
+from ditkit.builders import build_model
+from ditkit.pipelines.text import TextPipeline
 from ditkit.train.loop import read_best, train
 
 KINDS = {"mdlm": "masked", "ar": "autoregressive"}  # short name in tables -> objective.kind
@@ -151,9 +152,9 @@ def likelihood_job(cfg: Config, threads: int, final_passes: int, num_samples: in
     if best is None:
         raise SystemExit(f"{run_dir} has no best checkpoint: the benchmark needs train.keep_best=true and eval_every")
     ckpt = run_dir / "checkpoints" / best["checkpoint"]
-    model, cfg, _, tokenizer = load_text_model(ckpt)  # the EMA weights, as the trainer evaluated them
+    pipe = TextPipeline.from_checkpoint(ckpt, device="cpu")  # the EMA weights, as the trainer evaluated them
+    model, cfg, tokenizer, objective = pipe.model, pipe.cfg, pipe.tokenizer, pipe.objective
     data = load_text_data(cfg.data, tokenizer)
-    objective = build_text_objective(cfg)
     val, chars = data.text.val, data.text.val_chars
     seed, masked = cfg.train.seed, cfg.objective.kind == "masked"
     t0 = time.perf_counter()
@@ -169,7 +170,8 @@ def likelihood_job(cfg: Config, threads: int, final_passes: int, num_samples: in
             objective, model, val, num_chars=chars, num_passes=final_passes, estimator="count",
             generator=torch.Generator().manual_seed(20_000 + seed)).to_dict()
     t0 = time.perf_counter()  # MDLM: seq_len ancestral steps, cached (the model ignores t)
-    tokens, start = sample_text(model, cfg, tokenizer, list(range(num_samples)))
+    out = pipe(num_samples=num_samples, seed=0)
+    tokens, start = out.tokens, out.start
     run["sample_s"] = time.perf_counter() - t0
     run["samples"] = [tokenizer.decode(row[start:].tolist()) for row in tokens]
     run["distinct_4"] = distinct_ngrams(tokens[:, start:], 4)
@@ -210,7 +212,7 @@ def corpus_facts(cfg: Config) -> dict[str, Any]:
     data = load_text_data(cfg.data)
     probe = Config.from_dict(cfg.to_dict())
     probe.data.vocab_size, probe.data.num_classes = data.tokenizer.vocab_size, 0
-    model = build_text_model(probe)
+    model = build_model(probe)
     macs = text_forward_macs(model, cfg.data.seq_len)  # forward multiply-accumulates per sequence
     counts = torch.bincount(data.tokens.reshape(-1), minlength=data.tokenizer.vocab_size).double()
     p = counts[counts > 0] / counts.sum()
@@ -233,8 +235,9 @@ def synthetic_rows(
     drawn as one batch, and the first ``num_single`` again one at a time (``tokens_per_s_batch1``).
     The sampler reuses the network output only when no token of the whole batch changed, so the cache
     pays off one sequence at a time; every sample has its own seed, so the tokens are the same."""
-    model, cfg, _, tokenizer = load_text_model(run_dir)
-    objective, L, corpus = build_text_objective(cfg), cfg.data.seq_len, cfg.data.dataset
+    pipe = TextPipeline.from_checkpoint(run_dir, device="cpu")
+    model, cfg, tokenizer = pipe.model, pipe.cfg, pipe.tokenizer
+    objective, L, corpus = pipe.objective, cfg.data.seq_len, cfg.data.dataset
     net = lambda x, t: model(x, t, None)  # noqa: E731  (unconditional)
     masked = cfg.objective.kind == "masked"
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ditkit.cli import main
-from ditkit.sampling import generate
+import ditkit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train", "--recipe", "shapes_tiny", "--max-steps", "4", "--ckpt-every", "2", "--log-every", "2"]
@@ -65,14 +65,16 @@ def test_sample_writes_grid_pngs_with_metadata_npz_and_trajectory(run_dir, tmp_p
 
 
 def test_samples_depend_on_seed_not_batch_size_and_ema_is_the_default(run_dir):
-    one = generate(run_dir, class_labels=[0, 3], num_samples=4, seed=5, batch_size=1, sampler="ddpm", num_sampling_steps=4)
-    four = generate(run_dir, class_labels=[0, 3], num_samples=4, seed=5, batch_size=4, sampler="ddpm", num_sampling_steps=4)
-    assert torch.allclose(one.images, four.images, atol=1e-5)
-    shifted = generate(run_dir, class_labels=[3], num_samples=1, seed=6, sampler="ddpm", num_sampling_steps=4)
-    assert torch.allclose(shifted.images[0], four.images[1], atol=1e-5)  # sample i is seed + i, whatever else is drawn
-    raw = generate(run_dir, class_labels=[0, 3], num_samples=4, seed=5, batch_size=4, sampler="ddpm", num_sampling_steps=4, use_ema=False)
+    pipe = ditkit.load(run_dir, device="cpu")
+    kwargs = dict(class_labels=[0, 3], num_samples=4, seed=5, sampler="ddpm", num_inference_steps=4)
+    one = pipe(**kwargs, batch_size=1)
+    four = pipe(**kwargs, batch_size=4)
+    assert torch.allclose(one.tensors, four.tensors, atol=1e-5)
+    shifted = pipe(class_labels=[3], num_samples=1, seed=6, sampler="ddpm", num_inference_steps=4)
+    assert torch.allclose(shifted.tensors[0], four.tensors[1], atol=1e-5)  # sample i is seed + i, whatever else is drawn
+    raw = ditkit.load(run_dir, device="cpu", use_ema=False)(**kwargs, batch_size=4)
     assert raw.metadata["weights"] == "model" and raw.metadata["checkpoint_sha256"] != four.metadata["checkpoint_sha256"]
-    assert not torch.allclose(raw.images, four.images)
+    assert not torch.allclose(raw.tensors, four.tensors)
 
 
 def test_info_prints_config_params_step_and_data(run_dir, capsys):
@@ -100,7 +102,7 @@ def test_python_dash_m_entry_point(run_dir):
         ([*TINY, "--set", "train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'lr'?)"),
         ([*TINY, "--set", "objective.kind=flow"], "learn_sigma=false for flow matching"),
         ([*TINY, "--model", "DiT-Z/2"], "--model 'DiT-Z/2' is not a preset"),
-        (["train", "--recipe", "nope"], "unknown recipe 'nope'; choose one of: digits"),
+        (["train", "--recipe", "nope"], "unknown recipe 'nope' (--recipe); choose one of: digits"),
         (["sample", "--ckpt", "/no/such/run"], "no such file or folder"),
         ([*TINY, "--set", "sample.sampler=ddim", "--set", "objective.kind=flow", "--set", "objective.learn_sigma=false"],
          "sample.sampler=ddim is for gaussian objectives: use euler or heun"),

@@ -14,7 +14,7 @@ import torch
 from ditkit.cli import main
 from ditkit.config import load_config
 from ditkit.models.dit import build_dit
-from ditkit.sampling import generate
+import ditkit
 
 LATENT, CLASSES = 8, 10  # a DiT-T/2 on a 64 px image: 8x8x4 latents, 10 classes
 
@@ -129,20 +129,19 @@ def official_ddpm_250(model, z, y, cfg_scale, generators, clip=False, guided=3):
 
 def test_sampling_an_imported_model_follows_the_official_algorithm(imported):
     labels, seed, scale = [1, 7], 3, 4.0
-    ours = generate(imported, class_labels=labels, seed=seed, device="cpu")  # recorded defaults: DDPM 250, cfg 4
+    pipe = ditkit.load(imported, device="cpu")
+    ours = pipe(class_labels=labels, seed=seed)  # recorded defaults: DDPM 250, cfg 4
     assert ours.is_latent and ours.metadata["num_sampling_steps"] == "250" and ours.metadata["timestep_spacing"] == "uniform"
-    from ditkit.sampling import load_model
-
-    model, _, _ = load_model(imported)
+    model = pipe.model
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     z = torch.stack([torch.randn(4, LATENT, LATENT, generator=g) for g in gens])
     ref = official_ddpm_250(model, z, torch.tensor(labels), scale, gens)
-    torch.testing.assert_close(ours.images, ref, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.tensors, ref, atol=2e-4, rtol=1e-4)
     # the control: the same algorithm with x0 clipped to [-1, 1] (ADM pixel sampling) gives other samples
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     z = torch.stack([torch.randn(4, LATENT, LATENT, generator=g) for g in gens])
     clipped = official_ddpm_250(model, z, torch.tensor(labels), scale, gens, clip=True)
-    assert (clipped - ours.images).abs().max() > 1e-2
+    assert (clipped - ours.tensors).abs().max() > 1e-2
 
 
 @pytest.mark.filterwarnings("ignore:this DiT uses timestep_freq_shift", "ignore:DiTPipeline hard-codes")

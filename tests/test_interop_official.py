@@ -242,7 +242,7 @@ def test_dit_kwargs_rebuilds_the_architecture(options):
 
 
 def test_import_dit_command_writes_a_checkpoint_dir(tmp_path, capsys):
-    from ditkit.interop.cli import register_cli
+    from ditkit.cli.interop import register as register_cli
 
     torch.save({"ema": official_state_dict(), "args": argparse.Namespace(model="DiT-T/2")}, tmp_path / "c.pt")
     parser = argparse.ArgumentParser()

@@ -19,7 +19,9 @@ from PIL import Image  # noqa: E402
 from ditkit.cli import main as cli_main  # noqa: E402
 from ditkit.config import ConfigError  # noqa: E402
 from ditkit.recipes import get_recipe  # noqa: E402
-from ditkit.sampling import ImageGenerator, generate, to_uint8  # noqa: E402
+import ditkit  # noqa: E402
+from ditkit.registry import SAMPLERS  # noqa: E402
+from ditkit.media import to_uint8  # noqa: E402
 from ditkit.serve.app import create_app  # noqa: E402
 from ditkit.serve.launch import load_models  # noqa: E402
 from ditkit.serve.limits import ServeLimits  # noqa: E402
@@ -95,7 +97,8 @@ def test_health_models_and_openapi(serve):
     img = by_name[IMG]
     assert img["modality"] == "image" and img["image_size"] == 16 and img["channels"] == 3
     assert [c["name"] for c in img["classes"]] == ["circle", "square", "triangle", "cross"]
-    assert img["samplers"] == ["ddpm", "ddim", "dpm++"] and img["defaults"]["sampler"] == "dpm++"
+    assert img["samplers"] == SAMPLERS.names(family="gaussian") and img["defaults"]["sampler"] == "dpm++"
+    assert {"ddpm", "ddim", "dpm++"} <= set(img["samplers"]) and "heun" not in img["samplers"]
     assert img["limits"]["max_images_per_request"] == 16 and img["limits"]["max_steps"] == 250
     assert "checkpoint" not in img  # no server paths in the model list
     assert by_name[UNCOND]["conditional"] is False and by_name[UNCOND]["classes"] == []
@@ -116,13 +119,13 @@ def test_images_are_the_pngs_ditkit_sample_would_write(serve, runs):
     r = run(go())
     assert r.status_code == 200, r.text
     out = r.json()
-    expected = generate(runs[IMG], class_labels=[0, 2], num_samples=3, num_sampling_steps=3, seed=5, cfg_scale=1.5,
-                        device="cpu")
+    expected = ditkit.load(runs[IMG], device="cpu")(class_labels=[0, 2], num_samples=3, num_inference_steps=3, seed=5,
+                                                     guidance_scale=1.5)
     assert [im["seed"] for im in out["images"]] == [5, 6, 7]
     assert [im["label"] for im in out["images"]] == [0, 2, 0]
     assert out["images"][0]["class_name"] == "circle"
     assert out["metadata"] == expected.metadata  # the same metadata as `ditkit sample`
-    pixels = to_uint8(expected.images)
+    pixels = to_uint8(expected.tensors)
     for i, item in enumerate(out["images"]):
         png = _png(item)
         assert png.size == (16, 16) and png.mode == "RGB"
@@ -281,16 +284,29 @@ def test_malformed_and_oversize_bodies(serve):
 # ---- load ------------------------------------------------------------------------------------------
 
 
+class _Patched:
+    """A served pipeline whose call is replaced (every other attribute is the real one's)."""
+
+    def __init__(self, real, call):
+        self._real, self._call = real, call
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
 def _block_generation(monkeypatch, model, release: threading.Event, started: threading.Event):
     """Make the model's generation wait for ``release`` (then draw the real images)."""
-    real = model.generator.generate
+    real = model.pipeline
 
     def slow(**kwargs):
         started.set()
         assert release.wait(20), "test never released the generation"
         return real(**kwargs)
 
-    monkeypatch.setattr(model.generator, "generate", slow)
+    monkeypatch.setattr(model, "pipeline", _Patched(real, slow))
 
 
 def test_overload_answers_503_with_retry_after_while_health_answers(serve, models, monkeypatch):
@@ -334,7 +350,7 @@ def test_timeout_answers_504_and_stops_the_job(serve, monkeypatch):
     app, client = serve(ServeLimits(request_timeout_s=0.3))
     state = app.state.ditkit
     model = state.models[IMG]
-    real = model.generator.generate
+    real = model.pipeline
     steps_taken = []
 
     def endless(progress=None, **kwargs):  # a sampler that would run for 20 s
@@ -344,7 +360,7 @@ def test_timeout_answers_504_and_stops_the_job(serve, monkeypatch):
             time.sleep(0.01)
         return real(**kwargs)
 
-    monkeypatch.setattr(model.generator, "generate", endless)
+    monkeypatch.setattr(model, "pipeline", _Patched(real, endless))
 
     async def go():
         async with client() as c:
@@ -352,7 +368,7 @@ def test_timeout_answers_504_and_stops_the_job(serve, monkeypatch):
             deadline = time.monotonic() + 5
             while state.workers[IMG].stats()["running"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            monkeypatch.setattr(model.generator, "generate", real)
+            monkeypatch.setattr(model, "pipeline", real)
             after = await c.post("/v1/images", json={"model": IMG, "steps": 2})
             return slow, after, await c.get("/v1/progress/slow")
 
@@ -368,7 +384,7 @@ def test_a_failing_job_is_500_and_the_worker_survives(serve, monkeypatch):
     app, client = serve()
     state = app.state.ditkit
     model = state.models[IMG]
-    real = model.generator.generate
+    real = model.pipeline
     calls = []
 
     def flaky(**kwargs):
@@ -377,7 +393,7 @@ def test_a_failing_job_is_500_and_the_worker_survives(serve, monkeypatch):
             raise RuntimeError("out of memory (simulated)")
         return real(**kwargs)
 
-    monkeypatch.setattr(model.generator, "generate", flaky)
+    monkeypatch.setattr(model, "pipeline", _Patched(real, flaky))
 
     async def go():
         async with client() as c:
@@ -434,13 +450,13 @@ def test_worker_queue_is_bounded_and_close_cancels_waiting_jobs():
     assert not worker._thread.is_alive()
 
 
-def test_image_generator_loads_once_and_matches_generate(runs):
-    gen = ImageGenerator.from_checkpoint(runs[IMG], device="cpu")
-    a = gen.generate(class_labels=[1, 3], num_sampling_steps=2, seed=11)
-    b = gen.generate(class_labels=[1, 3], num_sampling_steps=2, seed=11)
-    ref = generate(runs[IMG], class_labels=[1, 3], num_sampling_steps=2, seed=11, device="cpu")
-    assert a.images.shape == (2, 3, 16, 16)
-    assert np.array_equal(a.images.numpy(), ref.images.numpy()) and np.array_equal(a.images.numpy(), b.images.numpy())
+def test_pipeline_loads_once_and_matches_a_fresh_load(runs):
+    pipe = ditkit.load(runs[IMG], device="cpu")
+    a = pipe(class_labels=[1, 3], num_inference_steps=2, seed=11)
+    b = pipe(class_labels=[1, 3], num_inference_steps=2, seed=11)
+    ref = ditkit.load(runs[IMG], device="cpu")(class_labels=[1, 3], num_inference_steps=2, seed=11)
+    assert a.tensors.shape == (2, 3, 16, 16)
+    assert np.array_equal(a.tensors.numpy(), ref.tensors.numpy()) and np.array_equal(a.tensors.numpy(), b.tensors.numpy())
     assert a.metadata == ref.metadata and a.labels == [1, 3] and a.seeds == [11, 12]
 
 

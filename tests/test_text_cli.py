@@ -1,8 +1,8 @@
 """``ditkit train / sample / eval`` end to end on text (the synthetic sums corpus), for masked
 diffusion and the autoregressive baseline; exact resume of a text run; the promised errors."""
 
-import argparse
 import json
+from pathlib import Path
 import random
 
 import pytest
@@ -15,8 +15,8 @@ from ditkit.config import ConfigError
 from ditkit.data.text_loader import TextBatchSampler
 from ditkit.data.tokenizers import TOKENIZER_FILE, CharTokenizer, load_tokenizer
 from ditkit.recipes import get_recipe
-from ditkit.text_cli import refuse_text_flags
-from ditkit.text_sampling import build_text_model, sample_text
+from ditkit.builders import build_model
+from ditkit.pipelines.text import TextPipeline
 from ditkit.train.checkpoint import latest_checkpoint
 
 TINY = ["train", "--recipe", "text_sums", "--max-steps", "6", "--ckpt-every", "3", "--log-every", "3"]
@@ -61,17 +61,18 @@ def test_classifier_free_guidance_on_labels_is_one_batched_forward_and_changes_t
     cfg.data.vocab_size, cfg.data.num_classes, cfg.data.seq_len = 9, 2, 12
     tokenizer = CharTokenizer("abcdefgh")
     torch.manual_seed(0)
-    model = build_text_model(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():  # a trained-looking model: labels move the logits (init zeroes the output layer)
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     batches = []
     model.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
-    seeds, labels = [0, 1, 2, 3], [0, 1, 0, 1]
-    plain, _ = sample_text(model, cfg, tokenizer, seeds, labels, cfg_scale=1.0, num_sampling_steps=4)
+    pipe = TextPipeline(model, cfg, tokenizer=tokenizer)
+    labels = [0, 1, 0, 1]
+    plain = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=4, seed=0).tokens
     assert set(batches) == {4}
     batches.clear()
-    guided, _ = sample_text(model, cfg, tokenizer, seeds, labels, cfg_scale=4.0, num_sampling_steps=4)
+    guided = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=4, seed=0).tokens
     assert set(batches) == {8}  # conditional and null-label halves in one forward
     assert not torch.equal(plain, guided) and not (guided == tokenizer.mask_id).any()
 
@@ -138,10 +139,11 @@ def test_text_errors_stop_with_the_fix(runs, tmp_path, capsys):
     assert "use ancestral" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(runs["masked"]), "--class-labels", "1", "--out-dir", str(tmp_path)]) == 2
     assert "unconditional" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--prompt is for text models"):
-        refuse_text_flags(argparse.Namespace(prompt="3+4="))  # ditkit sample on an image checkpoint
+    image_run = Path(__file__).parent / "fixtures" / "outputs" / "image_ckpt"  # ditkit sample on an image checkpoint
+    assert main(["sample", "--ckpt", str(image_run), "--prompt", "3+4=", "--out-dir", str(tmp_path / "i")]) == 2
+    assert "--prompt is for text models: this checkpoint is an image model" in capsys.readouterr().err
     assert main(["train", "--recipe", "digits", "--set", "objective.kind=masked", "--print-config"]) == 2
-    assert "use --model TextDiT-T" in capsys.readouterr().err
+    assert "--model DiT-XS/4 is an image model but objective.kind=masked trains text" in capsys.readouterr().err
     assert main(["train", "--recipe", "text_sums", "--data", "no/such.txt", "--print-config"]) == 2
     assert "neither a built-in text corpus" in capsys.readouterr().err
 

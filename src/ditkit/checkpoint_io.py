@@ -50,6 +50,7 @@ __all__ = [
     "load_training_state",
     "checkpoint_facts",
     "weights_sha256",
+    "Checkpoint",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -131,13 +132,17 @@ def load_checkpoint_config(ckpt: str | Path) -> Config:
         raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
+def weights_in(ckpt: str | Path, which: str = "ema") -> str:
+    """The weights a checkpoint really holds for ``which``: ``"ema"`` when asked for and present,
+    else ``"model"`` (imported checkpoints may have only raw weights); metadata reports this value."""
+    return "ema" if which == "ema" and (Path(ckpt) / EMA_FILE).is_file() else "model"
+
+
 def load_weights(ckpt: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """State dict from ``ema.safetensors`` (``which="ema"``) or ``model.safetensors``. A checkpoint
-    without EMA weights (e.g. imported) falls back to the raw weights."""
+    without EMA weights (e.g. imported) gives the raw weights (``weights_in`` says which)."""
     ckpt = Path(ckpt)
-    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
-    if which == "ema" and not path.is_file():
-        path = ckpt / MODEL_FILE
+    path = ckpt / (EMA_FILE if weights_in(ckpt, which) == "ema" else MODEL_FILE)
     try:
         return load_safetensors(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types
@@ -171,11 +176,52 @@ def load_training_state(ckpt: str | Path) -> dict[str, Any]:
 def weights_sha256(ckpt: str | Path, which: str = "ema") -> str:
     """SHA-256 hex digest of the weights file sampling uses (identifies a checkpoint in metadata)."""
     ckpt = Path(ckpt)
-    path = ckpt / (EMA_FILE if which == "ema" else MODEL_FILE)
-    if not path.is_file():
-        path = ckpt / MODEL_FILE
+    path = ckpt / (EMA_FILE if weights_in(ckpt, which) == "ema" else MODEL_FILE)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class Checkpoint:
+    """A checkpoint opened once: its directory, config and header facts, read a single time and
+    passed along (pipelines, CLI, server) instead of re-resolving the path.
+
+    ``Checkpoint.open(path)`` takes a ``step_*`` directory, a run directory (its newest checkpoint)
+    or a run's ``checkpoints/`` folder; raises ``CheckpointError`` naming the path otherwise.
+    """
+
+    def __init__(self, directory: Path, config: Config) -> None:
+        self.dir = directory
+        self.config = config
+        self._facts: Optional[dict[str, Optional[int]]] = None
+
+    @classmethod
+    def open(cls, path: "str | Path | Checkpoint") -> "Checkpoint":
+        if isinstance(path, Checkpoint):
+            return path
+        directory = resolve_checkpoint(path)
+        return cls(directory, load_checkpoint_config(directory))
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (``RUN`` of ``RUN/checkpoints/step_*``), or the checkpoint's own folder."""
+        return self.dir.parent.parent if self.dir.parent.name == "checkpoints" else self.dir
+
+    @property
+    def facts(self) -> dict[str, Optional[int]]:
+        if self._facts is None:
+            self._facts = checkpoint_facts(self.dir)
+        return self._facts
+
+    @property
+    def step(self) -> Optional[int]:
+        return self.facts["step"]
+
+    def weights(self, which: str = "ema") -> tuple[dict[str, torch.Tensor], str]:
+        """``(state dict, "ema" or "model")``: what was loaded, named honestly."""
+        return load_weights(self.dir, which), weights_in(self.dir, which)
+
+    def sha256(self, which: str = "ema") -> str:
+        return weights_sha256(self.dir, which)

@@ -34,7 +34,7 @@ __all__ = [
     "Config",
     "DIT_FLAGS",
     "BUILTIN_DATASETS",
-    "TEXT_OBJECTIVES",
+    "BUILTIN_TEXT_CORPORA",
     "apply_overrides",
     "parse_set_option",
     "save_config",
@@ -42,14 +42,13 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or impossible; the message says what to change."""
+from ditkit.errors import ConfigError, a_or_an  # one error class for every room (re-exported here)
 
 
-# Datasets that need no file on disk (see ditkit.data.builtin).
+# Datasets that need no file on disk (see ditkit.data.builtin and ditkit.data.text, which import
+# these names: the data room depends on the config, never the other way round).
 BUILTIN_DATASETS = ("digits", "shapes", "mnist")
-# Objectives over tokens: a config with one of these is a text run (``Config.modality``).
-TEXT_OBJECTIVES = ("masked", "autoregressive")
+BUILTIN_TEXT_CORPORA = ("pydoc", "synthetic", "synthetic-sums", "synthetic-brackets")
 
 
 @dataclass
@@ -90,7 +89,7 @@ class ObjectiveConfig:
     * ``autoregressive`` (text): next-token baseline on the same backbone (causal attention).
     """
 
-    kind: Literal["gaussian", "flow", "masked", "autoregressive"] = "gaussian"
+    kind: str = "gaussian"  # a name in ditkit.registry.OBJECTIVES (gaussian, flow, edm, masked, autoregressive)
     prediction: Literal["eps", "v", "x0"] = "eps"
     schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = 1000
@@ -100,6 +99,17 @@ class ObjectiveConfig:
     # gaussian sampling clamps the predicted x0 to [-clip_x0, clip_x0]. None: auto (1 for pixel
     # data in [-1, 1], off for VAE latents); 0: never (official DiT, recorded by import-dit)
     clip_x0: Optional[float] = None
+    # loss weighting over noise levels: "none" (the objective's own), "min_snr" (Hang et al. 2023,
+    # weight min(SNR, gamma) / SNR for eps prediction, arXiv 2303.09556)
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    # EDM (Karras et al. 2022, arXiv 2206.00364): noise scales of sampling, the data's standard
+    # deviation, and the log-normal training distribution of sigma (P_mean, P_std)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
 
 @dataclass
@@ -122,7 +132,11 @@ class DataConfig:
     num_classes: Optional[int] = None  # None: from the data; 0: train unconditionally
     hflip: bool = False  # random horizontal flip (off for digits: a flipped 3 is not a 3)
     num_items: int = 2048  # size of the procedural ``shapes`` set
+    class_names: Optional[list[str]] = None  # set by training: folder names (or built-in names) of the labels
     max_items: Optional[int] = None  # keep only the first N images (text: training chunks)
+    # value range of float arrays in .npy/.npz files: None detects [0, 1] or [-1, 1]; "0,1" or
+    # "-1,1" declares it (integer arrays: uint8 as is, uint16 scaled by 65535)
+    array_range: Optional[str] = None
     # ---- text only
     seq_len: int = 128  # tokens per packed training chunk
     tokenizer: str = "char"  # "char" | "bpe" (trained on the corpus) | path to a tokenizer.json
@@ -150,8 +164,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine and wsd decay to lr * min_lr_ratio
+    # wsd (warmup-stable-decay): constant after warm-up, then a linear decay over the last
+    # decay_fraction of the run (of the time budget when time_budget is set)
+    decay_fraction: float = 0.2
+    # wall-clock budget ("90s", "10m", "1.5h"): training stops when it is spent (checkpoint saved);
+    # None: run for max_steps / epochs
+    time_budget: Optional[str] = None
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     grad_accum_steps: int = 1
     global_batch_size: int = 256
@@ -204,7 +224,7 @@ class SampleConfig:
     ``temperature`` and ``top_k`` (AR only).
     """
 
-    sampler: Literal["auto", "ddpm", "ddim", "dpm++", "euler", "heun", "ancestral", "autoregressive"] = "auto"
+    sampler: str = "auto"  # "auto" or a name in ditkit.registry.SAMPLERS that fits the objective
     num_sampling_steps: int = 25
     cfg_scale: float = 1.5
     guide_channels: Optional[int] = None
@@ -305,10 +325,7 @@ class Config:
                 "objective.learn_sigma=true needs a gaussian objective: set "
                 "objective.learn_sigma=false for flow matching"
             )
-        if o.kind == "flow" and s.sampler in ("ddpm", "ddim", "dpm++"):
-            raise ConfigError(f"sample.sampler={s.sampler} is for gaussian objectives: use euler or heun")
-        if o.kind == "gaussian" and s.sampler in ("euler", "heun"):
-            raise ConfigError(f"sample.sampler={s.sampler} is for flow matching: use ddpm, ddim or dpm++")
+        _validate_registered(self)
         _positive("sample.num_sampling_steps (--num-sampling-steps)", s.num_sampling_steps)
         if s.cfg_scale < 0:
             raise ConfigError(f"--cfg-scale {s.cfg_scale}: use a value >= 0 (1 = no guidance)")
@@ -317,8 +334,11 @@ class Config:
 
     @property
     def modality(self) -> str:
-        """``"text"`` for token objectives (``TEXT_OBJECTIVES``), else ``"image"``."""
-        return "text" if self.objective.kind in TEXT_OBJECTIVES else "image"
+        """What the run generates (``"image"``, ``"text"``, ...): the ``modality`` its objective
+        registered with (``ditkit.registry.OBJECTIVES``). Raises ``ConfigError`` for an unknown kind."""
+        from ditkit.registry import OBJECTIVES  # lazy: the objectives import torch
+
+        return OBJECTIVES.get(self.objective.kind).modality
 
     def run_length(self, steps_per_epoch: int) -> int:
         """Optimiser steps of the whole run: ``max_steps`` if set, else ``epochs * steps_per_epoch``."""
@@ -352,24 +372,38 @@ def _validate_pretrained_and_eval(cfg: Config) -> None:
         raise ConfigError(f"objective.clip_x0={cfg.objective.clip_x0}: use 0 (no clipping), a positive bound, or none (auto)")
 
 
+def _validate_registered(cfg: Config) -> None:
+    """The objective, the sampler and the model family are registered names that fit together
+    (``ditkit.registry``): the sampler serves the objective's family, the model its modality."""
+    from ditkit.registry import MODEL_FAMILIES, OBJECTIVES, SAMPLERS  # lazy: they import torch
+
+    o, s, m = cfg.objective, cfg.sample, cfg.model
+    objective = OBJECTIVES.get(o.kind)
+    for family in MODEL_FAMILIES.entries():
+        if m.name in family.meta.get("presets", {}) and family.modality != objective.modality:
+            kinds = OBJECTIVES.names(modality=family.modality)
+            raise ConfigError(
+                f"--model {m.name} is {a_or_an(family.modality)} model but objective.kind={o.kind} trains {objective.modality}: "
+                f"set objective.kind to one of {', '.join(kinds)}, or pick a {objective.modality} model "
+                f"({', '.join(list(p for e in MODEL_FAMILIES.entries(modality=objective.modality) for p in e.presets)[:6])}, ...)"
+            )
+    if s.sampler != "auto":
+        fitting = SAMPLERS.names(family=objective.family)
+        if SAMPLERS.get(s.sampler).family != objective.family:
+            raise ConfigError(
+                f"sample.sampler={s.sampler} is for {SAMPLERS.get(s.sampler).family} objectives: "
+                f"use {' or '.join(fitting) if len(fitting) <= 2 else 'one of ' + ', '.join(fitting)}"
+            )
+
+
 def _validate_modality(cfg: Config) -> None:
-    """Model, objective, sampler and data all belong to one modality; text values are sane."""
+    """Values of the text modality are sane (images are checked in ``validate``)."""
     d, o, s, m = cfg.data, cfg.objective, cfg.sample, cfg.model
-    text_model = m.name.startswith("TextDiT")
-    if cfg.modality == "image":
-        if text_model:
-            raise ConfigError(f"--model {m.name} is a text model: set objective.kind=masked or autoregressive")
-        if s.sampler in ("ancestral", "autoregressive"):
-            raise ConfigError(f"sample.sampler={s.sampler} is for text models: use ddpm, ddim, dpm++, euler or heun")
+    if cfg.modality != "text":
         return
-    if not text_model:
-        raise ConfigError(f"objective.kind={o.kind} trains on text: use --model TextDiT-T (or -XS, -S, -M, -B), not {m.name}")
     for name in ("patch_size", "pos_embed", "timestep_freq_shift"):
         if getattr(m, name) is not None:
             raise ConfigError(f"model.{name} is an image DiT option: drop it for {m.name}")
-    own = "ancestral" if o.kind == "masked" else "autoregressive"
-    if s.sampler not in ("auto", own):
-        raise ConfigError(f"sample.sampler={s.sampler} does not fit objective.kind={o.kind}: use {own} (or auto)")
     if o.kind == "masked" and o.time_sampling == "logit_normal":
         raise ConfigError("objective.time_sampling=logit_normal is for flow matching: use stratified or uniform")
     if o.kind == "autoregressive" and m.time_conditioning:
@@ -386,7 +420,6 @@ def _validate_modality(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use char, bpe or the path of a tokenizer.json")
     if d.tokenizer == "bpe" and d.bpe_vocab_size < 2:
         raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must be at least 2")
-    from ditkit.data.text import BUILTIN_TEXT_CORPORA  # lazy: config imports no other ditkit module at load
 
     if d.dataset not in BUILTIN_TEXT_CORPORA and not Path(d.dataset).exists():
         raise ConfigError(
@@ -498,6 +531,7 @@ DIT_FLAGS: dict[str, str] = {
     "global_seed": "train.seed",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
+    "time_budget": "train.time_budget",
     "lr": "train.lr",
     "precision": "train.precision",
     "device": "train.device",

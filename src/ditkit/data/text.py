@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ditkit.config import BUILTIN_TEXT_CORPORA
 from ditkit.data.tokenizers import Tokenizer, build_tokenizer
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "build_text_dataset",
 ]
 
-BUILTIN_TEXT_CORPORA = ("pydoc", "synthetic", "synthetic-sums", "synthetic-brackets")
 
 
 # ------------------------------------------------------------------------------------------------

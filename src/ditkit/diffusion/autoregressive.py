@@ -10,17 +10,20 @@ all ``L`` tokens of a chunk -- the same ``L`` tokens the masked-diffusion bound 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ditkit.diffusion.objective import Objective
+from ditkit.errors import ConfigError
+from ditkit.registry import OBJECTIVES
 
 __all__ = ["AutoregressiveLM"]
 
 
+@OBJECTIVES.register("autoregressive", modality="text", family="autoregressive")
 class AutoregressiveLM(Objective):
     """Next-token cross-entropy with a BOS token; ``loss`` has the interface of every objective.
 
@@ -30,6 +33,22 @@ class AutoregressiveLM(Objective):
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size, self.bos_id = vocab_size, vocab_size
+
+    family = "autoregressive"
+    default_sampler = "autoregressive"  # what sample.sampler "auto" means
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "AutoregressiveLM":
+        """From a full config: ``data.vocab_size`` (set by training from the tokenizer). Raises
+        ``ConfigError`` when it is not known yet. ``overrides`` (e.g. the image objectives'
+        ``clip_x0``) do not apply to tokens and are ignored."""
+        if cfg.data.vocab_size is None:
+            raise ConfigError("data.vocab_size must be known to build a text objective (set by training)")
+        return cls(cfg.data.vocab_size)
+
+    def global_draws(self, x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> dict[str, Tensor]:
+        """Nothing: the next-token likelihood is exact, so no random input is shared out."""
+        return {}
 
     def shift_right(self, x0: Tensor) -> Tensor:
         """``(B, L)`` -> ``(B, L)``: ``[BOS, x_0, ..., x_{L-2}]``."""

@@ -10,27 +10,39 @@ variance is ``log var = f log(beta_t) + (1 - f) log(posterior_variance_clipped_t
 ``mse + vb`` (ibid. Sec. 3.1; DiT uses it with lambda = 1 at T = 1000), where ``vb`` is the
 variational bound term in bits per dimension computed on a stop-gradient mean, so ``vb`` only
 trains the variance.
+
+``loss_weighting="min_snr"`` multiplies the ``mse`` term by the Min-SNR-gamma weight of the
+prediction kind (Hang et al. 2023, arXiv 2303.09556; ``schedules.min_snr_weight``); ``vb`` is
+left unweighted. ``"none"`` is the plain sum above.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ditkit.diffusion.objective import Objective
 from ditkit.diffusion.schedules import (
+    LOSS_WEIGHTINGS,
     PREDICTIONS,
     GaussianSchedule,
     eps_from_x0,
+    make_schedule,
+    min_snr_weight,
     prediction_target,
     sample_noise,
+    sample_noise_rows,
     sample_timestep_indices,
+    snr_from_alphas_cumprod,
+    space_timesteps,
     x0_eps_from_prediction,
 )
+from ditkit.errors import ConfigError
+from ditkit.registry import OBJECTIVES
 
 __all__ = ["GaussianDiffusion", "GaussianPrediction", "normal_kl", "discretized_gaussian_log_likelihood"]
 
@@ -78,6 +90,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
+@OBJECTIVES.register("gaussian", modality="image", family="gaussian")
 class GaussianDiffusion(Objective):
     """Discrete Gaussian diffusion objective (Ho et al. 2020; Nichol & Dhariwal 2021).
 
@@ -87,7 +100,15 @@ class GaussianDiffusion(Objective):
         learn_sigma: the network also outputs ``C`` variance-interpolation channels (hybrid loss).
         clip_x0: if set, the denoiser clamps predicted ``x0`` to ``[-clip_x0, clip_x0]`` (pixel
             models; the official DiT samples latents without clipping, the default).
+        loss_weighting: ``"none"`` or ``"min_snr"`` (weight of the ``mse`` term per timestep,
+            ``schedules.min_snr_weight``); ``min_snr_gamma`` is its ``gamma`` (5 in the paper).
+
+    Raises ``ValueError`` for an unknown ``prediction`` or ``loss_weighting``, or ``min_snr_gamma <= 0``.
     """
+
+    family = "gaussian"
+    default_sampler = "dpm++"  # what sample.sampler "auto" means
+    timestep_spacings = ("uniform", "quadratic")  # space_timesteps spacings that ``sample`` takes
 
     def __init__(
         self,
@@ -95,13 +116,45 @@ class GaussianDiffusion(Objective):
         prediction: str = "eps",
         learn_sigma: bool = False,
         clip_x0: float | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; use one of {LOSS_WEIGHTINGS}")
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.schedule = schedule
         self.prediction = prediction
         self.learn_sigma = learn_sigma
         self.clip_x0 = clip_x0
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
+
+    @classmethod
+    def from_config(cls, cfg: Any, clip_x0: Optional[float] = None) -> GaussianDiffusion:
+        """Build from a full ``Config`` (read duck-typed): ``cfg.objective.schedule``,
+        ``num_timesteps``, ``prediction``, ``learn_sigma``, ``loss_weighting``, ``min_snr_gamma``.
+        ``clip_x0`` is the sampling clamp of the denoiser (the caller resolves ``objective.clip_x0``;
+        None: no clamp). Raises ``ConfigError`` naming the field to fix."""
+        o = cfg.objective
+        weighting = getattr(o, "loss_weighting", "none")
+        gamma = getattr(o, "min_snr_gamma", 5.0)
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"objective.loss_weighting={weighting!r}: use one of {', '.join(LOSS_WEIGHTINGS)}")
+        if weighting == "min_snr" and not gamma > 0:
+            raise ConfigError(f"objective.min_snr_gamma={gamma}: use a value > 0 (5 in Hang et al. 2023)")
+        try:
+            schedule = make_schedule(o.schedule, o.num_timesteps)
+        except ValueError as err:
+            raise ConfigError(f"objective.schedule={o.schedule!r}, num_timesteps={o.num_timesteps}: {err}") from None
+        if o.prediction not in PREDICTIONS:
+            raise ConfigError(f"objective.prediction={o.prediction!r}: use one of {', '.join(PREDICTIONS)}")
+        return cls(
+            schedule, prediction=o.prediction, learn_sigma=o.learn_sigma, clip_x0=clip_x0,
+            loss_weighting=weighting, min_snr_gamma=gamma,
+        )
 
     @property
     def num_timesteps(self) -> int:
@@ -182,7 +235,55 @@ class GaussianDiffusion(Objective):
             vb = torch.zeros_like(mse)
         else:  # stop-gradient on the mean: vb trains only the variance (Nichol & Dhariwal 2021, Sec. 3.1)
             vb = self.vb_bits(mean_out.detach(), v, x0, x_t, t)
-        return {"mse": mse, "vb": vb, "loss": mse + vb}
+        if self.loss_weighting == "none":
+            return {"mse": mse, "vb": vb, "loss": mse + vb}
+        weight = self.loss_weights(t, like=mse)  # (B,)
+        return {"mse": mse, "vb": vb, "loss": weight * mse + vb}
+
+    def loss_weights(self, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """Weight ``(B,)`` of the ``mse`` term at timesteps ``t`` ``(B,)`` int64 (all ones for
+        ``loss_weighting="none"``), computed in float64 from ``alphas_cumprod`` and returned on
+        ``like``'s device in its dtype (float32 at least; default: float64 on ``t``'s device)."""
+        snr = snr_from_alphas_cumprod(self.schedule.alphas_cumprod)
+        if self.loss_weighting == "none":
+            table = torch.ones_like(snr)
+        else:
+            table = min_snr_weight(snr, self.min_snr_gamma, self.prediction)
+        if like is None:
+            return table.to(t.device)[t]
+        return _at(table, t, like).reshape(-1)  # the table lookup on the device, as for abar
+
+    def global_draws(
+        self, x: Tensor, global_batch: int, rows: slice, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The ``t`` ``(b,)`` int64 and ``noise`` ``(b, ...)`` that ``loss`` would draw from
+        ``generator`` for a global batch of ``global_batch`` samples shaped like ``x`` ``(b, ...)``
+        (this rank's share), cut to ``rows``: the same numbers, in the same order (t, then noise)."""
+        t = sample_timestep_indices(global_batch, self.num_timesteps, generator=generator, device=x.device)
+        return {"t": t[rows], "noise": sample_noise_rows(x, global_batch, rows, generator)}
+
+    def sample(
+        self,
+        sampler: Callable[..., Tensor],
+        net: Callable[[Tensor, Tensor], Tensor],
+        x_T: Tensor,
+        num_steps: int,
+        *,
+        generator: Optional[Any] = None,
+        callback: Optional[Callable[..., None]] = None,
+        timestep_spacing: str = "uniform",
+        zero_is_data: bool = False,
+        **options: Any,
+    ) -> Tensor:
+        """Run a ``"gaussian"``-family ``sampler`` from ``x_T`` ``(B, C, ...)`` over
+        ``space_timesteps(num_timesteps, num_steps, timestep_spacing)``; ``options`` (e.g. ``eta``)
+        go to the sampler. ``zero_is_data``: the sampler treats a trailing index 0 as the data end
+        (``sigma = 0``, no network call; the DPM-Solver grid), so the grid gets one more point and
+        ``num_steps`` stays the number of network calls. Returns ``x0`` with the shape of ``x_T``."""
+        timesteps = space_timesteps(self.num_timesteps, num_steps + int(zero_is_data), timestep_spacing)
+        return sampler(
+            self.denoiser(net), x_T, self.alphas_cumprod, timesteps, generator=generator, callback=callback, **options
+        )
 
     def denoiser(self, net: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], GaussianPrediction]:
         """Adapt ``net(x, t_float) -> raw output`` (conditioning bound) to the sampler interface.

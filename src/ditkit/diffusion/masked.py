@@ -34,13 +34,15 @@ and its place in the batch.)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ditkit.diffusion.objective import Objective
+from ditkit.errors import ConfigError
+from ditkit.registry import OBJECTIVES
 
 __all__ = [
     "MaskedDiffusion",
@@ -88,6 +90,7 @@ def subs_log_probs(logits: Tensor, z_t: Tensor, mask_id: int) -> Tensor:
     return torch.where(clean.unsqueeze(-1), carry, logp)
 
 
+@OBJECTIVES.register("masked", modality="text", family="masked")
 class MaskedDiffusion(Objective):
     """MDLM objective: absorbing-state diffusion, log-linear schedule, SUBS, continuous-time NELBO.
 
@@ -104,6 +107,28 @@ class MaskedDiffusion(Objective):
             raise ValueError(f"eps must be in [0, 1), got {eps}")
         self.vocab_size, self.mask_id = vocab_size, vocab_size
         self.eps, self.time_sampling = eps, time_sampling
+
+    family = "masked"
+    default_sampler = "ancestral"  # what sample.sampler "auto" means
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "MaskedDiffusion":
+        """From a full config: ``data.vocab_size`` (set by training from the tokenizer),
+        ``objective.mask_eps`` and ``objective.time_sampling``. Raises ``ConfigError`` when the
+        vocabulary is not known yet. ``overrides`` (e.g. the image objectives'
+        ``clip_x0``) do not apply to tokens and are ignored."""
+        if cfg.data.vocab_size is None:
+            raise ConfigError("data.vocab_size must be known to build a text objective (set by training)")
+        return cls(cfg.data.vocab_size, eps=cfg.objective.mask_eps, time_sampling=cfg.objective.time_sampling)
+
+    def global_draws(self, x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> dict[str, Tensor]:
+        """``t`` ``(b,)`` and ``z_t`` ``(b, L)`` of this rank's ``rows`` of a global micro-batch of
+        ``global_batch`` sequences, drawn as ``loss_terms`` draws them for the whole batch
+        (``sample_times``, then ``mask_tokens``); ``x`` ``(b, L)`` is this rank's share."""
+        t = self.sample_times(global_batch, generator, x.device)
+        x0 = x.new_zeros((global_batch, *x.shape[1:]))  # other ranks' rows: only their shape matters
+        x0[rows] = x
+        return {"t": t[rows], "z_t": self.mask_tokens(x0, t, generator)[rows]}
 
     # ---------------------------------------------------------------- forward process
     def sample_times(

@@ -5,6 +5,7 @@ Time convention (docs/architecture.md): data is at ``t = 0``, noise at the far e
 - Gaussian (DDPM family): integer ``t in {0, ..., T-1}``;
   ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``abar_t = prod_{s<=t} (1 - beta_s)``.
 - Flow matching: continuous ``t in [0, 1]``; ``x_t = (1 - t) x0 + t eps``.
+- EDM (noise scale): continuous ``sigma >= 0``; ``x_sigma = x0 + sigma eps`` (data at ``sigma = 0``).
 
 Tables (betas, alphas_cumprod, posterior terms) are float64 ``(T,)`` tensors, as in the
 official DiT / improved-DDPM code, which computes them in float64 numpy.
@@ -34,6 +35,14 @@ __all__ = [
     "sample_timestep_indices",
     "sample_flow_time",
     "sample_noise",
+    "sample_noise_rows",
+    "LOSS_WEIGHTINGS",
+    "snr_from_alphas_cumprod",
+    "min_snr_weight",
+    "flow_snr",
+    "flow_sampling_times",
+    "karras_sigmas",
+    "sample_log_normal_sigma",
 ]
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -257,3 +266,106 @@ def sample_noise(like: Tensor, *, generator: torch.Generator | None = None) -> T
     """Standard normal noise with the shape, dtype and device of ``like``."""
     draw_on = _device_of(generator, like.device)
     return torch.randn(like.shape, generator=generator, device=draw_on, dtype=like.dtype).to(like.device)
+
+
+def sample_noise_rows(x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
+    """Rows ``rows`` of the ``sample_noise`` draw for a batch ``(global_batch, *x.shape[1:])`` in
+    ``x``'s dtype, moved to ``x``'s device: what one process of a data-parallel run keeps of the
+    noise ``loss`` draws for the whole global batch (``x`` is its share ``(b, ...)``).
+
+    ``sample_noise`` draws on the generator's device and moves the result; drawing the whole batch
+    there and moving only these rows gives the same numbers with less traffic."""
+    like = torch.empty((global_batch, *x.shape[1:]), dtype=x.dtype, device=generator.device)
+    return sample_noise(like, generator=generator)[rows].to(x.device)
+
+
+# ----------------------------------------------------------------------------- loss weighting
+# Signal-to-noise ratio SNR = signal^2 / noise^2 of x_t = signal x0 + noise eps.
+
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def snr_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """``SNR_t = abar_t / (1 - abar_t)`` of a Gaussian schedule; same shape and dtype as the input."""
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def flow_snr(t: Tensor) -> Tensor:
+    """``SNR(t) = ((1 - t) / t)^2`` of ``x_t = (1 - t) x0 + t eps``, ``t`` in ``(0, 1]``."""
+    return ((1 - t) / t) ** 2
+
+
+def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, arXiv 2303.09556, Sec. 3.4) for the MSE of a
+    network predicting ``prediction``; elementwise in ``snr`` (any shape, e.g. ``(B,)``).
+
+    In x0 units the weight is ``min(SNR, gamma)``; the MSE of an eps prediction equals the x0 MSE
+    times ``1 / SNR`` and that of a v prediction times ``1 / (SNR + 1)``, so the weights are:
+
+    * ``"x0"``: ``min(SNR, gamma)``
+    * ``"eps"``: ``min(SNR, gamma) / SNR``
+    * ``"v"``: ``min(SNR, gamma) / (SNR + 1)``
+    * ``"flow"`` (rectified-flow velocity ``eps - x0``, whose MSE is the x0 MSE times
+      ``1 / t^2 = (1 + sqrt(SNR))^2``): ``min(SNR, gamma) / (1 + sqrt(SNR))^2``.
+
+    ``snr = inf`` (no noise) gives the limits ``0`` (eps), ``0`` (v), ``gamma`` (x0), ``0`` (flow).
+    Raises ``ValueError`` for an unknown ``prediction`` or ``gamma <= 0``.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
+    clipped = snr.clamp(max=gamma)
+    if prediction == "x0":
+        return clipped
+    if prediction == "eps":
+        return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / snr)
+    if prediction == "v":
+        return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / (snr + 1))
+    if prediction == "flow":
+        return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / (1 + snr.sqrt()) ** 2)
+    raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS + ('flow',)}")
+
+
+# ----------------------------------------------------------------------------- sampling grids
+# diffusion/ may not import samplers/ (docs/architecture.md), so the objectives build their
+# sampling grids here; tests/test_objective_interface.py checks them against the samplers' own.
+
+
+def flow_sampling_times(num_steps: int, shift: float = 1.0) -> Tensor:
+    """``(num_steps + 1,)`` float64 flow-matching times from 1 to 0; ``shift`` moves them toward
+    noise by ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, eq. 23). The same numbers
+    as ``ditkit.samplers.flow.flow_timesteps``. Raises ``ValueError`` for ``num_steps < 1`` or
+    ``shift <= 0``."""
+    if num_steps < 1 or shift <= 0:
+        raise ValueError(f"need num_steps >= 1 and shift > 0, got {num_steps}, {shift}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """``(num_steps + 1,)`` float64 noise levels, decreasing, ending with 0 (Karras et al. 2022,
+    eq. 5): ``sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for ``i < N = num_steps``, then ``sigma_N = 0``. ``num_steps = 1`` gives ``[sigma_max, 0]``.
+    The same numbers as ``ditkit.samplers.edm.karras_sigmas``. Raises ``ValueError`` unless
+    ``num_steps >= 1``, ``0 < sigma_min <= sigma_max`` and ``rho > 0``."""
+    if num_steps < 1 or not 0 < sigma_min <= sigma_max or rho <= 0:
+        raise ValueError(
+            f"need num_steps >= 1, 0 < sigma_min <= sigma_max and rho > 0; got {num_steps}, {sigma_min}, {sigma_max}, {rho}"
+        )
+    ramp = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64)  # i / (N - 1); [0] when N = 1
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def sample_log_normal_sigma(
+    batch_size: int,
+    p_mean: float,
+    p_std: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """EDM training noise levels ``(B,)`` float32: ``ln sigma ~ N(p_mean, p_std^2)`` (Karras et al.
+    2022, Table 1, "noise distribution"); one ``randn`` of ``B`` numbers on the generator's device."""
+    device = torch.device(device)
+    n = torch.randn(batch_size, generator=generator, device=_device_of(generator, device))
+    return torch.exp(p_mean + p_std * n).to(device)

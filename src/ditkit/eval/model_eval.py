@@ -26,7 +26,6 @@ from ditkit.config import Config, ConfigError
 from ditkit.data import ImageDataset, load_dataset
 from ditkit.eval.classifier import ClassifierConfig
 from ditkit.eval.evaluator import Evaluator
-from ditkit.sampling import check_sampling_options, resolve_timestep_spacing, sample_images
 
 __all__ = [
     "EVAL_METRICS",
@@ -120,15 +119,23 @@ def sample_for_eval(
     timestep_spacing, guide_channels) default to ``cfg.sample``. Latent models need ``vae``."""
     if cfg.data.latent_channels and vae is None:
         raise ConfigError("this is a latent model: evaluation needs its VAE to decode the samples (--vae PATH)")
-    seed = cfg.sample.seed if seed is None else seed
+    from ditkit.pipelines.image import ImagePipeline
+
+    pipe = ImagePipeline(model, cfg, device=device, dtype=dtype, vae=vae)
     labels = eval_labels(cfg, num_samples)
-    seeds = [seed + i for i in range(num_samples)]
-    images, _, _ = sample_images(model, cfg, labels, seeds, device=device, dtype=dtype, vae=vae, batch_size=batch_size, **sampling)
-    return images, None if labels is None else torch.tensor(labels, dtype=torch.int64)
+    out = pipe(class_labels=labels, num_samples=num_samples, seed=seed, batch_size=batch_size,
+               allow_untrained_uncond=True, **_call_options(sampling))
+    return out.tensors, None if labels is None else torch.tensor(labels, dtype=torch.int64)
+
+
+def _call_options(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's argument names for the config-style sampling options."""
+    names = {"num_sampling_steps": "num_inference_steps", "cfg_scale": "guidance_scale"}
+    return {names.get(k, k): v for k, v in sampling.items()}
 
 
 def sampling_record(
-    cfg: Config,
+    pipe: Any,
     *,
     sampler: Optional[str] = None,
     num_sampling_steps: Optional[int] = None,
@@ -137,11 +144,13 @@ def sampling_record(
     guide_channels: Optional[int] = None,
     seed: Optional[int] = None,
 ) -> dict[str, Any]:
-    """The sampling settings as they will be used (None resolved from ``cfg.sample``), for results."""
-    sampler, steps, scale = check_sampling_options(cfg, sampler, num_sampling_steps, cfg_scale)
+    """The sampling settings as they will be used (None resolved from the checkpoint's ``sample``
+    section by the pipeline ``pipe``), for results."""
+    cfg = pipe.cfg
+    sampler, steps, scale, spacing = pipe.check_options(sampler, num_sampling_steps, cfg_scale, timestep_spacing)
     record: dict[str, Any] = {"sampler": sampler, "num_sampling_steps": steps, "cfg_scale": scale}
-    if cfg.objective.kind == "gaussian":
-        record["timestep_spacing"] = resolve_timestep_spacing(cfg, sampler, timestep_spacing)
+    if spacing is not None:
+        record["timestep_spacing"] = spacing
     record["guide_channels"] = guide_channels if guide_channels is not None else cfg.sample.guide_channels
     record["seed"] = cfg.sample.seed if seed is None else seed
     k = cfg.data.num_classes or 0
@@ -162,8 +171,9 @@ def evaluate_generator(
     seed: Optional[int] = None,
     batch_size: int = 250,
     progress: Optional[Callable[[int], None]] = None,
+    allow_untrained_uncond: bool = False,
 ) -> dict[str, Any]:
-    """Sample ``num_samples`` images from a loaded checkpoint (``ditkit.sampling.ImageGenerator``)
+    """Sample ``num_samples`` images from a loaded checkpoint (an ``ImagePipeline``, ``generator``)
     with labels cycling over the classes, score them, and return the results dict of
     ``Evaluator.evaluate`` whose ``sampling`` entry holds the checkpoint (path, SHA-256, step,
     weights) and every sampling setting."""
@@ -171,14 +181,15 @@ def evaluate_generator(
     if cfg.data.latent_channels and generator.vae is None:
         raise ConfigError("this is a latent model: pass --vae PATH (its AutoencoderKL folder) to decode samples for evaluation")
     record = sampling_record(
-        cfg, sampler=sampler, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+        generator, sampler=sampler, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
         timestep_spacing=timestep_spacing, guide_channels=guide_channels, seed=seed,
     )
     t0 = time.time()
-    result = generator.generate(
-        num_samples=num_samples, sampler=record["sampler"], num_sampling_steps=record["num_sampling_steps"],
-        cfg_scale=record["cfg_scale"], guide_channels=guide_channels, seed=record["seed"], batch_size=batch_size,
-        timestep_spacing=timestep_spacing, progress=progress,
+    result = generator(
+        class_labels=eval_labels(cfg, num_samples), num_samples=num_samples, sampler=record["sampler"],
+        num_inference_steps=record["num_sampling_steps"], guidance_scale=record["cfg_scale"],
+        guide_channels=guide_channels, seed=record["seed"], batch_size=batch_size,
+        timestep_spacing=timestep_spacing, progress=progress, allow_untrained_uncond=allow_untrained_uncond,
     )
     sample_s = time.time() - t0
     labels = None if result.labels is None else torch.tensor(result.labels, dtype=torch.int64)
@@ -197,7 +208,7 @@ def evaluate_generator(
     }
     if "vae" in meta:
         metadata["vae"] = meta["vae"]
-    return evaluator.evaluate(result.images, labels, metadata)
+    return evaluator.evaluate(result.tensors, labels, metadata)
 
 
 class PeriodicEvaluator:

@@ -7,7 +7,7 @@
 
 Imported official models become standard ditkit runs (``imported_config`` + ``save_imported_run``);
 the training loop's hooks for ``--vae`` and ``--init-from`` are in ``ditkit.interop.training`` and
-the commands in ``ditkit.interop.cli``.
+the commands in ``ditkit.cli.interop``.
 """
 
 from ditkit.interop.common import (

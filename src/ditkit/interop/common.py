@@ -318,7 +318,7 @@ def save_imported_run(model: DiT, run_dir: str | Path, config: Config, meta: Map
     import shutil
 
     from ditkit.checkpoint_io import CONFIG_FILE, EMA_FILE, MODEL_FILE, step_dir_name
-    from ditkit.sampling import build_model
+    from ditkit.builders import build_model
 
     rebuilt = build_model(config)  # the config alone must rebuild this architecture
     check_state_dict(rebuilt, model.state_dict(), what="imported model", hint="(a bug: imported_config lost a setting)")

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditkit.registry import MODEL_FAMILIES
+
 from ditkit.models.layers import (
     DiTBlock,
     FinalLayer,
@@ -184,6 +186,9 @@ _SIZES = {
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     f"DiT-{size}/{patch}": dict(patch_size=patch, **dims) for size, dims in _SIZES.items() for patch in (2, 4, 8)
 }
+
+
+MODEL_FAMILIES.register("dit", presets=DIT_PRESETS, modality="image")(DiT)
 
 
 def build_dit(name: str, **overrides: Any) -> DiT:

@@ -290,3 +290,68 @@ def init_adaln_zero(module: nn.Module) -> None:
         if isinstance(m, FinalLayer):
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the keys that ``key_padding_mask`` keeps.
+
+    q (B, nh, Nq, hd), k and v (B, nh, Nk, hd) -> (B, nh, Nq, hd). ``key_padding_mask`` (B, Nk)
+    bool, True = a real key (the Hugging Face convention; caption padding is False), or None (all
+    keys). A row with no real key at all attends to nothing: its output is zeros rather than the
+    NaN a softmax over an empty set would give.
+    """
+    if key_padding_mask is None:
+        return attention(q, k, v)
+    keep = key_padding_mask.to(torch.bool)  # (B, Nk)
+    any_key = keep.any(dim=-1)  # (B,)
+    # Rows without any key get a harmless all-True mask, then their output is zeroed.
+    keep = keep | ~any_key[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    return out * any_key.to(out.dtype)[:, None, None, None]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` (B, N, D) to a context ``c`` (B, L, D_ctx) -> (B, N, D).
+
+    PixArt-alpha key names (``q_linear``, ``kv_linear``, ``proj``); ``context_mask`` (B, L) bool,
+    True = a real context token (see ``masked_attention``).
+
+    Setting ``attention_store`` to a list makes every forward append its attention probabilities
+    (B, nh, N, L) float32, detached (zeros on padding), e.g. for word heat maps (DAAM, Tang et al.
+    2022); the output is the same, computed with explicit matmuls instead of the fused kernel.
+    """
+
+    attention_store: list[torch.Tensor] | None = None
+
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False, norm: str = "layernorm"
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        L = context.shape[1]
+        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
+        kv = self.kv_linear(context).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, nh, L, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.attention_store is None:
+            out = masked_attention(q, k, v, context_mask)  # (B, nh, N, hd)
+        else:
+            scores = (q.float() * self.head_dim**-0.5) @ k.float().transpose(-1, -2)  # (B, nh, N, L)
+            if context_mask is not None:
+                scores = scores.masked_fill(~context_mask.to(torch.bool)[:, None, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).nan_to_num(0.0)  # an all-padding row attends to nothing
+            self.attention_store.append(probs.detach())
+            out = (probs @ v.float()).to(v.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

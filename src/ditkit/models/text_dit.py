@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditkit.registry import MODEL_FAMILIES
+
 from ditkit.models.layers import (
     DiTBlock,
     FinalLayer,
@@ -138,6 +140,9 @@ TEXT_DIT_PRESETS: dict[str, dict[str, Any]] = {
     "TextDiT-M": dict(depth=12, hidden_size=512, num_heads=8),
     "TextDiT-B": dict(depth=12, hidden_size=768, num_heads=12),
 }
+
+
+MODEL_FAMILIES.register("text_dit", presets=TEXT_DIT_PRESETS, modality="text")(TextDiT)
 
 
 def build_text_dit(name: str, vocab_size: int, **overrides: Any) -> TextDiT:

@@ -13,11 +13,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ditkit.registry import SAMPLERS
 from ditkit.samplers.masked import Generator, gumbel_argmax
 
 __all__ = ["autoregressive"]
 
 
+@SAMPLERS.register("autoregressive", family="autoregressive", options=("temperature", "top_k"))
 @torch.no_grad()
 def autoregressive(
     next_token: Callable[[Tensor], Tensor],

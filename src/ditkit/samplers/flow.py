@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ditkit.registry import SAMPLERS
+
 __all__ = ["euler", "heun", "flow_timesteps"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -39,9 +41,15 @@ def _time(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
+@SAMPLERS.register("euler", family="flow", options=())
 @torch.no_grad()
 def euler(
-    velocity_fn: VelocityFn, x_1: Tensor, ts: Sequence[float] | Tensor, *, callback: Callback | None = None
+    velocity_fn: VelocityFn,
+    x_1: Tensor,
+    ts: Sequence[float] | Tensor,
+    *,
+    generator: object = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Euler method on the probability-flow ODE ``dx/dt = v(x, t)`` (as in rectified flow, Liu et al. 2023)."""
     x, times = x_1, _times(ts)
@@ -54,9 +62,15 @@ def euler(
     return x
 
 
+@SAMPLERS.register("heun", family="flow", options=())
 @torch.no_grad()
 def heun(
-    velocity_fn: VelocityFn, x_1: Tensor, ts: Sequence[float] | Tensor, *, callback: Callback | None = None
+    velocity_fn: VelocityFn,
+    x_1: Tensor,
+    ts: Sequence[float] | Tensor,
+    *,
+    generator: object = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the step to ``t = 0`` is a plain Euler step."""
     x, times = x_1, _times(ts)

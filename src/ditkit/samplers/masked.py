@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ditkit.registry import SAMPLERS
 from ditkit.samplers.noise import GeneratorArg as Generator
 
 __all__ = ["ancestral", "semi_autoregressive", "canvas", "gumbel_argmax", "uniform"]
@@ -73,6 +74,7 @@ def canvas(
     return x
 
 
+@SAMPLERS.register("ancestral", family="masked", options=("remasking", "temperature"))
 @torch.no_grad()
 def ancestral(
     denoiser: Denoiser,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ditkit.checkpoint_io import load_checkpoint_config, resolve_checkpoint
+from ditkit.checkpoint_io import Checkpoint
 from ditkit.config import ConfigError
-from ditkit.sampling import ImageGenerator
+from ditkit.pipelines import load
 from ditkit.serve.models import ImageModel, ServeLimits, model_name_for, parse_ckpt_arg
 from ditkit.serve.text import TextModel
 
@@ -25,20 +25,19 @@ def load_models(
     plan = []
     for arg in ckpts:
         name, path = parse_ckpt_arg(arg)
-        ckpt_dir = resolve_checkpoint(path)
-        cfg = load_checkpoint_config(ckpt_dir)
-        plan.append((name or model_name_for(ckpt_dir), ckpt_dir, cfg.modality))
-    names = [name for name, _, _ in plan]
+        checkpoint = Checkpoint.open(path)
+        plan.append((name or model_name_for(checkpoint.dir), checkpoint))
+    names = [name for name, _ in plan]
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"two checkpoints would be served as {name!r}: name them with --ckpt NAME=PATH")
+    adapters = {"image": ImageModel, "text": TextModel}  # what each modality's pipeline is served as
     models: list[ImageModel | TextModel] = []
-    for name, ckpt_dir, modality in plan:
-        if modality == "text":
-            models.append(TextModel.from_checkpoint(name, ckpt_dir, use_ema=use_ema, device=device, precision=precision))
-        else:
-            generator = ImageGenerator.from_checkpoint(ckpt_dir, use_ema=use_ema, device=device, precision=precision)
-            models.append(ImageModel(name, generator))
+    for name, checkpoint in plan:
+        modality = checkpoint.config.modality
+        if modality not in adapters:
+            raise ConfigError(f"--ckpt {checkpoint.dir}: serving {modality} models is not supported yet")
+        models.append(adapters[modality](name, load(checkpoint, use_ema=use_ema, device=device, precision=precision)))
     return models
 
 

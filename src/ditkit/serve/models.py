@@ -16,17 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ditkit.builders import default_sampler
 from ditkit.config import ConfigError
-from ditkit.sampling import (
-    FLOW_SAMPLERS,
-    GAUSSIAN_SAMPLERS,
-    GenerateResult,
-    ImageGenerator,
-    check_sampling_options,
-    default_sampler,
-    save_png,
-    to_uint8,
-)
+from ditkit.media import save_png, to_uint8
+from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.serve.limits import ServeLimits
 
 __all__ = ["ServeLimits", "RequestError", "ImageModel", "ImageJobSpec", "parse_ckpt_arg", "model_name_for", "png_base64"]
@@ -83,25 +76,25 @@ class ImageModel:
 
     modality = "image"
 
-    def __init__(self, name: str, generator: ImageGenerator) -> None:
-        cfg = generator.cfg
-        if cfg.data.latent_channels and generator.vae is None:
+    def __init__(self, name: str, pipeline: ImagePipeline) -> None:
+        cfg = pipeline.cfg
+        self.ckpt_dir = pipeline.checkpoint.dir if pipeline.checkpoint is not None else None
+        if cfg.data.latent_channels and pipeline.vae is None:
             raise ConfigError(
-                f"--ckpt {generator.ckpt_dir} is a latent model and its VAE is not available: "
+                f"--ckpt {self.ckpt_dir} is a latent model and its VAE is not available: "
                 "serve it where its VAE folder exists (data.vae in its config)"
             )
         self.name = name
-        self.generator = generator
+        self.pipeline = pipeline
         self.cfg = cfg
-        self.ckpt_dir = generator.ckpt_dir
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        return GAUSSIAN_SAMPLERS if self.cfg.objective.kind == "gaussian" else FLOW_SAMPLERS
+        return tuple(self.pipeline.sampler_names)
 
     def describe(self, limits: ServeLimits) -> dict[str, Any]:
         """The public facts of the model (no file paths): for ``GET /v1/models`` and the page."""
-        cfg, gen = self.cfg, self.generator
+        cfg, gen = self.cfg, self.pipeline
         max_steps = limits.max_steps
         if cfg.objective.kind == "gaussian":
             max_steps = min(max_steps, cfg.objective.num_timesteps)
@@ -138,21 +131,21 @@ class ImageModel:
     def resolve_labels(self, class_labels: Optional[Sequence[int | str]], num_images: int) -> Optional[list[int]]:
         """Per-image labels from ints or class names (repeated to ``num_images``); default: classes
         in turn. None for an unconditional model."""
-        n_cls = self.generator.num_classes
+        n_cls = self.pipeline.num_classes
         if n_cls == 0:
             if class_labels:
                 raise _unprocessable(f"model {self.name!r} is unconditional (no classes): send class_labels null or []")
             return None
         if not class_labels:
             return [i % n_cls for i in range(num_images)]
-        names = {name.lower(): i for i, name in enumerate(self.generator.class_names[:n_cls])}
+        names = {name.lower(): i for i, name in enumerate(self.pipeline.class_names[:n_cls])}
         labels = []
         for item in class_labels:
             if isinstance(item, str):
                 if item.strip().lower() not in names:
                     raise _unprocessable(
                         f"class_labels: {item!r} is not a class of model {self.name!r}; "
-                        f"use one of {', '.join(self.generator.class_names[:n_cls])} or 0..{n_cls - 1}"
+                        f"use one of {', '.join(self.pipeline.class_names[:n_cls])} or 0..{n_cls - 1}"
                     )
                 labels.append(names[item.strip().lower()])
             elif not 0 <= item < n_cls:
@@ -192,11 +185,13 @@ class ImageModel:
         check_seed(seed)
         labels = self.resolve_labels(class_labels, num_images)
         try:
-            sampler, steps, cfg_scale = check_sampling_options(cfg, sampler, steps, cfg_scale)
+            sampler, steps, cfg_scale, _ = self.pipeline.check_options(sampler, steps, cfg_scale)
+            self.pipeline.check_guidance(cfg_scale if labels is not None else 1.0)
         except ConfigError as err:  # e.g. more steps than the model's training schedule has
-            raise _unprocessable(str(err).replace("--num-sampling-steps", "steps")) from None
-        if steps > limits.max_steps:  # a default taken from the checkpoint may exceed the server's limit
-            steps = limits.max_steps
+            raise _unprocessable(str(err).replace("--num-sampling-steps", "steps").replace("--cfg-scale", "cfg_scale")) from None
+        # a default taken from the checkpoint may exceed the server's limit: say so, never lower it silently
+        check_range("steps (the model's default sample.num_sampling_steps; send a smaller steps)", steps, 1,
+                    limits.max_steps, "max_steps")
         seed = cfg.sample.seed if seed is None else seed
         return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed)
 
@@ -208,24 +203,24 @@ class ImageModel:
         """The job body: sample and encode the PNGs (all on the worker thread)."""
 
         def run(step: Callable[[int], None]) -> dict[str, Any]:
-            result = self.generator.generate(
+            result = self.pipeline(
                 class_labels=spec.labels, num_samples=spec.num_images, sampler=spec.sampler,
-                num_sampling_steps=spec.steps, cfg_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
+                num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
                 progress=step,
             )
             return self.encode(result)
 
         return run
 
-    def encode(self, result: GenerateResult) -> dict[str, Any]:
+    def encode(self, result: ImagePipelineOutput) -> dict[str, Any]:
         """``{"metadata": shared entries, "images": [{index, seed, label, class_name, png_base64, metadata}]}``."""
-        pixels = to_uint8(result.images)  # (N, H, W, C)
+        pixels = to_uint8(result.tensors)  # (N, H, W, C)
         images = []
         for i in range(len(pixels)):
             meta = result.sample_metadata(i)
             images.append({
                 "index": i,
-                "seed": result.seeds[i],
+                "seed": None if result.seeds is None else result.seeds[i],
                 "label": None if result.labels is None else result.labels[i],
                 "class_name": meta.get("class_name"),
                 "width": int(pixels.shape[2]),

@@ -1,6 +1,5 @@
-"""Serving text models: a TextDiT checkpoint loaded once, sampled per request through
-``ditkit.text_sampling.sample_text`` (MDLM ancestral sampling for masked models, next-token
-sampling for the autoregressive baseline).
+"""Serving text models: a text checkpoint loaded once as a ``TextPipeline`` and called per request
+(MDLM ancestral sampling for masked models, next-token sampling for the autoregressive baseline).
 
 A request gives a ``prompt`` (the text continues after it), an infill ``template`` (each
 ``mask_char`` is one token to fill; masked models only) or neither. The adapter checks it against
@@ -14,15 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
-import ditkit
-from ditkit.checkpoint_io import checkpoint_facts, resolve_checkpoint, weights_sha256
-from ditkit.config import Config, ConfigError
-from ditkit.data.tokenizers import Tokenizer
-from ditkit.device import resolve_device, resolve_precision
+from ditkit.config import ConfigError
+from ditkit.pipelines.text import TextPipeline, encode_infill
 from ditkit.serve.models import RequestError, ServeLimits, check_range, check_seed
-from ditkit.text_sampling import default_text_sampler, encode_infill, load_text_model, sample_text
 
 __all__ = ["TextModel", "TextJobSpec", "MAX_TEMPERATURE"]
 
@@ -46,52 +39,18 @@ class TextJobSpec:
     forwards: int  # network calls a full run makes (progress total)
 
 
-class _CountingModel:
-    """The network with a hook on every forward: the progress ``step`` of the job (which also
-    raises ``JobCancelled`` once the request is cancelled, stopping the sampler mid-way)."""
-
-    def __init__(self, model: torch.nn.Module, step: Callable[[int], None]) -> None:
-        self.model = model
-        self.step = step
-        self.time_conditioning = getattr(model, "time_conditioning", True)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.step(1)
-        return self.model(*args, **kwargs)
-
-
 class TextModel:
     """A text checkpoint served by name."""
 
     modality = "text"
 
-    def __init__(
-        self, name: str, model: torch.nn.Module, cfg: Config, ckpt_dir: Path, tokenizer: Tokenizer,
-        *, use_ema: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, name: str, pipeline: TextPipeline) -> None:
         self.name = name
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(self.device).eval()
-        self.cfg = cfg
-        self.ckpt_dir = Path(ckpt_dir)
-        self.tokenizer = tokenizer
-        self.weights = "ema" if use_ema else "model"
-        self.step = checkpoint_facts(self.ckpt_dir)["step"]
-        self.checkpoint_sha256 = weights_sha256(self.ckpt_dir, self.weights)
-        from ditkit.text_sampling import _class_names  # the label names text sampling prints
-
-        self.class_names = _class_names(cfg)
-
-    @classmethod
-    def from_checkpoint(
-        cls, name: str, ckpt: str | Path, *, use_ema: bool = True, device: str = "auto", precision: str = "fp32"
-    ) -> "TextModel":
-        ckpt_dir = resolve_checkpoint(ckpt)
-        dev = resolve_device(device)
-        dtype = resolve_precision(precision, dev)
-        model, cfg, ckpt_dir, tokenizer = load_text_model(ckpt_dir, use_ema=use_ema)
-        return cls(name, model, cfg, ckpt_dir, tokenizer, use_ema=use_ema, device=dev, dtype=dtype)
+        self.pipeline = pipeline
+        self.cfg = pipeline.cfg
+        self.tokenizer = pipeline.tokenizer
+        self.class_names = pipeline.class_names
+        self.ckpt_dir = pipeline.checkpoint.dir if pipeline.checkpoint is not None else None
 
     @property
     def num_classes(self) -> int:
@@ -109,15 +68,15 @@ class TextModel:
             "architecture": cfg.model.name,
             "objective": cfg.objective.kind,
             "dataset": Path(cfg.data.dataset).name,
-            "step": self.step,
-            "checkpoint_sha256": self.checkpoint_sha256,
+            "step": self.pipeline.step,
+            "checkpoint_sha256": self.pipeline.checkpoint_sha256,
             "tokenizer": cfg.data.tokenizer,
             "vocab_size": cfg.data.vocab_size,
             "seq_len": cfg.data.seq_len,
             "conditional": self.num_classes > 0,
             "num_classes": self.num_classes,
             "classes": [{"label": i, "name": n} for i, n in enumerate(self.class_names[: self.num_classes])],
-            "samplers": [default_text_sampler(cfg)],
+            "samplers": [self.pipeline.sampler_name],
             "supports_infill": self.masked,
             "defaults": {
                 "length": min(cfg.data.seq_len, limits.max_text_length),
@@ -224,55 +183,20 @@ class TextModel:
         return spec.forwards
 
     def runner(self, spec: TextJobSpec) -> Callable[[Callable[[int], None]], dict[str, Any]]:
-        """The job body: sample, decode, and describe (on the worker thread)."""
+        """The job body: sample, decode, and describe (on the worker thread). ``step`` is called
+        once per network call (and raises ``JobCancelled`` once the request is cancelled)."""
 
         def run(step: Callable[[int], None]) -> dict[str, Any]:
-            seeds = [spec.seed + i for i in range(spec.num_samples)]
             labels = None if spec.label is None else [spec.label] * spec.num_samples
-            tokens, start = sample_text(
-                _CountingModel(self.model, step), self.cfg, self.tokenizer, seeds, labels,  # type: ignore[arg-type]
-                prompt=spec.prompt or None, infill=spec.template, mask_char=spec.mask_char,
-                num_tokens=spec.num_tokens, num_sampling_steps=spec.steps, cfg_scale=spec.cfg_scale,
-                temperature=spec.temperature, device=self.device, dtype=self.dtype,
+            out = self.pipeline(
+                spec.prompt or None, spec.steps, spec.cfg_scale, num_samples=spec.num_samples, class_labels=labels,
+                infill=spec.template, mask_char=spec.mask_char, num_tokens=spec.num_tokens,
+                temperature=spec.temperature, seed=spec.seed, progress=step,
             )
-            texts = [self.tokenizer.decode(row[start:].tolist()) for row in tokens]
-            return {"metadata": self.metadata(spec), "samples": self.records(texts, seeds, labels)}
+            meta = dict(out.metadata)
+            meta["num_sampling_steps"] = str(spec.steps)  # what was asked (AR: steps are the tokens)
+            if spec.label is not None:
+                meta["label"] = str(spec.label)
+            return {"metadata": meta, "samples": out.records()}
 
         return run
-
-    def metadata(self, spec: TextJobSpec) -> dict[str, str]:
-        """The entries ``ditkit.text_sampling.generate_text`` records."""
-        cfg = self.cfg
-        meta = {
-            "software": f"ditkit {ditkit.__version__}",
-            "model": cfg.model.name,
-            "checkpoint": str(self.ckpt_dir),
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "step": str(self.step),
-            "weights": self.weights,
-            "dataset": cfg.data.dataset,
-            "objective": cfg.objective.kind,
-            "sampler": default_text_sampler(cfg),
-            "num_sampling_steps": str(spec.steps),
-            "cfg_scale": str(spec.cfg_scale),
-            "temperature": str(spec.temperature),
-            "seed": str(spec.seed),
-            "precision": str(self.dtype).removeprefix("torch."),
-        }
-        if spec.prompt:
-            meta["prompt"] = spec.prompt
-        if spec.template is not None:
-            meta["infill"] = spec.template
-        if spec.label is not None:
-            meta["label"] = str(spec.label)
-        return meta
-
-    def records(self, texts: list[str], seeds: list[int], labels: Optional[list[int]]) -> list[dict[str, Any]]:
-        rows = []
-        for i, text in enumerate(texts):
-            row: dict[str, Any] = {"index": i, "seed": seeds[i], "text": text}
-            if labels is not None:
-                row["label"] = labels[i]
-                row["class_name"] = self.class_names[labels[i]] if labels[i] < len(self.class_names) else None
-            rows.append(row)
-        return rows

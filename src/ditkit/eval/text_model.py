@@ -1,4 +1,5 @@
 """Evaluate a text checkpoint (``ditkit eval`` on a text model): likelihood, validity, diversity, speed.
+The image twin is ``ditkit.eval.model_eval``; both sample through the pipelines.
 
 ``evaluate_text(ckpt)`` returns a JSON-ready dict:
 
@@ -19,14 +20,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-import ditkit
-from ditkit.checkpoint_io import checkpoint_facts, weights_sha256
+from ditkit.builders import build_objective
 from ditkit.config import Config, ConfigError
 from ditkit.data.text import SYNTHETIC_CHECKERS, check_synthetic
 from ditkit.data.text_loader import TextTrainingSet, load_text_data, tokenizer_kind
-from ditkit.device import autocast, resolve_device, resolve_precision
+from ditkit.device import autocast
 from ditkit.eval.text import distinct_ngrams, fraction_valid, sampling_throughput, text_likelihood
-from ditkit.text_sampling import build_text_objective, default_text_sampler, load_text_model, sample_text
 
 __all__ = ["evaluate_text", "synthetic_checker", "TextPeriodicEvaluator"]
 
@@ -66,16 +65,16 @@ def evaluate_text(
     chunks (the first ones); sample ``i`` uses seed ``seed + i``; conditional models cycle labels."""
     if num_samples < 1 or num_passes < 1 or batch_size < 1:
         raise ConfigError("--num-samples, --num-passes and --batch-size must be at least 1")
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
-    model, cfg, ckpt_dir, tokenizer = load_text_model(ckpt, use_ema=use_ema)
-    model = model.to(dev)
+    from ditkit.pipelines.text import TextPipeline
+
+    pipe = TextPipeline.from_checkpoint(ckpt, device=device, precision=precision, use_ema=use_ema)
+    model, cfg, tokenizer, dev, dtype = pipe.model, pipe.cfg, pipe.tokenizer, pipe.device, pipe.dtype
     data = load_text_data(cfg.data, tokenizer)
     val, chars, val_labels = data.text.val, data.text.val_chars, data.val_labels
     if max_val_sequences is not None:
         val, chars = val[:max_val_sequences], chars[:max_val_sequences]
         val_labels = val_labels[:max_val_sequences] if val_labels is not None else None
-    objective = build_text_objective(cfg)
+    objective = pipe.objective
     seed = cfg.sample.seed if seed is None else seed
 
     t0 = time.perf_counter()
@@ -88,14 +87,13 @@ def evaluate_text(
 
     num_classes = cfg.data.num_classes or 0
     labels = [i % num_classes for i in range(num_samples)] if num_classes else None
-    seeds = [seed + i for i in range(num_samples)]
     drawn: dict[str, torch.Tensor] = {}
 
     def draw() -> torch.Tensor:
-        drawn["tokens"], _ = sample_text(
-            model, cfg, tokenizer, seeds, labels, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
-            temperature=temperature, batch_size=batch_size, device=dev, dtype=dtype,
-        )
+        out = pipe(num_samples=num_samples, class_labels=labels, num_inference_steps=num_sampling_steps,
+                   guidance_scale=cfg_scale, temperature=temperature, seed=seed, batch_size=batch_size,
+                   at_document_start=False, allow_untrained_uncond=True)
+        drawn["tokens"] = out.tokens
         return drawn["tokens"]
 
     speed = sampling_throughput(draw)
@@ -104,7 +102,7 @@ def evaluate_text(
     samples: dict[str, Any] = {
         "num_samples": num_samples,
         "num_tokens": tokens.shape[1],
-        "sampler": default_text_sampler(cfg),
+        "sampler": pipe.sampler_name,
         # autoregressive: one network call per generated token
         "num_sampling_steps": tokens.shape[1] if cfg.objective.kind == "autoregressive" else (
             s.num_sampling_steps if num_sampling_steps is None else num_sampling_steps),
@@ -131,12 +129,13 @@ def evaluate_text(
     samples["examples"] = [tokenizer.decode(row.tolist()) for row in tokens[:4]]
 
     bound = "exact" if likelihood.exact else "NELBO upper bound"
+    meta = pipe.provenance()
     return {
-        "software": f"ditkit {ditkit.__version__}",
-        "checkpoint": str(ckpt_dir),
-        "checkpoint_sha256": weights_sha256(ckpt_dir, "ema" if use_ema else "model"),
-        "step": checkpoint_facts(ckpt_dir)["step"],
-        "weights": "ema" if use_ema else "model",
+        "software": meta["software"],
+        "checkpoint": meta["checkpoint"],
+        "checkpoint_sha256": meta["checkpoint_sha256"],
+        "step": pipe.step,
+        "weights": pipe.weights,
         "model": cfg.model.name,
         "objective": cfg.objective.kind,
         "dataset": cfg.data.dataset,
@@ -174,7 +173,7 @@ class TextPeriodicEvaluator:
     ):
         n = cfg.train.eval_samples
         self.device, self.dtype, self.num_passes = torch.device(device), dtype, num_passes
-        self.objective = build_text_objective(cfg)
+        self.objective = build_objective(cfg)
         self.tokens = dataset.text.val[:n].to(self.device)
         self.num_chars = dataset.text.val_chars[:n]
         labels = dataset.val_labels

@@ -1,5 +1,5 @@
-"""The ``ditkit serve`` subcommand: flags here, work in ``ditkit.serve.launch`` (imported only when
-the command runs, so other commands never need FastAPI)."""
+"""``ditkit serve``: flags here, work in ``ditkit.serve.launch`` (imported only when the command runs,
+so other commands never need FastAPI)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from typing import Any
 
 from ditkit.serve.limits import ServeLimits
 
-__all__ = ["register_cli", "cmd_serve"]
+from ditkit.registry import COMMANDS
+
+__all__ = ["register", "cmd_serve"]
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add ``serve`` to an argparse sub-parser collection."""
+@COMMANDS.register("serve", order=70, summary="HTTP API and web page over checkpoints")
+def register(subparsers: Any) -> None:
+    """Add ``serve``."""
     d = ServeLimits()
     sv = subparsers.add_parser(
         "serve", help="HTTP API and web page over checkpoints (needs ditkit[serve])",

@@ -1,4 +1,4 @@
-"""Command-line front ends of the interop room, mounted by ``ditkit.cli``:
+"""``ditkit import-dit`` and ``ditkit export-diffusers``: the command-line front ends of the interop room:
 
     ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256 [--vae sd-vae]
     ditkit export-diffusers RUN_OR_CKPT OUT [--vae path/to/sd-vae]
@@ -9,8 +9,7 @@ sample --ckpt RUN``, ``ditkit info RUN``, ``ditkit eval`` and ``ditkit train --i
 like any run. The config records the official sampling algorithm (linear schedule, learned sigma,
 eps prediction, 250 uniform DDPM steps, no x0 clipping, guidance on 3 latent channels).
 
-``register_cli(subparsers)`` adds both sub-commands; each sets ``args.func`` to a handler
-``(args) -> exit code``. Errors are InteropError / ConfigError with the fix in the message.
+Errors are InteropError / ConfigError with the fix in the message.
 """
 
 from __future__ import annotations
@@ -20,7 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register_cli", "cmd_import_dit", "cmd_export_diffusers"]
+from ditkit.registry import COMMANDS
+
+__all__ = ["register", "cmd_import_dit", "cmd_export_diffusers"]
 
 
 def _bool(text: str) -> bool:
@@ -31,8 +32,9 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add ``import-dit`` and ``export-diffusers`` to an argparse sub-parser collection."""
+@COMMANDS.register("import-dit", order=60, summary="import an official DiT checkpoint; export a run to diffusers")
+def register(subparsers: Any) -> None:
+    """Add ``import-dit`` and ``export-diffusers``."""
     imp = subparsers.add_parser(
         "import-dit", help="import an official facebookresearch/DiT checkpoint as a ditkit run",
         description="Read an official DiT .pt (released weights or a training checkpoint, EMA used) "
@@ -87,11 +89,14 @@ def cmd_import_dit(args: argparse.Namespace) -> int:
 
 
 def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from ditkit.builders import load_model
+    from ditkit.checkpoint_io import Checkpoint
     from ditkit.interop.common import InteropError
     from ditkit.interop.diffusers_format import export_diffusers
-    from ditkit.sampling import load_model
 
-    model, cfg, ckpt_dir = load_model(args.ckpt, use_ema=not args.no_ema)
+    ckpt = Checkpoint.open(args.ckpt)
+    model, _ = load_model(ckpt, use_ema=not args.no_ema)
+    cfg, ckpt_dir = ckpt.config, ckpt.dir
     objective = cfg.objective
     vae = args.vae if args.vae is not None else cfg.data.vae
     if vae is not None and not cfg.data.latent_channels:

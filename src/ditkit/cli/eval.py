@@ -12,7 +12,8 @@ and its hash, tool versions, sampler, steps, cfg scale, checkpoint SHA-256, seed
 an ``.npz``). The feature classifier and reference statistics are cached under
 ``$DITKIT_CACHE_DIR/eval`` (default ``~/.cache/ditkit/eval``) or ``--cache-dir``.
 
-``register_cli(subparsers)`` adds the sub-command; its handler is ``args.func``.
+Text checkpoints get bits per character (the NELBO bound for masked diffusion), validity of the
+synthetic corpora, distinct-n and tokens/s instead (``ditkit.eval.text_model``).
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register_cli", "cmd_eval"]
+from ditkit.registry import COMMANDS, OBJECTIVES, SAMPLERS
+
+__all__ = ["register", "cmd_eval"]
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add ``eval`` to an argparse sub-parser collection."""
+@COMMANDS.register("eval", order=40, summary="score samples: FD (classifier features), precision/recall, accuracy; text: bits/char")
+def register(subparsers: Any) -> None:
     ev = subparsers.add_parser(
         "eval", help="score samples: FD (classifier features), precision/recall, conditional accuracy",
         description="Sample from a checkpoint (or read an ADM-style .npz) and score it against the training data.",
     )
     ev.add_argument("--ckpt", metavar="RUN_OR_CKPT", help="run directory (newest checkpoint) or checkpoint")
     ev.add_argument("--num-samples", type=int, default=1000, help="samples to draw (default 1000)")
-    ev.add_argument("--sampler", choices=["auto", "ddpm", "ddim", "dpm++", "euler", "heun"], help="default: the checkpoint's")
+    image_families = {o.family for o in OBJECTIVES.entries(modality="image")}
+    ev.add_argument("--sampler", choices=["auto", *(s for s in SAMPLERS.names() if SAMPLERS.get(s).family in image_families)],
+                    help="default: the checkpoint's")
     ev.add_argument("--num-sampling-steps", type=int)
     ev.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     ev.add_argument("--timestep-spacing", choices=["uniform", "quadratic"], help="gaussian samplers (default: the checkpoint's)")
@@ -50,7 +55,12 @@ def register_cli(subparsers: Any) -> None:
     ev.add_argument("--out", metavar="FILE.json", help="where to write the results")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
-    ev.set_defaults(func=cmd_eval)
+    ev.add_argument("--allow-untrained-uncond", action="store_true", help="guide even without a trained unconditional branch")
+    text = ev.add_argument_group("text models")
+    text.add_argument("--num-passes", type=int, default=4, help="NELBO passes over the validation chunks (standard error)")
+    text.add_argument("--max-val-sequences", type=int, help="score only the first N validation chunks")
+    text.add_argument("--temperature", type=float, help="text samplers (default: the checkpoint's)")
+    ev.set_defaults(func=cmd_eval, interrupted_message="aborted: no results written")
 
 
 def _sha256(path: Path) -> str:
@@ -64,10 +74,10 @@ def _sha256(path: Path) -> str:
 def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(checkpoint config or None, reference config)``: the reference data is the checkpoint's
     training data, or ``--data`` (at ``--image-size``, default the checkpoint's resolution)."""
+    from ditkit.checkpoint_io import Checkpoint
     from ditkit.config import Config, ConfigError
-    from ditkit.sampling import load_checkpoint_config, resolve_checkpoint
 
-    saved = load_checkpoint_config(resolve_checkpoint(args.ckpt)) if args.ckpt is not None else None
+    saved = Checkpoint.open(args.ckpt).config if args.ckpt is not None else None
     if args.data is None:
         if saved is None:
             raise ConfigError("give --ckpt RUN (sample and score it) or --npz FILE with --ckpt RUN or --data NAME")
@@ -86,11 +96,23 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ditkit.checkpoint_io import Checkpoint
+
+    if args.npz is None and args.ckpt is not None and Checkpoint.open(args.ckpt).config.modality == "text":
+        return cmd_eval_text(args)
+    return cmd_eval_image(args)
+
+
+def cmd_eval_image(args: argparse.Namespace) -> int:
     from ditkit.config import ConfigError
     from ditkit.device import resolve_device
     from ditkit.eval.evaluator import summarize, write_results_json
     from ditkit.eval.model_eval import build_evaluator, evaluate_generator
-    from ditkit.sampling import ImageGenerator, check_sampling_options
+    from ditkit.pipelines.image import ImagePipeline
+
+    for attr, flag in (("num_passes", "--num-passes"), ("max_val_sequences", "--max-val-sequences"), ("temperature", "--temperature")):
+        if getattr(args, attr) not in (None, 4 if attr == "num_passes" else None):
+            raise ConfigError(f"{flag} is for text models: this is an image evaluation")
 
     if args.num_samples < 10:
         raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (500-1000 gives stable numbers)")
@@ -117,26 +139,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         if saved is None:
             raise ConfigError("sampling needs --ckpt RUN (or score existing samples with --npz FILE)")
-        # every check before the work: sampling options, then the model, then the reference data
-        sampler, steps, cfg_scale = check_sampling_options(saved, args.sampler, args.num_sampling_steps, args.cfg_scale)
-        generator = ImageGenerator.from_checkpoint(
-            args.ckpt, use_ema=not args.no_ema, device=str(device), precision=args.precision, vae=args.vae
+        # every check before the work: the model and its sampling options, then the reference data
+        generator = ImagePipeline.from_checkpoint(
+            args.ckpt, use_ema=not args.no_ema, device=str(device), precision=args.precision,
+            **({"vae": args.vae} if args.vae is not None else {}),
         )
+        sampler, steps, cfg_scale, _ = generator.check_options(
+            args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
+        generator.check_guidance(cfg_scale, args.allow_untrained_uncond)
         evaluator = build_evaluator(reference, cache=args.cache_dir, inception_weights=args.inception_weights, device=device, verbose=True)
         seed = saved.sample.seed if args.seed is None else args.seed
-        results = evaluate_generator(
-            generator, evaluator, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale,
-            timestep_spacing=args.timestep_spacing, guide_channels=args.guide_channels, seed=seed,
-            batch_size=args.batch_size,
-        )
+        from ditkit.progress import progress_bar
+
+        with progress_bar(steps * -(-args.num_samples // args.batch_size), "sampling for evaluation") as bar:
+            results = evaluate_generator(
+                generator, evaluator, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale,
+                timestep_spacing=args.timestep_spacing, guide_channels=args.guide_channels, seed=seed,
+                batch_size=args.batch_size, progress=bar.update, allow_untrained_uncond=args.allow_untrained_uncond,
+            )
         if args.out:
             out = Path(args.out)
         else:
             s = results["sampling"]
-            run_dir = generator.ckpt_dir.parent.parent
-            name = f"{generator.ckpt_dir.name}-{s['sampler']}-{s['num_sampling_steps']}-cfg{s['cfg_scale']:g}-n{args.num_samples}-seed{seed}"
+            ckpt_dir = generator.checkpoint.dir
+            run_dir = generator.checkpoint.run_dir
+            name = f"{ckpt_dir.name}-{s['sampler']}-{s['num_sampling_steps']}-cfg{s['cfg_scale']:g}-n{args.num_samples}-seed{seed}"
             out = run_dir / "eval" / f"{name}.json"
     write_results_json(results, out)
     print(summarize(results))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval_text(args: argparse.Namespace) -> int:
+    """``ditkit eval`` on a text checkpoint: prints the results as JSON and writes them to a file."""
+    import json
+
+    from ditkit.config import ConfigError
+    from ditkit.eval.text_model import evaluate_text
+
+    for attr, flag in (("data", "--data"), ("image_size", "--image-size"), ("inception_weights", "--inception-weights"),
+                       ("vae", "--vae"), ("guide_channels", "--guide-channels"), ("timestep_spacing", "--timestep-spacing")):
+        if getattr(args, attr, None) is not None:
+            raise ConfigError(f"{flag} is for image models: drop it for a text checkpoint")
+    if getattr(args, "sampler", None) not in (None, "auto"):
+        raise ConfigError(f"--sampler {args.sampler} is an image sampler: text models use their own (drop --sampler)")
+    results = evaluate_text(
+        args.ckpt, num_samples=args.num_samples, num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+        temperature=args.temperature, seed=args.seed, num_passes=args.num_passes,
+        max_val_sequences=args.max_val_sequences, batch_size=args.batch_size, use_ema=not args.no_ema,
+        device=args.device, precision=args.precision,
+    )
+    if args.out:
+        out = Path(args.out)
+    else:
+        ckpt_dir = Path(results["checkpoint"])
+        s = results["samples"]
+        out = ckpt_dir.parent.parent / "eval" / f"{ckpt_dir.name}-text-{s['sampler']}-{s['num_sampling_steps']}-n{s['num_samples']}-seed{s['seed']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, ensure_ascii=False)
+    out.write_text(text + "\n", encoding="utf-8")
+    print(text)
     print(f"wrote {out}")
     return 0

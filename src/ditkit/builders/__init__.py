@@ -1,0 +1,93 @@
+"""Config -> model, objective, loaded checkpoint: the one place that turns a ``Config`` into the
+objects the trainer, the pipelines and interop use.
+
+* ``build_model(cfg)``: a freshly initialised network of the family ``cfg.model.name`` belongs to
+  (``MODEL_FAMILIES``), with constructor arguments from that family's builder (``MODEL_BUILDERS``,
+  one module per family in this folder: ``dit.py``, ``text.py``).
+* ``build_objective(cfg)``: the ``OBJECTIVES`` entry named by ``cfg.objective.kind``.
+* ``check_model_config(cfg)``: every model check that needs no data (preflight).
+* ``load_model(ckpt)``: a ``Checkpoint`` to ``(model in eval mode, weights used)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ditkit.checkpoint_io import Checkpoint
+from ditkit.config import Config, ConfigError
+from ditkit.registry import MODEL_BUILDERS, MODEL_FAMILIES, OBJECTIVES
+
+__all__ = [
+    "model_family", "model_kwargs", "build_model", "build_objective", "check_model_config", "load_model",
+    "default_sampler", "objective_entry",
+]
+
+
+def model_family(cfg: Config) -> str:
+    """The family (``MODEL_FAMILIES`` name) whose presets hold ``cfg.model.name``."""
+    for entry in MODEL_FAMILIES.entries():
+        if cfg.model.name in entry.meta.get("presets", {}):
+            return entry.name
+    presets = [p for e in MODEL_FAMILIES.entries(modality=cfg.modality) for p in e.meta.get("presets", {})]
+    raise ConfigError(f"--model {cfg.model.name!r} is not a preset; choose one of: {', '.join(presets)}")
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """Constructor arguments of ``cfg``'s model (preset, then ``cfg.model`` fields, then the sizes
+    the data and objective decide). Raises ``ConfigError`` for impossible sizes."""
+    family = model_family(cfg)
+    entry = MODEL_FAMILIES.get(family)
+    if entry.modality != cfg.modality:
+        raise ConfigError(
+            f"--model {cfg.model.name} is a {entry.modality} model but objective.kind={cfg.objective.kind} "
+            f"trains {cfg.modality}: pick a {cfg.modality} model or objective"
+        )
+    return MODEL_BUILDERS.get(family).obj(cfg)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """A freshly initialised network for ``cfg`` (fp32, CPU)."""
+    return MODEL_FAMILIES.get(model_family(cfg)).obj(**model_kwargs(cfg))
+
+
+def objective_entry(cfg: Config) -> Any:
+    """The ``OBJECTIVES`` entry of ``cfg.objective.kind`` (``ConfigError`` listing the kinds)."""
+    return OBJECTIVES.get(cfg.objective.kind)
+
+
+def build_objective(cfg: Config, **overrides: Any) -> Any:
+    """The objective of ``cfg.objective`` (``overrides`` go to its ``from_config``, e.g. the
+    sampling-time ``clip_x0`` of gaussian objectives)."""
+    return objective_entry(cfg).obj.from_config(cfg, **overrides)
+
+
+def default_sampler(cfg: Config) -> str:
+    """``sample.sampler`` with ``auto`` resolved to the objective's default sampler."""
+    name = cfg.sample.sampler
+    return objective_entry(cfg).obj.default_sampler if name == "auto" else name
+
+
+def check_model_config(cfg: Config) -> None:
+    """Model checks that need no data: the preset exists and fits the objective, sizes divide.
+    Sizes the data decides later (channels, classes, vocabulary) get placeholders here."""
+    probe = Config.from_dict(cfg.to_dict())
+    probe.data.channels = probe.data.channels or 1
+    probe.data.num_classes = 0 if probe.data.num_classes is None else probe.data.num_classes
+    probe.data.vocab_size = probe.data.vocab_size or 2
+    model_kwargs(probe)
+    objective_entry(probe)
+
+
+def load_model(ckpt: Checkpoint, use_ema: bool = True) -> tuple[torch.nn.Module, str]:
+    """``(model in eval mode on the CPU, "ema" or "model")``: the checkpoint's weights in the
+    network its config builds; ``ConfigError`` when they do not match."""
+    model = build_model(ckpt.config)
+    state, which = ckpt.weights("ema" if use_ema else "model")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{ckpt.dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval(), which

@@ -1,0 +1,66 @@
+"""Pipelines: one per modality, one shared base (``base.Pipeline``). Load once, then call.
+
+    import ditkit, torch
+    pipe = ditkit.load("results/digits")                 # the right pipeline for the run's modality
+    out = pipe(class_labels=[1, 2], num_inference_steps=50, guidance_scale=1.25,
+               generator=torch.Generator().manual_seed(0))
+
+``ditkit sample``, ``ditkit eval``, the training loop's sample grids and ``ditkit serve`` all go
+through these classes (``ditkit.registry.PIPELINES``, keyed by ``Config.modality``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ditkit.checkpoint_io import Checkpoint
+from ditkit.config import Config
+from ditkit.pipelines.base import Pipeline
+from ditkit.registry import PIPELINES
+
+__all__ = ["load", "pipeline_class", "write_training_samples", "Pipeline"]
+
+
+def pipeline_class(cfg: Config) -> type[Pipeline]:
+    """The registered pipeline of ``cfg.modality``."""
+    return PIPELINES.get(cfg.modality).obj
+
+
+def load(
+    path: str | Path | Checkpoint,
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    use_ema: bool = True,
+    **extras: Any,
+) -> Pipeline:
+    """Load a run or checkpoint once and return the pipeline of its modality (``ImagePipeline``,
+    ``TextPipeline``, ...). ``device``: auto, cpu, cuda[:N]; ``precision``: fp32, bf16 or auto;
+    ``use_ema``: the EMA weights when the checkpoint has them (``pipe.weights`` says which were
+    loaded); ``extras``: the modality's own options (``vae=PATH`` for latent image models).
+    Raises ``ConfigError`` (``CheckpointError``) naming the path when it holds no checkpoint."""
+    checkpoint = Checkpoint.open(path)
+    return pipeline_class(checkpoint.config).from_checkpoint(
+        checkpoint, device=device, precision=precision, use_ema=use_ema, **extras
+    )
+
+
+def write_training_samples(
+    model: torch.nn.Module,
+    cfg: Config,
+    path_stem: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    **extras: Any,
+) -> Path:
+    """The training loop's sample hook: the pipeline of ``cfg``'s modality on the model in memory
+    (EMA weights) writes its samples at ``path_stem`` + its suffix (a PNG grid, a .txt, ...) and
+    returns the path. ``extras``: ``vae`` (latent image runs), ``tokenizer`` (text runs); None
+    values are dropped. Leaves the training RNGs untouched."""
+    given = {k: v for k, v in extras.items() if v is not None}
+    pipe = pipeline_class(cfg)(model, cfg, weights="ema (training)", device=device, dtype=dtype, **given)
+    return pipe.write_training_samples(path_stem)
