@@ -18,3 +18,33 @@ def digits_split(tmp_path_factory):
     test, train = order[:360], order[360:]
     cache = tmp_path_factory.getbasetemp() / "ditkit-eval-cache"
     return images[train], labels[train], images[test], labels[test], cache
+
+
+# ---- CI: no silent skips ---------------------------------------------------------------------------
+# .ci/run installs every optional package the tests use (diffusers, tokenizers, tensorboard, scipy,
+# the browser, ...) and sets DITKIT_STRICT_SKIPS=1: there, a skipped test means a missing install
+# and fails the run, naming the test and its reason. Locally a missing optional package skips.
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    if os.environ.get("DITKIT_STRICT_SKIPS") == "1" and _skipped and exitstatus == 0:
+        print("\nDITKIT_STRICT_SKIPS=1: these tests were skipped, so something .ci/run should install is missing:")
+        for line in _skipped:
+            print(f"  {line}")
+        session.exitstatus = 1
