@@ -44,9 +44,11 @@ from ditkit.train.distributed import ShardedBatches, load_training_checkpoint, s
 from ditkit.train.ema import EMA
 from ditkit.train.loop import train
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"),
+    pytest.mark.slow,  # torchrun launches: .ci/run runs them as its second step
+    pytest.mark.timeout(900),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP = 6, 3
@@ -71,6 +73,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import ditkit.train.loop as loop
+from ditkit.builders import build_model
 from ditkit.cli import main as cli
 from ditkit.config import Config
 from ditkit.train.distributed import release_process_group
@@ -78,20 +81,22 @@ from ditkit.train.distributed import release_process_group
 spec = json.loads(Path(sys.argv[1]).read_text())
 dist.init_process_group("gloo")  # one group for all the runs below (train and sample use it as it is)
 rank = int(os.environ["RANK"])
-built = []
-build_model = loop.build_model
-loop.build_model = lambda cfg: built.append(build_model(cfg)) or built[-1]  # keep each rank's model
 
 
-def run(name, parallel, resume=None):
+def run(name, parallel, resume=None, model=None):
     cfg = Config.from_json(spec["config"])
     cfg.run.run_name, cfg.train.parallel = name, parallel
-    result = loop.train(cfg, resume=resume, log=lambda message: None)
+    result = loop.train(cfg, model, resume=resume, log=lambda message: None)
     assert result.step == spec["steps"], result
 
 
-run("one_to_two", "ddp", resume=spec["one_to_two"])  # a one-process checkpoint continued on two
-torch.save({k: v.clone() for k, v in built[-1].state_dict().items()}, Path(spec["out"]) / f"params_rank{rank}.pt")
+# a one-process checkpoint continued on two, training a model this rank built (train(cfg, model=...)),
+# so that its parameters can be saved afterwards
+sized = Config.from_json(spec["config"])
+sized.data.channels, sized.data.num_classes = 3, 4
+model = build_model(sized)
+run("one_to_two", "ddp", resume=spec["one_to_two"], model=model)
+torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(spec["out"]) / f"params_rank{rank}.pt")
 run("fsdp", "fsdp")
 run("one_to_fsdp", "fsdp", resume=spec["one_to_fsdp"])
 code = cli(["sample", "--ckpt", spec["sample_ckpt"], "--num-samples", "6", "--seed", "5", "--batch-size", "3",
@@ -222,7 +227,7 @@ def test_fsdp_sharded_checkpoint_loads_into_an_unsharded_model(runs):
     ckpt = runs["results"] / "fsdp" / "checkpoints" / "step_0000003"
     cfg = _config(runs["results"], "x")
     cfg.data.channels, cfg.data.num_classes = 3, 4
-    from ditkit.sampling import build_model
+    from ditkit.builders import build_model
 
     torch.manual_seed(123)  # weights unlike the checkpoint's, so a load that does nothing fails
     model = build_model(cfg)
@@ -242,12 +247,13 @@ def test_fsdp_sharded_checkpoint_loads_into_an_unsharded_model(runs):
 
 
 def test_distributed_sampling_equals_one_process_with_the_same_seeds(runs):
-    from ditkit.sampling import generate, to_uint8
+    from ditkit.media import to_uint8
+    from ditkit.pipelines import load
 
     two = np.load(runs["root"] / "samples_two" / "samples.npz")
-    one = generate(runs["ref"], num_samples=6, seed=5, batch_size=3, device="cpu")
+    one = load(runs["ref"], device="cpu")(num_samples=6, seed=5, batch_size=3)
     assert two["arr_0"].shape == (6, 16, 16, 3)
-    np.testing.assert_array_equal(two["arr_0"], to_uint8(one.images))
+    np.testing.assert_array_equal(two["arr_0"], to_uint8(one.tensors))
     np.testing.assert_array_equal(two["arr_1"], np.asarray(one.labels))
 
 
@@ -326,3 +332,31 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(monkey
     assert not dist.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not setup_distributed(cfg).active  # one process: nothing changes
+
+
+def test_an_objective_without_global_draws_is_a_one_line_type_error():
+    from ditkit.train.distributed import global_draws
+
+    class Plain:
+        pass
+
+    with pytest.raises(TypeError, match=r"^Plain has no global_draws\(x, global_batch, rows, generator\): add it") as err:
+        global_draws(Plain(), torch.zeros(2, 3), 4, slice(0, 2), torch.Generator())
+    assert "\n" not in str(err.value)
+
+
+def test_text_objectives_are_registered_and_built_from_the_config():
+    from ditkit.builders import build_objective
+    from ditkit.registry import OBJECTIVES
+
+    cfg = get_recipe("text_sums")
+    cfg.data.vocab_size = 11
+    for kind, cls in (("masked", MaskedDiffusion), ("autoregressive", AutoregressiveLM)):
+        entry = OBJECTIVES.get(kind)
+        assert entry.obj is cls and entry.modality == "text" and entry.family == cls.family == kind
+        cfg.objective.kind = kind
+        objective = build_objective(cfg)
+        assert isinstance(objective, cls) and objective.vocab_size == 11
+    cfg.data.vocab_size = None
+    with pytest.raises(ConfigError, match="data.vocab_size must be known"):
+        build_objective(cfg)

@@ -54,6 +54,8 @@ def test_bf16_autocast_matches_fp32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow  # CPU torch.compile
+@pytest.mark.timeout(900)
 def test_compiled_matches_eager(dtype):
     model = make_model()
     x, y = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10

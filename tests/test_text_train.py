@@ -25,13 +25,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ditkit.builders import build_objective
 from ditkit.config import ConfigError
 from ditkit.data.text import is_valid_sum
 from ditkit.data.text_loader import load_text_data
 from ditkit.eval.text import fraction_valid, text_likelihood
+from ditkit.eval.text_model import TextPeriodicEvaluator
+from ditkit.pipelines import load
 from ditkit.recipes import get_recipe
-from ditkit.text_eval import TextPeriodicEvaluator
-from ditkit.text_sampling import build_text_objective, load_text_model, sample_text
 from ditkit.train.loop import read_best, train
 
 
@@ -46,8 +47,15 @@ def train_sums(tmp_path, kind: str, steps: int, seed: int = 0):
     cfg.run.results_dir, cfg.run.run_name = str(tmp_path), kind
     result = train(cfg, log=lambda message: None)
     assert result.step == steps
-    model, cfg, _, tokenizer = load_text_model(result.run_dir)  # the EMA weights, as sampling uses them
-    return model, cfg, tokenizer
+    pipe = load(result.run_dir, device="cpu")  # the EMA weights, as sampling uses them
+    assert pipe.weights == "ema"
+    return pipe
+
+
+def sample_tokens(pipe, n):
+    """``(tokens (n, seq_len), start)`` of samples drawn with seeds 0..n-1."""
+    out = pipe(num_samples=n, seed=0)
+    return out.tokens, out.start
 
 
 def validation(cfg, tokenizer, n=64):
@@ -56,31 +64,34 @@ def validation(cfg, tokenizer, n=64):
 
 
 def test_autoregressive_learns_sums(tmp_path):
-    model, cfg, tokenizer = train_sums(tmp_path, "autoregressive", 300)
-    out, start = sample_text(model, cfg, tokenizer, list(range(32)))
+    pipe = train_sums(tmp_path, "autoregressive", 300)
+    model, cfg, tokenizer = pipe.model, pipe.cfg, pipe.tokenizer
+    out, start = sample_tokens(pipe, 32)
     assert start == 0 and out.shape == (32, cfg.data.seq_len)
     res = fraction_valid(out, tokenizer, is_valid_sum)
     assert res["num_documents"] >= 64 and res["fraction_valid"] >= 0.6, res
     val, chars = validation(cfg, tokenizer)
-    likelihood = text_likelihood(build_text_objective(cfg), model, val, num_chars=chars)
+    likelihood = text_likelihood(build_objective(cfg), model, val, num_chars=chars)
     assert likelihood.exact and likelihood.bits_per_char < 1.6
 
 
 def test_masked_diffusion_learns_the_format_of_sums(tmp_path):
-    model, cfg, tokenizer = train_sums(tmp_path, "masked", 300)
-    out, _ = sample_text(model, cfg, tokenizer, list(range(32)))
+    pipe = train_sums(tmp_path, "masked", 300)
+    model, cfg, tokenizer = pipe.model, pipe.cfg, pipe.tokenizer
+    out, _ = sample_tokens(pipe, 32)
     assert not (out == tokenizer.mask_id).any()
     assert fraction_valid(out, tokenizer, well_formed)["fraction_valid"] >= 0.4
     val, chars = validation(cfg, tokenizer)
-    bound = text_likelihood(build_text_objective(cfg), model, val, num_chars=chars, num_passes=2,
+    bound = text_likelihood(build_objective(cfg), model, val, num_chars=chars, num_passes=2,
                             generator=torch.Generator().manual_seed(0))
     assert not bound.exact and bound.bits_per_char < 2.4
 
 
 @pytest.mark.slow
 def test_masked_diffusion_learns_some_sums(tmp_path):
-    model, cfg, tokenizer = train_sums(tmp_path, "masked", 2000)
-    out, _ = sample_text(model, cfg, tokenizer, list(range(64)))
+    pipe = train_sums(tmp_path, "masked", 2000)
+    tokenizer = pipe.tokenizer
+    out, _ = sample_tokens(pipe, 64)
     res = fraction_valid(out, tokenizer, is_valid_sum)
     assert res["fraction_valid"] >= 0.08, res
 
@@ -109,7 +120,7 @@ def keep_best_config(tmp_path, name, steps):
 
 
 def test_keep_best_keeps_the_best_evaluated_checkpoint_across_a_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr("ditkit.text_eval.TextPeriodicEvaluator", ScriptedEvaluator)
+    monkeypatch.setattr("ditkit.eval.text_model.TextPeriodicEvaluator", ScriptedEvaluator)
     # evaluations at steps 5, 10, 15 | resume | 20: the best is step 10, and the resumed run must not
     # forget it (a fresh search would crown step 20's 4.0)
     ScriptedEvaluator.VALUES = iter([3.0, 1.0, 2.0, 4.0])
@@ -146,8 +157,8 @@ def test_keep_best_with_the_text_evaluator_reproduces_the_logged_value(tmp_path)
     best = read_best(result.run_dir)
     logged = min(evals, key=lambda e: e["val_bits_per_char"])
     assert best["step"] == logged["step"] and best["value"] == logged["val_bits_per_char"]
-    model, saved, _, tokenizer = load_text_model(result.run_dir / "checkpoints" / best["checkpoint"])
-    again = TextPeriodicEvaluator(saved, load_text_data(saved.data, tokenizer), log=lambda m: None)(model)
+    pipe = load(result.run_dir / "checkpoints" / best["checkpoint"], device="cpu")
+    again = TextPeriodicEvaluator(pipe.cfg, load_text_data(pipe.cfg.data, pipe.tokenizer), log=lambda m: None)(pipe.model)
     assert again["val_bits_per_char"] == pytest.approx(logged["val_bits_per_char"], rel=1e-6)
 
 

@@ -46,7 +46,7 @@ def _resume_in_new_processes(*runs):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO / "src")}
     procs = []
     for run_dir, skip_rng_restore in runs:
-        patch = "import ditkit.train.loop as L; L._restore_rng_state = lambda *a, **k: None; " if skip_rng_restore else ""
+        patch = "import ditkit.train.state as S; S.restore_rng_state = lambda *a, **k: None; " if skip_rng_restore else ""
         code = f"{patch}import sys; from ditkit.cli import main; sys.exit(main(['train', '--resume', {str(run_dir)!r}]))"
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
@@ -147,6 +147,8 @@ def test_a_new_run_never_overwrites_checkpoints(tmp_path):
     assert loop.new_run_dir(cfg).name.startswith("000-DiT-T-4-shapes")
 
 
+@pytest.mark.slow  # CPU torch.compile
+@pytest.mark.timeout(900)
 def test_compiled_training_matches_eager_and_reports_the_compile_time(tmp_path):
     """train.compile=true (what "auto" turns on for long CUDA runs) through the real loop: the same
     losses and weights as eager within float32 tolerance, and the first step's time in the log."""

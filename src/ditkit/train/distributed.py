@@ -63,11 +63,6 @@ from torch import Tensor, nn
 from ditkit.config import Config, ConfigError
 from ditkit.data.sampler import EpochBatchSampler
 from ditkit.device import resolve_device
-from ditkit.diffusion.autoregressive import AutoregressiveLM
-from ditkit.diffusion.flow import FlowMatching
-from ditkit.diffusion.gaussian import GaussianDiffusion
-from ditkit.diffusion.masked import MaskedDiffusion
-from ditkit.diffusion.schedules import sample_flow_time, sample_noise, sample_timestep_indices
 from ditkit.models.layers import LabelEmbedder
 from ditkit.train.checkpoint import (
     SHARDED_DIR,
@@ -222,39 +217,14 @@ def global_draws(
 ) -> dict[str, Tensor]:
     """The random inputs ``objective.loss(model, x_global, y, generator)`` draws for a global
     micro-batch of ``global_batch`` samples, cut to this rank's ``rows``, as keyword arguments of
-    ``objective.loss`` (the objectives accept them in place of drawing).
-
-    ``x`` is this rank's share ``(b, ...)``. Gaussian: ``t`` ``(b,)`` int64 indices and ``noise``;
-    flow: ``t`` ``(b,)`` in ``[0, 1]`` and ``noise``; masked text: ``t`` and ``z_t``; autoregressive:
-    nothing. Each uses the helper the objective itself calls, in the same order, on the whole batch.
-    """
-    if isinstance(objective, GaussianDiffusion):
-        t = sample_timestep_indices(global_batch, objective.num_timesteps, generator=generator, device=x.device)
-        return {"t": t[rows], "noise": _global_noise(x, global_batch, rows, generator)}
-    if isinstance(objective, FlowMatching):
-        t = sample_flow_time(
-            global_batch, objective.time_sampling, logit_mean=objective.logit_mean, logit_std=objective.logit_std,
-            generator=generator, device=x.device,
+    ``objective.loss``: the objective's own ``global_draws`` (see ``ditkit.diffusion.objective``).
+    ``x`` is this rank's share ``(b, ...)``. Raises ``TypeError`` for an objective without it."""
+    draw = getattr(objective, "global_draws", None)
+    if draw is None:
+        raise TypeError(
+            f"{type(objective).__name__} has no global_draws(x, global_batch, rows, generator): add it to share its noise over processes"
         )
-        return {"t": t[rows], "noise": _global_noise(x, global_batch, rows, generator)}
-    if isinstance(objective, MaskedDiffusion):
-        t = objective.sample_times(global_batch, generator, x.device)
-        x0 = x.new_zeros((global_batch, *x.shape[1:]))  # other ranks' rows: only their shape matters
-        x0[rows] = x
-        return {"t": t[rows], "z_t": objective.mask_tokens(x0, t, generator)[rows]}
-    if isinstance(objective, AutoregressiveLM):
-        return {}  # exact likelihood: nothing random
-    raise TypeError(
-        f"{type(objective).__name__}: no rule for sharing its noise over processes; add one to "
-        "ditkit.train.distributed.global_draws"
-    )
-
-
-def _global_noise(x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
-    # sample_noise draws on the generator's device (the CPU) and moves the result; drawing the whole
-    # batch there and moving only this rank's rows gives the same numbers with less traffic.
-    like = torch.empty((global_batch, *x.shape[1:]), dtype=x.dtype, device=generator.device)
-    return sample_noise(like, generator=generator)[rows].to(x.device)
+    return draw(x, global_batch, rows, generator)
 
 
 @contextlib.contextmanager
@@ -479,6 +449,16 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` (a float, e.g. the training seconds of a time budget) on every rank:
+        one small broadcast, so that a learning rate or a stop decided from a clock is the same on
+        all ranks. One process: ``value`` itself."""
+        if not self.active:
+            return value
+        box = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(box, src=0)
+        return float(box.item())
 
     # ---- setup
     def shard_sampler(self, sampler: Any) -> Any:
