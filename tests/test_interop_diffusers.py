@@ -102,10 +102,12 @@ def test_other_norm_eps_warns(tmp_path):
         import_diffusers(tmp_path / "t")
 
 
-def test_official_timestep_convention_exports_with_a_warning_and_a_measurable_difference(tmp_path):
+def test_official_timestep_convention_is_refused_unless_lossy_is_allowed_and_the_difference_is_real(tmp_path):
     model = random_dit(timestep_freq_shift=0.0)
-    with pytest.warns(UserWarning, match="timestep_freq_shift=0"):
+    with pytest.raises(InteropError, match="timestep_freq_shift=1.*--allow-lossy"):
         export_diffusers(model, tmp_path / "t")
+    with pytest.warns(UserWarning, match="timestep_freq_shift=0"):
+        export_diffusers(model, tmp_path / "t", allow_lossy=True)
     theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "t").eval()
     x, t, y = inputs()
     with torch.no_grad():
@@ -139,8 +141,8 @@ def tiny_vae(folder):
 def test_pipeline_folder_runs_in_diffusers_and_imports_back(tmp_path):
     model = random_dit()
     names = [f"class {i}" for i in range(10)]
-    with pytest.warns(UserWarning, match="guidance_scale=1"):
-        export_diffusers(model, tmp_path / "pipe", vae=tiny_vae(tmp_path / "vae"), id2label=names)
+    export_diffusers(model, tmp_path / "pipe", vae=tiny_vae(tmp_path / "vae"), id2label=names)
+    assert (tmp_path / "pipe" / "pipeline_ditkit.py").is_file()  # 10 classes: DiTPipeline's null 1000 does not fit
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["id2label"]["7"] == "class 7" and index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
 

@@ -29,7 +29,7 @@ ALLOWED = {
     "device": {"config", "errors"},
     "recipes": {"config", "errors", "registry"},
     "data": {"config", "errors", "registry", "cache", "models", "media"},
-    "builders": {"config", "errors", "registry", "checkpoint_io", "models", "diffusion"},
+    "builders": {"config", "errors", "registry", "checkpoint_io", "models", "diffusion", "data"},
     "interop": {"config", "errors", "registry", "checkpoint_io", "builders", "models", "data", "cache"},
     "pipelines": {"config", "errors", "registry", "checkpoint_io", "builders", "models", "diffusion", "samplers",
                   "data", "device", "media", "progress", "interop", "adapters", "provenance", "safety"},
@@ -40,6 +40,7 @@ ALLOWED = {
               "provenance"},
     "train": {"config", "errors", "registry", "checkpoint_io", "builders", "models", "diffusion", "samplers", "data",
               "device", "eval", "interop", "pipelines", "media", "progress", "adapters"},
+    "sweep": {"config", "checkpoint_io", "pipelines", "eval", "train"},
     "cli": None,  # composes everything
 }
 

@@ -207,6 +207,7 @@ def _overfit_ratio(objective, out_channels, steps=600):
     return before / eval_loss()
 
 
+@pytest.mark.slow  # an overfit run
 @pytest.mark.parametrize(
     "name,objective,out_channels",
     [

@@ -62,8 +62,8 @@ def serve(models):
     """``serve(limits) -> (app, AsyncClient factory)``; workers stopped after the test."""
     apps = []
 
-    def make(limits=None):
-        app = create_app(models, limits or ServeLimits(max_queue=4, request_timeout_s=30))
+    def make(limits=None, blocklist=None):
+        app = create_app(models, limits or ServeLimits(max_queue=4, request_timeout_s=30), blocklist=blocklist)
         apps.append(app)
         return app, lambda: httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
@@ -478,3 +478,22 @@ def test_ckpt_names():
     assert parse_ckpt_arg("runs/000-x") == (None, "runs/000-x")
     with pytest.raises(ConfigError, match="model name may use"):
         parse_ckpt_arg("bad name=runs/x")
+
+
+def test_blocklist_answers_422_naming_the_rule_and_is_on_by_default(serve):
+    from ditkit.safety import Blocklist
+
+    app, client = serve(blocklist=Blocklist.from_text("sums-off: 3+4\nanything: re:.\n"))
+
+    async def go():
+        async with client() as c:
+            prompt = await c.post("/v1/text", json={"model": TXT, "prompt": "3+4=", "steps": 2})
+            generated = await c.post("/v1/text", json={"model": TXT, "steps": 2, "length": 4})
+            return prompt, generated
+
+    prompt, generated = run(go())
+    assert prompt.status_code == 422 and "refused by the safety rule 'sums-off'" in prompt.json()["detail"]
+    assert "3+4" not in prompt.json()["detail"]  # the rule's name, never the matched text
+    assert generated.status_code == 422 and "generated text refused by the safety rule 'anything'" in generated.json()["detail"]
+    default_app, _ = serve()
+    assert len(default_app.state.ditkit.blocklist) == 0  # on, with an empty list

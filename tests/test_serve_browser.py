@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the browser: .ci/run runs it as its second step
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DITKIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -134,14 +134,14 @@ def test_text_errors_stop_with_the_fix(runs, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(runs["ar"]), "--infill", "1+__=3", "--out-dir", str(tmp_path)]) == 2
     assert "--suffix and --infill need a masked model" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(runs["masked"]), "--npz", "--out-dir", str(tmp_path)]) == 2
-    assert "--npz is for image models" in capsys.readouterr().err
+    assert "--npz is for image" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(runs["masked"]), "--sampler", "ddim", "--out-dir", str(tmp_path)]) == 2
     assert "use ancestral" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(runs["masked"]), "--class-labels", "1", "--out-dir", str(tmp_path)]) == 2
     assert "unconditional" in capsys.readouterr().err
     image_run = Path(__file__).parent / "fixtures" / "outputs" / "image_ckpt"  # ditkit sample on an image checkpoint
     assert main(["sample", "--ckpt", str(image_run), "--prompt", "3+4=", "--out-dir", str(tmp_path / "i")]) == 2
-    assert "--prompt is for text models: this checkpoint is an image model" in capsys.readouterr().err
+    assert "--prompt is for text and text-to-image models: this checkpoint is an image model" in capsys.readouterr().err
     assert main(["train", "--recipe", "digits", "--set", "objective.kind=masked", "--print-config"]) == 2
     assert "--model DiT-XS/4 is an image model but objective.kind=masked trains text" in capsys.readouterr().err
     assert main(["train", "--recipe", "text_sums", "--data", "no/such.txt", "--print-config"]) == 2

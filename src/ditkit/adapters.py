@@ -338,6 +338,8 @@ def _describe(model: nn.Module) -> str:
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or name.startswith("lora_"):
         raise ConfigError(f"adapter name {name!r}: use letters, digits and underscores (not starting with lora_)")
+    if hasattr(nn.ModuleDict, name):  # peft keeps adapters in ModuleDicts: "half", "train", "to" clash
+        raise ConfigError(f"adapter name {name!r} is taken by torch (nn.Module.{name}): pick another, e.g. {name}_lora")
     return name
 
 
@@ -655,7 +657,8 @@ def _default_name(path: str | Path) -> str:
         p = p.parent if p.name in (ADAPTER_WEIGHTS, DIFFUSERS_LORA_WEIGHTS) else p.with_suffix("")
     while p.parent != p and (p.name in ("adapter", "ema_adapter", "checkpoints") or p.name.startswith("step_")):
         p = p.parent
-    return re.sub(r"\W", "_", p.name).lstrip("0123456789") or "adapter"
+    name = re.sub(r"\W", "_", p.name).lstrip("0123456789") or "adapter"
+    return name + "_lora" if hasattr(nn.ModuleDict, name) or name.startswith("lora_") else name
 
 
 def _check_fits(

@@ -15,9 +15,13 @@ Layout::
         sharded/                             FSDP runs only: model, EMA and optimiser shards written
                                              by every rank through torch.distributed.checkpoint
                                              (state.pt then has no optimiser; see train/distributed.py)
+        adapter/, ema_adapter/               LoRA runs (train.lora_rank > 0) only, in place of the two
+                                             model files: adapter_model.safetensors + adapter_config.json
+                                             (ditkit.adapters); the base is the run's train.init_from
 
-A step directory is complete when it holds ``config.json`` and ``model.safetensors`` (saves publish
-a directory by an atomic rename, so readers never see a half-written one).
+A step directory is complete when it holds ``config.json`` and ``model.safetensors`` (a LoRA run:
+``adapter/adapter_model.safetensors``); saves publish a directory by an atomic rename, so readers
+never see a half-written one.
 """
 
 from __future__ import annotations
@@ -51,12 +55,18 @@ __all__ = [
     "checkpoint_facts",
     "weights_sha256",
     "Checkpoint",
+    "ADAPTER_DIR",
+    "EMA_ADAPTER_DIR",
+    "is_adapter_checkpoint",
 ]
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
+ADAPTER_DIR = "adapter"  # LoRA runs: the trained adapter (ditkit.adapters.save_adapter)
+EMA_ADAPTER_DIR = "ema_adapter"  # and its EMA, what sampling uses
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"  # ditkit.adapters.ADAPTER_WEIGHTS (this room cannot import it)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -72,8 +82,13 @@ def step_dir_name(step: int) -> str:
 # ---- finding -------------------------------------------------------------------------------------
 
 
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """Whether a step directory is a LoRA run's: adapters in place of the model files."""
+    return (Path(path) / ADAPTER_DIR / _ADAPTER_WEIGHTS).is_file() and not (Path(path) / MODEL_FILE).is_file()
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+    return (path / CONFIG_FILE).is_file() and ((path / MODEL_FILE).is_file() or is_adapter_checkpoint(path))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -135,13 +150,27 @@ def load_checkpoint_config(ckpt: str | Path) -> Config:
 def weights_in(ckpt: str | Path, which: str = "ema") -> str:
     """The weights a checkpoint really holds for ``which``: ``"ema"`` when asked for and present,
     else ``"model"`` (imported checkpoints may have only raw weights); metadata reports this value."""
-    return "ema" if which == "ema" and (Path(ckpt) / EMA_FILE).is_file() else "model"
+    ema = EMA_FILE if not is_adapter_checkpoint(ckpt) else f"{EMA_ADAPTER_DIR}/{_ADAPTER_WEIGHTS}"
+    return "ema" if which == "ema" and (Path(ckpt) / ema).is_file() else "model"
+
+
+def _weights_file(ckpt: Path, which: str) -> Path:
+    """The file holding ``which`` weights: a model file, or a LoRA run's adapter file."""
+    ema = weights_in(ckpt, which) == "ema"
+    if is_adapter_checkpoint(ckpt):
+        return ckpt / (EMA_ADAPTER_DIR if ema else ADAPTER_DIR) / _ADAPTER_WEIGHTS
+    return ckpt / (EMA_FILE if ema else MODEL_FILE)
 
 
 def load_weights(ckpt: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """State dict from ``ema.safetensors`` (``which="ema"``) or ``model.safetensors``. A checkpoint
     without EMA weights (e.g. imported) gives the raw weights (``weights_in`` says which)."""
     ckpt = Path(ckpt)
+    if is_adapter_checkpoint(ckpt):
+        raise CheckpointError(
+            f"{ckpt} is a LoRA run's checkpoint (adapters only, base: its train.init_from): load it with "
+            "ditkit.load / ditkit sample, or write a full run with ditkit lora merge"
+        )
     path = ckpt / (EMA_FILE if weights_in(ckpt, which) == "ema" else MODEL_FILE)
     try:
         return load_safetensors(str(path), device="cpu")
@@ -153,7 +182,7 @@ def checkpoint_facts(ckpt: str | Path) -> dict[str, Optional[int]]:
     """``{"step", "epoch", "num_params"}`` of a checkpoint from the header of ``model.safetensors``
     (no tensor is loaded); step falls back to the directory name, epoch to None."""
     ckpt = Path(ckpt)
-    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+    with safe_open(str(_weights_file(ckpt, "model")), framework="pt") as f:  # a LoRA run: the adapter's
         meta = f.metadata() or {}
         num_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     m = _STEP_DIR.match(ckpt.name)
@@ -175,8 +204,7 @@ def load_training_state(ckpt: str | Path) -> dict[str, Any]:
 
 def weights_sha256(ckpt: str | Path, which: str = "ema") -> str:
     """SHA-256 hex digest of the weights file sampling uses (identifies a checkpoint in metadata)."""
-    ckpt = Path(ckpt)
-    path = ckpt / (EMA_FILE if weights_in(ckpt, which) == "ema" else MODEL_FILE)
+    path = _weights_file(Path(ckpt), which)  # a LoRA run: the adapter file
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -34,6 +34,8 @@ __all__ = [
     "Config",
     "DIT_FLAGS",
     "BUILTIN_DATASETS",
+    "BUILTIN_VIDEO_DATASETS",
+    "DEFAULT_NUM_FRAMES",
     "BUILTIN_TEXT_CORPORA",
     "apply_overrides",
     "parse_set_option",
@@ -47,8 +49,10 @@ from ditkit.errors import ConfigError, a_or_an  # one error class for every room
 
 # Datasets that need no file on disk (see ditkit.data.builtin and ditkit.data.text, which import
 # these names: the data room depends on the config, never the other way round).
-BUILTIN_DATASETS = ("digits", "shapes", "mnist")
-BUILTIN_TEXT_CORPORA = ("pydoc", "synthetic", "synthetic-sums", "synthetic-brackets")
+BUILTIN_DATASETS = ("digits", "shapes", "mnist", "shapes_captions")
+BUILTIN_VIDEO_DATASETS = ("moving_digits",)
+DEFAULT_NUM_FRAMES = 8  # frames per clip of video runs that do not set data.num_frames (moving_digits)
+BUILTIN_TEXT_CORPORA = ("pydoc", "synthetic", "synthetic-sums", "synthetic-brackets", "python-styles")
 
 
 @dataclass
@@ -72,8 +76,12 @@ class ModelConfig:
     mlp: Optional[str] = None  # "gelu" | "swiglu"
     pos_embed: Optional[str] = None  # "sincos" | "rope" | ...
     grad_checkpointing: Optional[bool] = None
-    timestep_freq_shift: Optional[float] = None
+    timestep_freq_shift: Optional[float] = None  # 1 = diffusers' sinusoid: exact export-diffusers (docs/interop.md); None/0 = official DiT
     time_conditioning: Optional[bool] = None  # text models (TextDiT-*): embed t; off allows cached sampling
+    # ---- video models (Latte-*): "interleaved" spatial/temporal blocks (Latte's best) or "full" 3-D
+    # attention; frames per token (1: per-frame patches; k: k x p x p tubelets)
+    attention: Optional[str] = None
+    tubelet_size: Optional[int] = None
 
 
 @dataclass
@@ -101,6 +109,12 @@ class ObjectiveConfig:
     clip_x0: Optional[float] = None
     # loss weighting over noise levels: "none" (the objective's own), "min_snr" (Hang et al. 2023,
     # weight min(SNR, gamma) / SNR for eps prediction, arXiv 2303.09556)
+    # block diffusion (kind "block", BD3-LM, Arriola et al. 2025): tokens per block (divides
+    # data.seq_len; seq_len = MDLM, 1 = AR; None: 16, or the largest divisor of seq_len below it)
+    # and the clipped masking-rate range of training
+    block_size: Optional[int] = None
+    noise_min: float = 0.0
+    noise_max: float = 1.0
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     # EDM (Karras et al. 2022, arXiv 2206.00364): noise scales of sampling, the data's standard
@@ -145,12 +159,35 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out share of the token stream
     num_val_blocks: int = 1  # held-out blocks spread over the stream
     text_field: str = "text"  # .jsonl key of the text
+    strict: bool = False  # text: refuse non-UTF-8 files instead of skipping them (counted, named)
     label_field: Optional[str] = None  # .jsonl key of a label (conditioning, guidance)
     synthetic_docs: int = 20000  # documents of the synthetic corpora
     # ---- latent diffusion (--vae): the DiT sees VAE latents; image_size stays in pixels
     vae: Optional[str] = None  # local diffusers AutoencoderKL folder (no hub); sampling decodes through it
     latent_channels: Optional[int] = None  # set by training from the VAE (or by import-dit); None: pixels
     vae_downsample: Optional[int] = None  # pixels per latent cell, set with latent_channels
+    # ---- prompts (text-to-image models, T2I-*): captions from shapes_captions or a captioned folder
+    captioned: bool = False  # a folder of captioned images (sidecar .txt or metadata.jsonl), not class folders
+    caption_dropout: float = 0.1  # training captions dropped to the empty prompt (classifier-free guidance)
+    max_caption_length: int = 32  # tokens per caption, [BOS] included; longer ones are truncated with a warning
+    allow_uncaptioned: bool = False  # train images without a caption with the empty prompt
+    # ---- audio only (model family audio_dit, ditkit.data.audio): clips and their normalised log-mel
+    # spectrogram (ditkit.data.audio.MelSpec), saved so that a checkpoint alone plays back
+    sample_rate: int = 16000  # Hz; files are resampled to it
+    duration: float = 1.0  # seconds per training clip (cut or zero-padded); the default length sampled
+    n_mels: int = 64
+    n_fft: int = 1024
+    hop_length: int = 250  # samples per spectrogram frame (16 kHz / 250 = 64 frames per second)
+    fmin: float = 0.0
+    fmax: Optional[float] = None  # None: sample_rate / 2
+    mel_log_floor: float = 1e-5  # magnitudes below it are silence (-1 after normalisation)
+    mel_norm_high: float = 1.0  # natural-log mel level mapped to +1
+    # ---- video only (model family latte, ditkit.data.video): clips (N, C, num_frames, S, S)
+    num_frames: Optional[int] = None  # frames per training clip; None: 8 (moving_digits), required for --data PATH
+    frame_stride: int = 1  # video folders: take every k-th decoded frame
+    num_directions: int = 4  # moving_digits: 4 or 8 directions of motion
+    num_digits: int = 1  # moving_digits: digits per clip (the judges score one-digit clips)
+    video_label: str = "digit_direction"  # moving_digits: digit_direction | digit | direction | none
 
 
 @dataclass
@@ -201,6 +238,15 @@ class TrainConfig:
     keep_best: bool = False
     init_from: Optional[str] = None  # --init-from: pretrained weights (ditkit run, official .pt, diffusers folder)
     init_class_map: Optional[str] = None  # --class-map NEW:OLD,...: label rows kept from the source
+    # LoRA fine-tuning (ditkit.adapters, through peft): rank 0 trains all weights; > 0 freezes the
+    # --init-from base and trains rank-r adapters on lora_targets (presets attn, qkv, mlp, adaLN,
+    # cross_attn, final, or regular expressions over layer names); checkpoints hold the adapter only
+    lora_rank: int = 0  # --lora-rank
+    lora_alpha: Optional[float] = None  # --lora-alpha: scale alpha / rank (None: the rank, scale 1)
+    lora_targets: str = "attn,mlp"  # --lora-targets
+    lora_dropout: float = 0.0
+    lora_variant: Literal["lora", "dora"] = "lora"
+    lora_base_dtype: Optional[Literal["bf16", "fp32"]] = None  # keep the frozen base in bf16 (None: as trained)
 
 
 @dataclass
@@ -235,6 +281,7 @@ class SampleConfig:
     remasking: Literal["random", "low_confidence"] = "random"  # masked text sampler
     temperature: float = 1.0  # text samplers; 0 is greedy
     top_k: Optional[int] = None  # autoregressive sampler
+    remdm_eta: float = 0.0  # masked sampler: ReMDM remasking (Wang et al. 2025); 0 = plain MDLM
     # gaussian samplers' timesteps: uniform (the official respacing) or quadratic (dense near the
     # data); docs/eval.md compares them
     timestep_spacing: Literal["uniform", "quadratic"] = "uniform"
@@ -283,7 +330,11 @@ class Config:
             raise ConfigError(f"data.channels={d.channels}: use 1 (grayscale), 3 (RGB) or none")
         if d.num_classes is not None and d.num_classes < 0:
             raise ConfigError(f"--num-classes {d.num_classes}: use 0 (unconditional) or a positive count")
-        if self.modality == "image" and d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
+        if self.modality == "audio":
+            _validate_audio(self)
+        elif self.modality == "video" or d.num_frames is not None or self.model.attention or self.model.tubelet_size:
+            _validate_video(self)
+        elif self.modality == "image" and d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
             raise ConfigError(
                 f"data.dataset {d.dataset!r} is neither a built-in dataset "
                 f"({', '.join(BUILTIN_DATASETS)}) nor an existing path: fix --data"
@@ -300,8 +351,8 @@ class Config:
                 f"--global-batch-size {t.global_batch_size} is not divisible by "
                 f"train.grad_accum_steps={t.grad_accum_steps}"
             )
-        if t.max_steps is None and t.epochs is None:
-            raise ConfigError("set the run length: --max-steps N or --epochs N")
+        if t.max_steps is None and t.epochs is None and t.time_budget is None:
+            raise ConfigError("set the run length: --max-steps N, --epochs N or --time-budget 10m")
         if t.max_steps is not None:
             _positive("train.max_steps (--max-steps)", t.max_steps)
         if t.epochs is not None:
@@ -334,17 +385,28 @@ class Config:
 
     @property
     def modality(self) -> str:
-        """What the run generates (``"image"``, ``"text"``, ...): the ``modality`` its objective
-        registered with (``ditkit.registry.OBJECTIVES``). Raises ``ConfigError`` for an unknown kind."""
-        from ditkit.registry import OBJECTIVES  # lazy: the objectives import torch
+        """What the run generates (``"image"``, ``"text"``, ``"audio"``, ...): the ``modality`` its
+        objective registered with (``ditkit.registry.OBJECTIVES``), except that the continuous
+        objectives (registered ``"image"``: gaussian, flow, EDM) also train model families of a
+        modality with no objectives of its own (audio): then the model family's modality. Raises
+        ``ConfigError`` for an unknown kind."""
+        from ditkit.registry import MODEL_FAMILIES, OBJECTIVES  # lazy: the objectives import torch
 
-        return OBJECTIVES.get(self.objective.kind).modality
+        trains = OBJECTIVES.get(self.objective.kind).modality
+        if trains == "image":
+            for family in MODEL_FAMILIES.entries():
+                if self.model.name in family.meta.get("presets", {}):
+                    own = family.meta.get("modality", trains)
+                    return own if own == trains or not OBJECTIVES.names(modality=own) else trains
+        return trains
 
     def run_length(self, steps_per_epoch: int) -> int:
-        """Optimiser steps of the whole run: ``max_steps`` if set, else ``epochs * steps_per_epoch``."""
+        """Optimiser steps of the whole run: ``max_steps`` if set, else ``epochs * steps_per_epoch``
+        (a run bounded by ``time_budget`` alone has none: the trainer checks that first)."""
         if self.train.max_steps is not None:
             return self.train.max_steps
-        assert self.train.epochs is not None
+        if self.train.epochs is None:
+            raise ConfigError("this run has no step count (only a time budget)")
         return self.train.epochs * steps_per_epoch
 
 
@@ -368,6 +430,10 @@ def _validate_pretrained_and_eval(cfg: Config) -> None:
         raise ConfigError(f"--init-from {t.init_from}: no such file or folder")
     if t.init_class_map is not None and t.init_from is None:
         raise ConfigError("--class-map maps the label rows of --init-from: give --init-from too")
+    if t.lora_rank < 0:
+        raise ConfigError(f"--lora-rank {t.lora_rank}: use 0 (train all weights) or a positive rank, e.g. 16")
+    if t.lora_rank and t.init_from is None:
+        raise ConfigError(f"--lora-rank {t.lora_rank} adapts a pretrained base: give --init-from RUN_OR_FILE too")
     if cfg.objective.clip_x0 is not None and cfg.objective.clip_x0 < 0:
         raise ConfigError(f"objective.clip_x0={cfg.objective.clip_x0}: use 0 (no clipping), a positive bound, or none (auto)")
 
@@ -380,7 +446,7 @@ def _validate_registered(cfg: Config) -> None:
     o, s, m = cfg.objective, cfg.sample, cfg.model
     objective = OBJECTIVES.get(o.kind)
     for family in MODEL_FAMILIES.entries():
-        if m.name in family.meta.get("presets", {}) and family.modality != objective.modality:
+        if m.name in family.meta.get("presets", {}) and family.modality != cfg.modality:
             kinds = OBJECTIVES.names(modality=family.modality)
             raise ConfigError(
                 f"--model {m.name} is {a_or_an(family.modality)} model but objective.kind={o.kind} trains {objective.modality}: "
@@ -396,6 +462,48 @@ def _validate_registered(cfg: Config) -> None:
             )
 
 
+def _validate_audio(cfg: Config) -> None:
+    """Values of the audio modality are sane (the mel settings themselves: ``ditkit.data.audio.MelSpec``)."""
+    d = cfg.data
+    if d.dataset != "spoken_digits" and not Path(d.dataset).is_dir():
+        raise ConfigError(
+            f"data.dataset {d.dataset!r} is neither the built-in spoken_digits nor an existing folder of sounds: fix --data"
+        )
+    if not 0 < d.duration <= 600:
+        raise ConfigError(f"data.duration={d.duration}: use a clip length in seconds in (0, 600], e.g. 1.0")
+    if d.hflip:
+        raise ConfigError("data.hflip=true would play audio backwards: set data.hflip=false for audio")
+    for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
+        _positive(f"data.{name}", getattr(d, name))
+    if int(round(d.duration * d.sample_rate)) < d.hop_length:
+        raise ConfigError(f"data.duration={d.duration} s is shorter than one hop of {d.hop_length} samples: use longer clips")
+
+
+def _validate_video(cfg: Config) -> None:
+    """Values of the video modality are sane, and video-only values are not given to other models."""
+    d, m = cfg.data, cfg.model
+    if cfg.modality != "video":
+        given = [n for n, v in (("data.num_frames", d.num_frames), ("model.attention", m.attention),
+                                ("model.tubelet_size", m.tubelet_size)) if v is not None]
+        raise ConfigError(f"{', '.join(given)}: video options, for Latte-* models: train video with --recipe moving_digits "
+                          f"(or --model Latte-T/4), or drop them for {m.name}")
+    if d.dataset not in BUILTIN_VIDEO_DATASETS and not Path(d.dataset).is_dir():
+        raise ConfigError(
+            f"data.dataset {d.dataset!r} is neither the built-in moving_digits nor an existing folder of clips: fix --data"
+        )
+    if d.dataset not in BUILTIN_VIDEO_DATASETS and d.num_frames is None:
+        raise ConfigError(f"--data {d.dataset}: set the clip length of a video folder, --set data.num_frames=16")
+    if d.num_frames is not None and d.num_frames < 2:
+        raise ConfigError(f"data.num_frames={d.num_frames}: a clip needs at least 2 frames, e.g. 8 or 16")
+    _positive("data.frame_stride", d.frame_stride)
+    if d.hflip:
+        raise ConfigError("data.hflip=true turns a clip moving right into one moving left: set data.hflip=false for video")
+    if m.attention not in (None, "interleaved", "full"):
+        raise ConfigError(f"model.attention={m.attention!r}: choose interleaved or full")
+    if m.tubelet_size is not None and (m.tubelet_size < 1 or (d.num_frames or DEFAULT_NUM_FRAMES) % m.tubelet_size):
+        raise ConfigError(f"model.tubelet_size={m.tubelet_size}: use a divisor of data.num_frames={d.num_frames or DEFAULT_NUM_FRAMES}")
+
+
 def _validate_modality(cfg: Config) -> None:
     """Values of the text modality are sane (images are checked in ``validate``)."""
     d, o, s, m = cfg.data, cfg.objective, cfg.sample, cfg.model
@@ -408,6 +516,17 @@ def _validate_modality(cfg: Config) -> None:
         raise ConfigError("objective.time_sampling=logit_normal is for flow matching: use stratified or uniform")
     if o.kind == "autoregressive" and m.time_conditioning:
         raise ConfigError("an autoregressive model is causal and called with t = 0: set model.time_conditioning=false")
+    if o.kind == "block":
+        if m.time_conditioning:
+            raise ConfigError("block diffusion shares one time per block: set model.time_conditioning=false")
+        if o.block_size is not None and (o.block_size < 1 or d.seq_len % o.block_size):
+            raise ConfigError(f"objective.block_size={o.block_size} must divide data.seq_len={d.seq_len}")
+        if not 0.0 <= o.noise_min < o.noise_max <= 1.0:
+            raise ConfigError(f"objective.noise_min={o.noise_min}, noise_max={o.noise_max}: need 0 <= min < max <= 1")
+        if o.time_sampling == "logit_normal":
+            raise ConfigError("objective.time_sampling=logit_normal is for flow matching: use stratified or uniform")
+    if s.remdm_eta < 0:
+        raise ConfigError(f"sample.remdm_eta={s.remdm_eta}: use a value >= 0 (0 = no remasking)")
     if not 0.0 <= o.mask_eps < 1.0:
         raise ConfigError(f"objective.mask_eps={o.mask_eps}: use a value in [0, 1) (MDLM: 1e-3)")
     if d.seq_len < 2:
@@ -545,6 +664,12 @@ DIT_FLAGS: dict[str, str] = {
     "vae": "data.vae",
     "init_from": "train.init_from",
     "class_map": "train.init_class_map",
+    "lora_rank": "train.lora_rank",
+    "lora_alpha": "train.lora_alpha",
+    "lora_targets": "train.lora_targets",
+    "num_frames": "data.num_frames",  # video (issue 17)
+    "frame_stride": "data.frame_stride",
+    "duration": "data.duration",  # audio (issue 18)
 }
 
 

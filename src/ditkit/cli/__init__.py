@@ -13,7 +13,7 @@ Examples::
     ditkit info results/digits
     ditkit eval --ckpt results/digits --num-samples 1000
     ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256
-    ditkit export-diffusers runs/dit-xl-256 out/dit-xl-256 --vae path/to/sd-vae-ft-ema
+    ditkit export-diffusers runs/dit-xl-256 out/dit-xl-256 --vae path/to/sd-vae-ft-ema --allow-lossy
     ditkit serve --ckpt results/digits
 
 Flags shared with the official DiT scripts keep their names (``--model --image-size

@@ -1,13 +1,18 @@
 """``ditkit import-dit`` and ``ditkit export-diffusers``: the command-line front ends of the interop room:
 
     ditkit import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out runs/dit-xl-256 [--vae sd-vae]
-    ditkit export-diffusers RUN_OR_CKPT OUT [--vae path/to/sd-vae]
+    ditkit export-diffusers RUN_OR_CKPT OUT [--vae path/to/sd-vae] [--allow-lossy]
 
 ``import-dit`` writes a standard ditkit run (``config.json`` with a full Config, and
 ``checkpoints/step_0000000/`` with ``model.safetensors`` and ``ema.safetensors``), so ``ditkit
 sample --ckpt RUN``, ``ditkit info RUN``, ``ditkit eval`` and ``ditkit train --init-from RUN`` read it
 like any run. The config records the official sampling algorithm (linear schedule, learned sigma,
 eps prediction, 250 uniform DDPM steps, no x0 clipping, guidance on 3 latent channels).
+
+``export-diffusers`` refuses a model diffusers would not reproduce exactly (trained with
+``timestep_freq_shift`` 0, ditkit's default) unless ``--allow-lossy``, which warns with the cost
+measured on trained models (docs/interop.md); it prints how to load the folder and how guidance
+works there (the null class, ``pipeline_ditkit.py`` for other than 1000 classes).
 
 Errors are InteropError / ConfigError with the fix in the message.
 """
@@ -60,6 +65,9 @@ def register(subparsers: Any) -> None:
     exp.add_argument("out", metavar="OUT")
     exp.add_argument("--vae", default=None, metavar="DIR", help="local AutoencoderKL folder: write a DiTPipeline")
     exp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    exp.add_argument("--allow-lossy", action="store_true",
+                     help="export even when diffusers will not reproduce the model exactly (timestep_freq_shift 0: warns "
+                          "with the measured cost)")
     exp.set_defaults(func=cmd_export_diffusers)
 
 
@@ -106,10 +114,49 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
             f"{ckpt_dir} was trained with objective {objective.kind!r}; DiTPipeline runs Gaussian (DDPM) "
             "models only. Export without --vae to get the transformer folder alone"
         )
-    out = export_diffusers(
-        model, args.out, vae=vae, schedule=objective.schedule, num_timesteps=objective.num_timesteps,
-        prediction=objective.prediction,
-    )
-    kind = "DiTPipeline" if vae is not None else "DiTTransformer2DModel"
-    print(f"wrote {kind} folder {out} from {ckpt_dir}")
+    import sys
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # said once on stderr, without a source line
+        warnings.simplefilter("always")
+        out = export_diffusers(
+            model, args.out, vae=vae, schedule=objective.schedule, num_timesteps=objective.num_timesteps,
+            prediction=objective.prediction, id2label=cfg.data.class_names or None, allow_lossy=args.allow_lossy,
+        )
+    for warning in caught:
+        print(f"ditkit export-diffusers: warning: {warning.message}", file=sys.stderr)
+    from ditkit.pipelines.base import unconditional_branch_trained
+
+    print(export_message(out, ckpt_dir, model.num_classes, pipeline=vae is not None, learn_sigma=model.learn_sigma,
+                         null_trained=unconditional_branch_trained(model)))
     return 0
+
+
+def export_message(out: Path, source: Path, num_classes: int, *, pipeline: bool, learn_sigma: bool,
+                   null_trained: bool = True) -> str:
+    """What was written and exactly how to use it in diffusers, guidance included."""
+    null = num_classes  # ditkit's (and diffusers' LabelEmbedding's) null row: the last one
+    lines = [f"wrote {'DiTPipeline' if pipeline else 'DiTTransformer2DModel'} folder {out} from {source}"]
+    if not pipeline:
+        lines += [
+            f"  load: DiTTransformer2DModel.from_pretrained({str(out)!r}); call transformer(x, timestep=t, class_labels=y).sample",
+            f"  guidance: pass label {null} as the null class (cond and uncond in one batch); there is no DiTPipeline for a "
+            "pixel-space model (it needs a VAE): drive the transformer with your own sampler or sample with ditkit",
+        ]
+    elif num_classes == 1000:
+        lines.append(f"  load: DiTPipeline.from_pretrained({str(out)!r}); guidance works as usual (null class 1000)")
+    else:
+        lines += [
+            f"  load with guidance: DiffusionPipeline.from_pretrained({str(out)!r}, custom_pipeline={str(out / 'pipeline_ditkit.py')!r}, trust_remote_code=True)"
+            f" (DiTkitPipeline: null class {null} instead of DiTPipeline's hard-coded 1000)",
+            f"  DiTPipeline.from_pretrained({str(out)!r}) also loads it, but only guidance_scale=1 works there",
+        ]
+    if not null_trained:
+        lines.append("  this model never trained its null class (class_dropout_prob 0): use guidance_scale=1 in diffusers")
+    if pipeline:
+        lines.append(
+            "  DiTPipeline samples with the scheduler in scheduler/ (DDIM by default), guides every latent channel"
+            + (" and ignores the learned variance" if learn_sigma else "")
+            + ": ditkit's sampler settings from the checkpoint are not carried over"
+        )
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from ditkit.registry import COMMANDS, PIPELINES, SAMPLERS
 __all__ = ["register", "cmd_sample", "output_dir"]
 
 # argparse dests that do not change what is drawn (left out of the output folder's name)
-_NOT_OUTPUT = {"ckpt", "out_dir", "overwrite", "device", "batch_size", "func", "command", "_subparsers",
+_NOT_OUTPUT = {"ckpt", "out_dir", "overwrite", "device", "batch_size", "func", "command", "_subparsers", "blocklist",
                "interrupted_message", "_owners"}
 
 
@@ -62,7 +62,10 @@ def register(subparsers: Any) -> None:
     sa.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir (its files are removed)")
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--device", default="auto")
-    sa.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    sa.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: as the run trained (bf16 only where native and measured to keep quality, docs/fast_sampling.md)")
+    sa.add_argument("--blocklist", metavar="FILE",
+                    help="safety rules (ditkit.safety) checked on the prompt and on generated text (off by default)")
     owners: dict[str, set[str]] = {a.dest: set(PIPELINES.names()) for a in sa._actions}
     for entry in PIPELINES.entries():
         group = sa.add_argument_group(f"{entry.name} models")
@@ -75,7 +78,8 @@ def _refuse_foreign_flags(args: argparse.Namespace, parser_defaults: dict[str, A
         value = getattr(args, dest, None)
         if modality not in modalities and value not in (None, False) and value != parser_defaults.get(dest):
             flag = "--" + dest.replace("_", "-")
-            raise ConfigError(f"{flag} is for {' and '.join(sorted(modalities))} models: this checkpoint is {a_or_an(modality)} model")
+            kinds = " and ".join(sorted(m.replace("_", "-") for m in modalities))
+            raise ConfigError(f"{flag} is for {kinds} models: this checkpoint is {a_or_an(modality.replace('_', '-'))} model")
 
 
 def output_dir(args: argparse.Namespace, run_dir: Path, ckpt_name: str) -> Path:
@@ -109,6 +113,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     defaults = {a.dest: a.default for a in args._subparsers["sample"]._actions}
     _refuse_foreign_flags(args, defaults, cls.modality)
     out = output_dir(args, ckpt.run_dir, ckpt.dir.name)
+    blocklist = None
+    if args.blocklist is not None:
+        from ditkit.safety import Blocklist
+
+        blocklist = Blocklist.from_file(args.blocklist)
+        for attr in ("prompt", "negative_prompt", "suffix", "infill"):
+            if getattr(args, attr, None):
+                blocklist.enforce(getattr(args, attr), attr.replace("_", " "))
     from ditkit.train.distributed import setup_sampling
 
     procs = setup_sampling(args.device) if cls.supports_distributed else None
@@ -124,6 +136,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             procs.close()
     if procs is not None and not procs.is_main:
         return 0
+    if blocklist is not None:  # generated text is screened before anything is written
+        for text in getattr(output, "texts", []) or []:
+            blocklist.enforce(text, "generated text")
     written = pipe.cli_save(output, args, out)
     print(pipe.cli_summary(output))
     for path in written[:3]:

@@ -24,10 +24,13 @@ def register(subparsers: Any) -> None:
     )
     sv.add_argument("--ckpt", action="append", required=True, metavar="[NAME=]RUN_OR_CKPT",
                     help="a run directory (its newest checkpoint) or checkpoint; repeat to serve several")
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[:WEIGHT]",
+                    help="a LoRA adapter loaded once into the image models it fits; a request picks it with \"lora\": NAME")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: as the run trained (bf16 only where native and measured to keep quality, docs/fast_sampling.md)")
     sv.add_argument("--no-ema", action="store_true", help="serve the raw weights instead of the EMA")
     lim = sv.add_argument_group("limits per request (over a limit: HTTP 422 naming it)")
     lim.add_argument("--max-images", type=int, default=d.max_images_per_request, help="images per request")
@@ -43,6 +46,9 @@ def register(subparsers: Any) -> None:
                       help="a request still unfinished after this answers 504 and its work stops")
     load.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies answer 413")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--blocklist", metavar="FILE",
+                    help="safety rules (one per line, `name: word` or `name: re:regex`) for prompts and generated text; "
+                         "default: the filter is on with an empty list")
     sv.set_defaults(func=cmd_serve)
 
 
@@ -56,5 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     run_server(args.ckpt, host=args.host, port=args.port, limits=limits, device=args.device,
-               precision=args.precision, use_ema=not args.no_ema, log_level=args.log_level)
+               precision=args.precision, use_ema=not args.no_ema, log_level=args.log_level, blocklist=args.blocklist,
+               loras=args.lora)
     return 0

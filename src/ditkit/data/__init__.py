@@ -59,6 +59,18 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     labels (unconditional); a positive value must cover every label in the data.
     """
     name = cfg.dataset
+    if name == "shapes_captions" or getattr(cfg, "captioned", False):  # prompt models: (image, caption ids) pairs
+        from ditkit.data.captions import load_caption_training_set
+
+        return load_caption_training_set(cfg)  # type: ignore[return-value]
+    from ditkit.data.audio import is_audio_source, load_audio_dataset  # librosa only when audio is asked for
+
+    if is_audio_source(name):  # log-mels (N, n_mels, T) uint8 for the audio DiT (ditkit.data.audio)
+        return load_audio_dataset(cfg)
+    from ditkit.data.video import is_video_source, load_video_dataset
+
+    if is_video_source(cfg):  # clips (N, C, F, H, W) uint8 for Latte (ditkit.data.video)
+        return load_video_dataset(cfg)  # type: ignore[return-value]
     if name == "digits":
         ds = load_digits()
     elif name == "mnist":

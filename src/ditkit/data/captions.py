@@ -50,6 +50,13 @@ __all__ = [
     "load_captioned_folder",
     "CaptionTokenizer",
     "FrozenEncoder",
+    "ByteCaptionTokenizer",
+    "CaptionTrainingSet",
+    "caption_pairs",
+    "caption_tokenizer",
+    "load_caption_training_set",
+    "shapes_captions_vocabulary",
+    "word_spans",
 ]
 
 
@@ -566,3 +573,161 @@ def _sentence_transformers_max_length(root: Path) -> Optional[int]:
         except (KeyError, ValueError, json.JSONDecodeError):
             return None
     return None
+
+
+# ---- tokenizers that a config alone rebuilds, and the training set of caption token ids ------------
+#
+# The trainer builds the network from the config before it sees the data, and a checkpoint's
+# config.json must rebuild the tokenizer for sampling. So the joint-encoder tokenizer is a function of
+# the config: the word vocabulary of the built-in grammar for ``shapes_captions``, UTF-8 bytes for a
+# captioned folder (no fitted vocabulary to store; ByT5, Xue et al. 2022, trains on bytes too).
+
+
+def _words(text: str) -> list[str]:
+    """What ``CaptionTokenizer``'s pre-tokenizer yields: runs of word characters or of punctuation."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def shapes_captions_vocabulary() -> list[str]:
+    """Every word the ``shapes_captions`` grammar can write, sorted (paraphrases included)."""
+    words: set[str] = set()
+    one = {"objects": [{"shape": SHAPES[0], "colour": "red", "size": "small"}], "relation": None}
+    for v in range(_num_variants(one)):
+        words.update(_words(scene_caption(one, v)))
+    for relation in RELATIONS:
+        two = {"objects": [dict(one["objects"][0]), {"shape": SHAPES[1], "colour": "blue", "size": "large"}],
+               "relation": relation}
+        for v in range(_num_variants(two)):
+            words.update(_words(scene_caption(two, v)))
+    for name in (*SHAPES, *COLOURS, *SIZES, *(w for pair in _SIZE_WORDS.values() for w in pair)):
+        words.update(_words(name))
+    return sorted(words)
+
+
+def _caption_tokenizer_from_words(words: Sequence[str], max_length: int) -> CaptionTokenizer:
+    """A ``CaptionTokenizer`` with a fixed vocabulary: ``[PAD]`` 0, ``[UNK]`` 1, ``[BOS]`` 2, then
+    ``words`` in the given order (no fitting, so the same words give the same ids)."""
+    import tokenizers as tk
+
+    vocab = {PAD: 0, UNK: 1, BOS: 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    hf = tk.Tokenizer(tk.models.WordLevel(vocab=vocab, unk_token=UNK))
+    hf.normalizer = tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])
+    hf.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    return CaptionTokenizer(hf, max_length)
+
+
+class ByteCaptionTokenizer:
+    """UTF-8 byte tokenizer with ``CaptionTokenizer``'s interface: ``[PAD]`` 0, ``[UNK]`` 1 (unused),
+    ``[BOS]`` 2, byte ``b`` is id ``b + 3`` (vocab_size 259). ``max_length`` counts ``[BOS]``."""
+
+    vocab_size = 259
+    pad_id, unk_id, bos_id = 0, 1, 2
+
+    def __init__(self, max_length: int = 64):
+        self.max_length = max_length
+
+    def encode(self, caption: str, strict: bool = False) -> list[int]:
+        ids = [self.bos_id] + [b + 3 for b in caption.strip().encode("utf-8")]
+        if len(ids) > self.max_length:
+            message = (f"caption of {len(ids) - 1} bytes is longer than the text encoder's limit of "
+                       f"{self.max_length - 1} bytes (data.max_caption_length)")
+            if strict:
+                raise DataError(f"{message}: shorten it (or drop --strict to truncate)")
+            warnings.warn(f"{message}; truncated: {caption[:60]!r}", stacklevel=2)
+            ids = ids[: self.max_length]
+        return ids
+
+    __call__ = CaptionTokenizer.__call__
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "caption_bytes", "max_length": self.max_length}
+
+
+def caption_tokenizer(data: Any) -> "CaptionTokenizer | ByteCaptionTokenizer":
+    """The joint text encoder's tokenizer of a data config (read duck-typed: ``dataset``,
+    ``max_caption_length``): the grammar's words for ``shapes_captions``, else UTF-8 bytes."""
+    max_length = int(getattr(data, "max_caption_length", 32) or 32)
+    if getattr(data, "dataset", None) == "shapes_captions":  # 38 ids: within the encoder's 259 (models/prompt_dit.py)
+        return _caption_tokenizer_from_words(shapes_captions_vocabulary(), max_length)
+    return ByteCaptionTokenizer(max_length)
+
+
+def word_spans(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
+    """``[(word, token positions)]`` of ``prompt`` as ``tokenizer`` encodes it (position 0 is
+    ``[BOS]``): one entry per word token for a word tokenizer, the bytes of each whitespace-separated
+    word for the byte tokenizer. For per-word attention maps."""
+    if isinstance(tokenizer, ByteCaptionTokenizer):
+        spans, pos = [], 1
+        for word in prompt.strip().split():
+            n = len(word.encode("utf-8"))
+            spans.append((word, list(range(pos, min(pos + n, tokenizer.max_length)))))
+            pos += n + 1  # the space
+        return [(w, p) for w, p in spans if p]
+    ids = tokenizer.encode(prompt)
+    return [(tokenizer.hf.id_to_token(int(i)), [k]) for k, i in enumerate(ids) if k > 0]
+
+
+@dataclass
+class CaptionTrainingSet:
+    """What the trainer reads for a prompt model: one row per (image, caption) pair.
+
+    images: (M, C, H, W) uint8; labels: (M, L) int64 caption token ids padded with the tokenizer's
+    pad id (the prompt model encodes them and drops them to the empty caption at the caption dropout
+    rate); texts: the M captions; captions: the ``CaptionDataset`` it came from. ``num_classes`` is 0
+    (no class labels)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    texts: list[str]
+    source: str
+    dataset: CaptionDataset
+    tokenizer: Any
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def describe(self) -> str:
+        n = len(self.dataset)
+        side = self.images.shape[-1]
+        return (f"{self.source}: {n} images {side}x{side}x{self.images.shape[1]}, {len(self)} image-caption pairs, "
+                f"captions up to {self.labels.shape[1] - 1} tokens")
+
+
+def caption_pairs(data: CaptionDataset, tokenizer: Any, max_items: Optional[int] = None) -> CaptionTrainingSet:
+    """Expand ``data`` into one row per (image, caption) pair, tokenized (truncation warns once
+    with the count and the limit)."""
+    images, texts = [], []
+    keep = len(data) if max_items is None else min(len(data), max_items)
+    for i in range(keep):
+        for caption in data.captions[i]:
+            images.append(i)
+            texts.append(caption)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, _ = tokenizer(texts)
+    if caught:
+        warnings.warn(f"{len(caught)} caption(s) longer than the text encoder's limit of {tokenizer.max_length - 1} "
+                      "tokens were truncated (data.max_caption_length)", stacklevel=2)
+    index = torch.tensor(images, dtype=torch.long)
+    return CaptionTrainingSet(data.images[index].contiguous(), ids, texts, data.source, data, tokenizer)
+
+
+def load_caption_training_set(data: Any) -> CaptionTrainingSet:
+    """The training set of a prompt model's data config (duck-typed ``DataConfig``): the built-in
+    ``shapes_captions`` (``num_items`` scenes of the train split, seed 0) or a captioned folder."""
+    tokenizer = caption_tokenizer(data)
+    if data.dataset == "shapes_captions":
+        scenes = shapes_captions(data.num_items, seed=0, split="train", image_size=data.image_size)
+    else:
+        scenes = load_captioned_folder(data.dataset, data.image_size, data.channels,
+                                       allow_uncaptioned=bool(getattr(data, "allow_uncaptioned", False)))
+    return caption_pairs(scenes, tokenizer, data.max_items)

@@ -13,14 +13,25 @@ or a built-in corpus that needs no download:
 * ``pydoc``: the documentation topics that ship with every CPython (``pydoc_data.topics``);
 * ``synthetic-sums``: ``a+b=c`` with ``0 <= a, b <= 9`` (validity: ``is_valid_sum``);
 * ``synthetic-brackets``: balanced strings over ``()[]`` (validity: ``is_balanced``);
-* ``synthetic``: both, labelled ``sums`` / ``brackets`` (for label conditioning and guidance).
+* ``synthetic``: both, labelled ``sums`` / ``brackets`` (for label conditioning and guidance);
+* ``python-styles``: three writing styles from the Python installation itself, labelled
+  ``docstring`` (the standard library's module docstrings, doctest lines dropped), ``reference``
+  (the language reference topics of ``pydoc_data``) and ``code`` (standard-library source with
+  every docstring removed), each cut to the same number of characters (``python_style_documents``; the text
+  depends on the Python version). ``write_style_corpus(folder)`` writes it as a labelled folder.
+
+Files that are not UTF-8 are skipped with a warning naming them and their count (``strict=True``
+refuses them instead).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
+import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +47,9 @@ __all__ = [
     "BUILTIN_TEXT_CORPORA",
     "read_documents",
     "synthetic_documents",
+    "python_style_documents",
+    "write_style_corpus",
+    "STYLE_CORPUS",
     "is_valid_sum",
     "is_balanced",
     "SYNTHETIC_CHECKERS",
@@ -125,8 +139,94 @@ def synthetic_documents(
 
 
 # ------------------------------------------------------------------------------------------------
+# A built-in style corpus from text that ships with Python
+# ------------------------------------------------------------------------------------------------
+
+STYLE_CORPUS = "python-styles"
+
+
+def python_style_documents(max_chars_per_style: int = 120_000) -> tuple[list[str], list[str]]:
+    """Documents and labels of three styles, each about ``max_chars_per_style`` characters (whole
+    documents, in sorted order, until the budget is spent): ``docstring`` (module docstrings of
+    the standard library's top-level ``.py`` files), ``reference`` (``pydoc_data.topics``) and
+    ``code`` (the same files' source with every docstring removed, as ``ast.unparse`` writes it)."""
+    from pydoc_data.topics import topics
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docstrings, code = [], []
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        doc = ast.get_docstring(tree)
+        if doc and len(doc) > 200:  # prose only: doctest examples would read as code
+            prose = [line for line in doc.splitlines() if not line.lstrip().startswith((">>>", "..."))]
+            docstrings.append("\n".join(prose).strip())
+        for node in ast.walk(tree):  # code only: every docstring dropped
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+        try:
+            text = ast.unparse(tree).strip()
+        except (ValueError, RecursionError):
+            continue
+        if text:
+            code.append(text[:4000])  # a module's opening: imports, classes, functions
+
+    def budget(texts: list[str]) -> list[str]:
+        out, total = [], 0
+        for text in texts:
+            if total >= max_chars_per_style:
+                break
+            out.append(text[: max_chars_per_style - total])
+            total += len(out[-1])
+        return out
+
+    styles = {"docstring": budget(docstrings), "reference": budget([topics[k].strip() for k in sorted(topics)]),
+              "code": budget(code)}
+    docs = [d for texts in styles.values() for d in texts]
+    labels = [name for name, texts in styles.items() for _ in texts]
+    return docs, labels
+
+
+def write_style_corpus(folder: str | Path, max_chars_per_style: int = 120_000) -> Path:
+    """Write ``python_style_documents`` as ``folder/<style>/NNNN.txt`` (a labelled text folder for
+    ``--data``); returns ``folder``."""
+    folder = Path(folder)
+    docs, labels = python_style_documents(max_chars_per_style)
+    counts: dict[str, int] = {}
+    for doc, label in zip(docs, labels):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        counts[label] = counts.get(label, 0) + 1
+        (folder / label / f"{counts[label]:04d}.txt").write_text(doc, encoding="utf-8")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading documents
 # ------------------------------------------------------------------------------------------------
+
+
+def _read_utf8(files: Sequence[Path], strict: bool) -> tuple[list[str], list[bool]]:
+    """Texts of ``files`` and which were read; non-UTF-8 files are skipped with one warning that
+    names them and says how many (``strict``: ``ValueError`` naming the first)."""
+    texts, ok, bad = [], [], []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+            ok.append(True)
+        except UnicodeDecodeError as err:
+            if strict:
+                raise ValueError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start}): convert it or drop it") from None
+            bad.append(str(f))
+            ok.append(False)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} file(s) that are not UTF-8 text: {shown}", stacklevel=3)
+    return texts, ok
 
 
 def read_documents(
@@ -135,9 +235,15 @@ def read_documents(
     label_field: str | None = None,
     synthetic_docs: int = 20000,
     seed: int = 0,
+    strict: bool = False,
 ) -> tuple[list[str], list[str] | None]:
-    """Documents and (optional) string labels from a built-in name, a .txt file, a folder or a .jsonl."""
+    """Documents and (optional) string labels from a built-in name, a .txt file, a folder or a .jsonl.
+    Non-UTF-8 files in a folder are skipped with a warning (``strict``: refused, ``ValueError``);
+    a folder with no readable text, a JSONL line without the text field or with empty text raise
+    ``ValueError`` / ``KeyError`` naming the file and line."""
     name = str(source)
+    if name == STYLE_CORPUS:
+        return python_style_documents()
     if name == "pydoc":
         from pydoc_data.topics import topics
 
@@ -153,16 +259,19 @@ def read_documents(
     if path.is_dir():
         subdirs = sorted(d for d in path.iterdir() if d.is_dir() and any(d.glob("*.txt")))
         if subdirs:  # one subfolder per label
-            docs, labels = [], []
-            for d in subdirs:
-                for f in sorted(d.glob("*.txt")):
-                    docs.append(f.read_text(encoding="utf-8"))
-                    labels.append(d.name)
-            return docs, labels
+            files = [f for d in subdirs for f in sorted(d.glob("*.txt"))]
+            texts, ok = _read_utf8(files, strict)
+            labels = [f.parent.name for f, good in zip(files, ok) if good]
+            if not texts:
+                raise ValueError(f"folder {path} holds no UTF-8 .txt files")
+            return texts, labels
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise ValueError(f"folder {path} holds no .txt files")
-        return [f.read_text(encoding="utf-8") for f in files], None
+            raise ValueError(f"folder {path} holds no .txt files (one per document, or one subfolder of them per label)")
+        texts, _ = _read_utf8(files, strict)
+        if not texts:
+            raise ValueError(f"folder {path} holds no UTF-8 .txt files")
+        return texts, None
     if path.suffix == ".jsonl":
         docs, labels = [], []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -171,6 +280,8 @@ def read_documents(
             row = json.loads(line)
             if text_field not in row:
                 raise KeyError(f"{path}:{lineno} has no field {text_field!r}; set text_field to the text's key")
+            if not str(row[text_field]).strip():
+                raise ValueError(f"{path}:{lineno} has an empty {text_field!r}: drop the line or give it text")
             docs.append(str(row[text_field]))
             if label_field is not None:
                 if label_field not in row:
@@ -270,6 +381,7 @@ def build_text_dataset(
     drop_val_overlaps: bool = True,
     synthetic_docs: int = 20000,
     seed: int = 0,
+    strict: bool = False,
 ) -> TextDataset:
     """Read, tokenize, split and pack a corpus (see the module docstring).
 
@@ -281,7 +393,7 @@ def build_text_dataset(
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    docs, labels = read_documents(source, text_field, label_field, synthetic_docs=synthetic_docs, seed=seed)
+    docs, labels = read_documents(source, text_field, label_field, synthetic_docs=synthetic_docs, seed=seed, strict=strict)
     tok = build_tokenizer(str(tokenizer), docs, bpe_vocab_size) if isinstance(tokenizer, (str, Path)) else tokenizer
 
     class_names = sorted(set(labels)) if labels is not None else None

@@ -117,6 +117,7 @@ def load_text_data(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> Te
             cfg.dataset, cfg.seq_len, tokenizer if tokenizer is not None else cfg.tokenizer,
             bpe_vocab_size=cfg.bpe_vocab_size, val_fraction=cfg.val_fraction, num_val_blocks=cfg.num_val_blocks,
             text_field=cfg.text_field, label_field=cfg.label_field, synthetic_docs=cfg.synthetic_docs,
+            strict=bool(getattr(cfg, "strict", False)),  # data.strict: refuse non-UTF-8 files (when the config has it)
         )
     except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
         raise DataError(f"--data {cfg.dataset}: {err.args[0] if err.args else err}") from None

@@ -209,4 +209,11 @@ class EDM(Objective):
         ``num_steps`` counts the sigma intervals (Heun: ``2 num_steps - 1`` network calls)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        return sampler(self.denoiser(net), x_T, self.sigmas(num_steps), generator=generator, callback=callback, **options)
+        return sampler(self.denoiser(net), x_T, *self.sampling_grid(num_steps), generator=generator, callback=callback,
+                       **options)
+
+    def sampling_grid(self, num_steps: int) -> tuple[Tensor]:
+        """What an edm sampler takes after ``x_T``: ``(sigmas,)``, Karras sigmas then 0."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        return (self.sigmas(num_steps),)

@@ -179,5 +179,9 @@ class FlowMatching(Objective):
     ) -> Tensor:
         """Run a ``"flow"``-family ``sampler`` from ``x_T`` ``(B, C, ...)`` (noise, ``t = 1``) over
         ``flow_sampling_times(num_steps, shift)``; ``options`` go to the sampler. Returns ``x0``."""
-        ts = flow_sampling_times(num_steps, shift)
-        return sampler(self.denoiser(net), x_T, ts, generator=generator, callback=callback, **options)
+        return sampler(self.denoiser(net), x_T, *self.sampling_grid(num_steps, shift=shift), generator=generator,
+                       callback=callback, **options)
+
+    def sampling_grid(self, num_steps: int, *, shift: float = 1.0) -> tuple[Tensor]:
+        """What a flow sampler takes after ``x_T``: ``(ts,)``, times from 1 to 0 (``num_steps`` steps)."""
+        return (flow_sampling_times(num_steps, shift),)

@@ -280,10 +280,16 @@ class GaussianDiffusion(Objective):
         go to the sampler. ``zero_is_data``: the sampler treats a trailing index 0 as the data end
         (``sigma = 0``, no network call; the DPM-Solver grid), so the grid gets one more point and
         ``num_steps`` stays the number of network calls. Returns ``x0`` with the shape of ``x_T``."""
-        timesteps = space_timesteps(self.num_timesteps, num_steps + int(zero_is_data), timestep_spacing)
-        return sampler(
-            self.denoiser(net), x_T, self.alphas_cumprod, timesteps, generator=generator, callback=callback, **options
-        )
+        grid = self.sampling_grid(num_steps, timestep_spacing=timestep_spacing, zero_is_data=zero_is_data)
+        return sampler(self.denoiser(net), x_T, *grid, generator=generator, callback=callback, **options)
+
+    def sampling_grid(
+        self, num_steps: int, *, timestep_spacing: str = "uniform", zero_is_data: bool = False
+    ) -> tuple[Tensor, list[int]]:
+        """What a gaussian sampler takes after ``x_T``: ``(alphas_cumprod, timesteps)``, the
+        timesteps respaced to ``num_steps`` network calls (plus the data end for ``zero_is_data``
+        samplers). Inpainting and image-to-image wrap the sampler with this grid."""
+        return self.alphas_cumprod, space_timesteps(self.num_timesteps, num_steps + int(zero_is_data), timestep_spacing)
 
     def denoiser(self, net: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], GaussianPrediction]:
         """Adapt ``net(x, t_float) -> raw output`` (conditioning bound) to the sampler interface.

@@ -329,7 +329,7 @@ def get_classifier(
         "versions": tool_versions(),
     }
     if verbose:
-        print(f"trained feature classifier {classifier_hash} in {seconds:.1f}s, held-out accuracy {accuracy}")
+        print(f"trained feature classifier {classifier_hash} in {seconds:.1f}s, held-out accuracy {accuracy:.4f}")
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".classifier-{classifier_hash}-"))
     try:

@@ -10,6 +10,9 @@ The image twin is ``ditkit.eval.model_eval``; both sample through the pipelines.
 * ``samples``: ``num_samples`` unprompted samples of ``seq_len`` tokens -- the fraction of valid
   complete documents for the synthetic corpora, distinct-n for n = 1..4 (and the same on the
   validation chunks, for reference), and sampling throughput in generated tokens per second.
+* ``style`` (label-conditional models): a ``StyleClassifier`` fit on the labelled training chunks,
+  its accuracy on the held-out chunks (how far the judge can be trusted), and the style accuracy
+  of the samples: the share it assigns to the label each was drawn for (``style_judge``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,29 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.text import SYNTHETIC_CHECKERS, check_synthetic
 from ditkit.data.text_loader import TextTrainingSet, load_text_data, tokenizer_kind
 from ditkit.device import autocast
-from ditkit.eval.text import distinct_ngrams, fraction_valid, sampling_throughput, text_likelihood
+from ditkit.eval.text import (
+    StyleClassifier,
+    distinct_ngrams,
+    fraction_valid,
+    sampling_throughput,
+    style_accuracy,
+    text_likelihood,
+)
 
-__all__ = ["evaluate_text", "synthetic_checker", "TextPeriodicEvaluator"]
+__all__ = ["evaluate_text", "synthetic_checker", "TextPeriodicEvaluator", "style_judge"]
+
+
+def style_judge(data: TextTrainingSet, max_chunks: int = 4000) -> tuple[StyleClassifier, float]:
+    """A ``StyleClassifier`` fit on (at most ``max_chunks`` evenly spaced) decoded training chunks
+    of a labelled corpus, and its accuracy on the held-out chunks. ``ConfigError`` without labels."""
+    if not data.num_classes or data.labels is None or data.val_labels is None:
+        raise ConfigError("style accuracy needs a labelled corpus (label folders or data.label_field)")
+    tok = data.tokenizer
+    step = max(1, len(data) // max_chunks)
+    texts = [tok.decode(row.tolist()) for row in data.tokens[::step]]
+    clf = StyleClassifier(max(data.num_classes, 2)).fit(texts, data.labels[::step].tolist())
+    val = [tok.decode(row.tolist()) for row in data.text.val]
+    return clf, clf.accuracy(val, data.val_labels.tolist())
 
 
 def synthetic_checker(cfg: Config, class_names: list[str]) -> Optional[Callable[[str, Optional[int]], bool]]:
@@ -59,7 +82,7 @@ def evaluate_text(
     batch_size: int = 64,
     use_ema: bool = True,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Score a text checkpoint (see the module docstring). ``max_val_sequences`` caps the held-out
     chunks (the first ones); sample ``i`` uses seed ``seed + i``; conditional models cycle labels."""
@@ -123,6 +146,11 @@ def evaluate_text(
             sum(r["fraction_valid"] * r["num_documents"] for r in per_label) / num_docs if num_docs else 0.0
         )
         samples["num_documents"] = int(num_docs)
+    if labels is not None and num_classes >= 2 and data.labels is not None:
+        judge, judge_val = style_judge(data)
+        texts = [tokenizer.decode(row.tolist()) for row in tokens]
+        style = style_accuracy(judge, texts, labels)
+        samples["style"] = {**style, "judge_validation_accuracy": judge_val}
     for n in (1, 2, 3, 4):
         samples[f"distinct_{n}"] = distinct_ngrams(tokens, n)
         samples[f"distinct_{n}_validation"] = distinct_ngrams(val[: max(num_samples, 1)], n)

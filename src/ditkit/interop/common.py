@@ -33,6 +33,7 @@ __all__ = [
     "IMPORTED_CONFIG",
     "imported_config",
     "save_imported_run",
+    "source_timestep_freq_shift",
 ]
 
 IMPORTED_CONFIG = "model_config.json"
@@ -347,3 +348,36 @@ def save_imported_run(model: DiT, run_dir: str | Path, config: Config, meta: Map
     }
     (run / IMPORTED_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return final
+
+
+# ------------------------------------------------------------------------------------------------
+# The timestep convention of pretrained weights, read without loading them.
+# ------------------------------------------------------------------------------------------------
+
+
+def source_timestep_freq_shift(source: str | Path) -> float | None:
+    """The ``timestep_freq_shift`` that `source`'s weights were trained with, from its metadata
+    only (no tensors are read): 1 for a diffusers folder (``model_index.json``, or a
+    ``config.json`` with a ``_class_name``), 0 for an official ``.pt``/``.pth``, the recorded value
+    for a ditkit run or checkpoint directory (a run's ``config.json``: unset means the DiT default
+    0; ``model_config.json``: ``dit_kwargs``). None when nothing records it (a bare .safetensors)."""
+    path = Path(source)
+    if path.is_file():
+        return 0.0 if path.suffix in (".pt", ".pth") else None
+    if (path / "model_index.json").is_file():
+        return 1.0
+    folders = [path, path.parent.parent] if path.parent.name == "checkpoints" else [path]
+    for folder in folders:
+        for name in (IMPORTED_CONFIG, "config.json"):
+            f = folder / name
+            if not f.is_file():
+                continue
+            data = json.loads(f.read_text())
+            if "_class_name" in data:
+                return 1.0
+            if isinstance(data.get("dit_kwargs"), dict):
+                return float(data["dit_kwargs"].get("timestep_freq_shift", 0.0))
+            model = data.get("model")
+            if isinstance(model, dict) and "name" in model:
+                return float(model.get("timestep_freq_shift") or 0.0)
+    return None

@@ -14,12 +14,17 @@ them with diffusers. How diffusers' DiT differs from the official one, and what 
 * ``out_channels`` is written explicitly (``2 C`` with learned sigma).
 * Timestep sinusoid: diffusers divides the frequency exponent by ``half - 1``
   (``downscale_freq_shift=1``), official DiT by ``half``. A ditkit model built with
-  ``timestep_freq_shift=1`` is exact; import builds it so by default. Exporting a model trained
-  with the official convention (shift 0) warns, and the difference is not small: frequency i
-  changes by a factor ``10000 ** (i / (128 * 127))`` (up to 1.075), so at t = 999 the sinusoid
-  arguments move by up to 2.9 rad (i = 14); over t = 0..999 the 256-d embedding changes by 57% of
-  its norm on average (measured). A random DiT-T with non-zero adaLN changes its output by ~0.6%
-  relative; a trained network, being sensitive to t, changes more.
+  ``timestep_freq_shift=1`` (``--set model.timestep_freq_shift=1`` when training) is exact;
+  import builds it so by default. Exporting a model trained with the official convention (shift 0,
+  ditkit's default) changes every timestep embedding: frequency i changes by a factor
+  ``10000 ** (i / (128 * 127))`` (up to 1.075), so at t = 999 the sinusoid arguments move by up
+  to 2.9 rad. What that does to samples is measured on trained models in docs/interop.md
+  (``LOSSY_SHIFT_MEASURED``); the export refuses it unless ``allow_lossy=True`` (``--allow-lossy``).
+* Guidance in ``DiTPipeline``: it passes label 1000 as the null class. A model with another class
+  count gets ``pipeline_ditkit.py`` in the export folder: ``DiTkitPipeline``, a ``DiTPipeline``
+  whose guidance uses the model's own null row (``num_embeds_ada_norm``); load it with
+  ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder + "/pipeline_ditkit.py",
+  trust_remote_code=True)`` (the file is 40 lines: read it first).
 * With the settings above, export -> diffusers -> import is exact: max abs output difference
   2.4e-7 in fp32 for a random DiT-T (tests/test_interop_diffusers.py holds it under 1e-5).
 """
@@ -47,11 +52,23 @@ __all__ = [
     "export_diffusers",
     "read_diffusers_folder",
     "import_diffusers",
+    "LOSSY_SHIFT_MEASURED",
+    "lossy_export_reasons",
+    "CUSTOM_PIPELINE_FILE",
 ]
 
 DIFFUSERS_VERSION = "0.42.1"  # the version the parity tests ran against; written into the configs
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+CUSTOM_PIPELINE_FILE = "pipeline_ditkit.py"
+
+# Measured by benchmarks/diffusers_export_shift.py (docs/interop.md): the cost of exporting a model
+# trained with timestep_freq_shift=0, quoted by the export's refusal and warning.
+LOSSY_SHIFT_MEASURED = (
+    "measured on the trained digits main job, DDPM 50 at cfg 1.25, 2 x 500 samples driven by ditkit's sampler: "
+    "FD (classifier features) 9.8 -> 11.5 (+18%), recall 0.92 -> 0.89, conditional accuracy 0.91 -> 0.92 "
+    "(unchanged); one network call moves by up to 3% of its output; docs/interop.md"
+)
 
 # Per-block renames (ditkit / official name -> diffusers name), qkv handled apart.
 _BLOCK_RENAMES = {
@@ -245,15 +262,27 @@ def scheduler_config(
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_transformer(model: DiT, folder: Path) -> None:
-    config = diffusers_config(model)
+def lossy_export_reasons(model: DiT) -> list[str]:
+    """What an export of `model` would not carry over exactly (empty: the export is exact)."""
+    reasons = []
     if model.t_embedder.freq_shift != 1:
-        warnings.warn(
-            f"this DiT uses timestep_freq_shift={model.t_embedder.freq_shift:g} (official DiT); diffusers always "
-            "uses 1, so the exported model will run with slightly different timestep embeddings (see the "
-            "ditkit.interop.diffusers_format docstring). Train or fine-tune with timestep_freq_shift=1 for exact exports",
-            stacklevel=3,
+        reasons.append(
+            f"it was trained with timestep_freq_shift={model.t_embedder.freq_shift:g} (official DiT, ditkit's default) "
+            f"and diffusers always uses 1, so every timestep embedding changes ({LOSSY_SHIFT_MEASURED})"
         )
+    return reasons
+
+
+def _write_transformer(model: DiT, folder: Path, allow_lossy: bool = False) -> None:
+    config = diffusers_config(model)
+    reasons = lossy_export_reasons(model)
+    if reasons:
+        message = "the diffusers export of this DiT is not exact: " + "; ".join(reasons) + (
+            ". For exact exports train (or fine-tune) with --set model.timestep_freq_shift=1"
+        )
+        if not allow_lossy:
+            raise InteropError(message + "; --allow-lossy exports anyway")
+        warnings.warn(message, stacklevel=3)
     table = torch.as_tensor(sincos_2d(model.pos_embed.shape[-1], model.grid_size)).float()
     if not torch.allclose(model.pos_embed.detach().float().cpu()[0], table, atol=1e-5):
         warnings.warn("pos_embed differs from the sin-cos table diffusers recomputes; it is not exported", stacklevel=3)
@@ -261,6 +290,49 @@ def _write_transformer(model: DiT, folder: Path) -> None:
     tensors = to_diffusers_state_dict(model.state_dict(), depth=len(model.blocks))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# Written next to model_index.json when the class count is not 1000 (DiTPipeline's hard-coded null).
+_CUSTOM_PIPELINE_SOURCE = '''"""DiTPipeline for this {num_classes}-class DiT, written by `ditkit export-diffusers`.
+
+diffusers' DiTPipeline guides against label 1000 (ImageNet's null class); this model's null class is
+row {num_classes} of its label table. DiTkitPipeline passes that row instead, so guidance works:
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER + "/pipeline_ditkit.py",
+                                             trust_remote_code=True)
+    images = pipe(class_labels=[0, 1], guidance_scale=4.0, num_inference_steps=25).images
+
+Without it, DiTPipeline.from_pretrained(FOLDER) works with guidance_scale=1 only.
+"""
+
+import torch
+from diffusers import DiTPipeline
+
+
+class DiTkitPipeline(DiTPipeline):
+    """DiTPipeline whose classifier-free guidance uses the transformer's own null class
+    (``transformer.config.num_embeds_ada_norm``) instead of the hard-coded 1000."""
+
+    def __call__(self, *args, **kwargs):
+        null_class = int(self.transformer.config.num_embeds_ada_norm)
+        guidance_scale = kwargs.get("guidance_scale", args[1] if len(args) > 1 else 4.0)
+
+        def use_own_null(module, call_args, call_kwargs):
+            labels = call_kwargs.get("class_labels")
+            if guidance_scale > 1 and labels is not None:
+                # DiTPipeline stacks [labels, nulls]: replace the second half by this model's null row
+                half = labels.shape[0] // 2
+                labels = torch.cat([labels[:half], torch.full_like(labels[half:], null_class)])
+                call_kwargs = {**call_kwargs, "class_labels": labels}
+            return call_args, call_kwargs
+
+        handle = self.transformer.register_forward_pre_hook(use_own_null, with_kwargs=True)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            handle.remove()
+'''
 
 
 def _copy_vae(vae: str | Path, folder: Path) -> None:
@@ -290,6 +362,7 @@ def export_diffusers(
     num_timesteps: int = 1000,
     prediction: str = "eps",
     scheduler: str = "DDIMScheduler",
+    allow_lossy: bool = False,
 ) -> Path:
     """Write `model` in the diffusers format.
 
@@ -299,20 +372,18 @@ def export_diffusers(
     ``id2label``, ``transformer/``, ``vae/`` copied, ``scheduler/scheduler_config.json`` from
     `schedule`, `num_timesteps` and `prediction`) for ``DiTPipeline.from_pretrained``.
     `id2label` maps class index -> name (a list of names works too; default: the index as text).
-    Returns `out_dir`.
+    A model with other than 1000 classes also gets ``pipeline_ditkit.py`` (``DiTkitPipeline``:
+    guidance with this model's null class; see the module docstring).
+    Raises InteropError when the export would not be exact (``lossy_export_reasons``) unless
+    `allow_lossy`, which warns instead. Returns `out_dir`.
     """
     out = Path(out_dir)
     if vae is None:
-        _write_transformer(model, out)
+        _write_transformer(model, out, allow_lossy)
         return out
+    _write_transformer(model, out / "transformer", allow_lossy)
     if model.num_classes != 1000:
-        warnings.warn(
-            f"DiTPipeline hard-codes label 1000 as the null class for guidance; this model has "
-            f"{model.num_classes} classes, so run the exported pipeline with guidance_scale=1 "
-            "(or sample with ditkit)",
-            stacklevel=2,
-        )
-    _write_transformer(model, out / "transformer")
+        (out / CUSTOM_PIPELINE_FILE).write_text(_CUSTOM_PIPELINE_SOURCE.replace("{num_classes}", str(model.num_classes)))
     _copy_vae(vae, out / "vae")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(

@@ -68,7 +68,11 @@ class DiT(nn.Module):
     forward(x (B, C, H, W), t (B,) float timestep on the 0..1000 scale, y (B,) int64 or None)
     -> (B, out_channels, H, W), out_channels = 2C with `learn_sigma` ([mean prediction, v]).
     num_classes = 0 builds an unconditional model (no label embedder; y must be None).
+    `step_cache` (None, or a models.caching.StepCache set by the pipelines while sampling) runs the
+    block stack in place of the plain loop.
     """
+
+    step_cache: Any = None
 
     def __init__(
         self,
@@ -165,7 +169,10 @@ class DiT(nn.Module):
         elif y is not None:
             raise ValueError("this DiT is unconditional (num_classes=0): pass y=None")
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        x = run_blocks(self.blocks, x, c, self.grad_checkpointing, rope=rope)
+        if self.step_cache is not None:  # sampling-time reuse between steps (models/caching.py)
+            x = self.step_cache(self.blocks, x, c, rope=rope)
+        else:
+            x = run_blocks(self.blocks, x, c, self.grad_checkpointing, rope=rope)
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         return self.unpatchify(x)
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ditkit.checkpoint_io import Checkpoint
-from ditkit.config import Config
+from ditkit.config import Config, ConfigError
 from ditkit.pipelines.base import Pipeline
 from ditkit.registry import PIPELINES
 
@@ -25,20 +25,30 @@ __all__ = ["load", "pipeline_class", "write_training_samples", "Pipeline"]
 
 
 def pipeline_class(cfg: Config) -> type[Pipeline]:
-    """The registered pipeline of ``cfg.modality``."""
-    return PIPELINES.get(cfg.modality).obj
+    """The registered pipeline of ``cfg``: its model family's ``pipeline`` meta when it names one
+    (text-to-image models: ``text_to_image``), else the pipeline of ``cfg.modality``."""
+    from ditkit.builders import model_family
+    from ditkit.registry import MODEL_FAMILIES
+
+    try:
+        name = MODEL_FAMILIES.get(model_family(cfg)).meta.get("pipeline", cfg.modality)
+    except ConfigError:  # not a preset (imported weights, a user's model): the modality decides
+        name = cfg.modality
+    return PIPELINES.get(name).obj
 
 
 def load(
     path: str | Path | Checkpoint,
     *,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     use_ema: bool = True,
     **extras: Any,
 ) -> Pipeline:
     """Load a run or checkpoint once and return the pipeline of its modality (``ImagePipeline``,
-    ``TextPipeline``, ...). ``device``: auto, cpu, cuda[:N]; ``precision``: fp32, bf16 or auto;
+    ``TextPipeline``, ...). ``device``: auto, cpu, cuda[:N]; ``precision``: fp32, bf16 or auto (the
+    default: as training -- fp32 for runs trained in fp32, else bf16 where the hardware runs it
+    natively; ``base.sampling_dtype``, measured in docs/fast_sampling.md);
     ``use_ema``: the EMA weights when the checkpoint has them (``pipe.weights`` says which were
     loaded); ``extras``: the modality's own options (``vae=PATH`` for latent image models).
     Raises ``ConfigError`` (``CheckpointError``) naming the path when it holds no checkpoint."""

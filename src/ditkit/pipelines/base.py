@@ -6,6 +6,11 @@ when a checkpoint has none), the objective, device and dtype, the class names, a
 metadata written into every output. Modality pipelines (``image.py``, ``text.py``, ...) register
 in ``ditkit.registry.PIPELINES`` under ``Config.modality`` and add ``__call__``.
 
+LoRA: ``pipe.load_lora(path, scale)`` stacks adapters (``ditkit.adapters``) on the network,
+``pipe.unload_lora(name)`` removes them; ``ditkit sample --lora PATH[:WEIGHT]`` (repeatable) does the
+same, and every output records the adapters (name, scale, file hash). A LoRA run (``train.lora_rank``)
+loads as its base (``train.init_from``) with the run's EMA adapter applied.
+
 Randomness: sample ``i`` draws everything from ``torch.Generator().manual_seed(seed + i)`` by
 default, so a sample does not depend on the batch it was drawn in. A caller may pass
 ``generator``: one ``torch.Generator`` (draws for the whole batch, as diffusers does) or a list of
@@ -14,6 +19,8 @@ them, one per sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
@@ -21,13 +28,15 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 import torch
 
 import ditkit
-from ditkit.builders import build_objective, load_model
-from ditkit.checkpoint_io import Checkpoint
+from ditkit.adapters import adapters_of, load_adapter, parse_adapter_spec, unload_adapters
+from ditkit.builders import build_model, build_objective, load_model
+from ditkit.checkpoint_io import ADAPTER_DIR, EMA_ADAPTER_DIR, Checkpoint, CheckpointError, is_adapter_checkpoint
 from ditkit.config import Config, ConfigError
 from ditkit.device import autocast, resolve_device, resolve_precision
 from ditkit.models.layers import LabelEmbedder
 
-__all__ = ["Pipeline", "GeneratorArg", "resolve_generators", "class_names_of", "unconditional_branch_trained"]
+__all__ = ["Pipeline", "GeneratorArg", "resolve_generators", "class_names_of", "unconditional_branch_trained",
+           "sampling_dtype"]
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 P = TypeVar("P", bound="Pipeline")
@@ -50,6 +59,20 @@ def unconditional_branch_trained(model: torch.nn.Module) -> bool:
     Models without a label embedder (unconditional) answer True: there is nothing to guide."""
     embedders = [m for m in model.modules() if isinstance(m, LabelEmbedder)]
     return all(e.dropout_prob > 0 for e in embedders)
+
+
+def sampling_dtype(precision: str, cfg: Config, device: torch.device) -> torch.dtype:
+    """The autocast dtype of sampling. ``"fp32"`` / ``"bf16"``: that (``ConfigError`` for bf16 on a GPU
+    without it). ``"auto"``: sample as training did -- float32 for a run trained in fp32 and for
+    imported checkpoints (``recipe`` import-*: no training here to follow), else (``train.precision``
+    auto or bf16) bf16 where the hardware runs it natively and float32 elsewhere
+    (``ditkit.device.resolve_precision``). Measured for image models only (digits main job: the same
+    FD, 2.9x the images/s; docs/fast_sampling.md), so other modalities stay float32 under auto."""
+    if precision != "auto":
+        return resolve_precision(precision, device)
+    if cfg.train.precision == "fp32" or (cfg.recipe or "").startswith("import") or cfg.modality != "image":
+        return torch.float32
+    return resolve_precision("auto", device)
 
 
 def resolve_generators(
@@ -101,6 +124,7 @@ class Pipeline:
         self.objective = self.build_objective()
         self.class_names = class_names_of(cfg)
         self._sha256: Optional[str] = None
+        self._adapter_sha256: dict[str, str] = {}  # adapter file -> its SHA-256 (provenance)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -109,19 +133,61 @@ class Pipeline:
         ckpt: str | Path | Checkpoint,
         *,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         use_ema: bool = True,
+        lora: Optional[Sequence[str]] = None,
         **extras: Any,
     ) -> P:
         """Load a checkpoint (a ``step_*`` directory, a run directory: its newest checkpoint, or an
-        opened ``Checkpoint``) once. ``precision``: fp32, bf16 or auto (bf16 where native).
-        ``extras`` are the modality's own (e.g. ``vae`` for latent image models)."""
+        opened ``Checkpoint``) once. ``precision``: fp32, bf16 or auto (as training: fp32 for runs
+        trained in fp32, else bf16 where native; ``sampling_dtype``). ``extras`` are the modality's
+        own (e.g. ``vae`` for latent image models). ``lora``: adapters to stack, ``"PATH[:WEIGHT]"``
+        each (``--lora``; see ``load_lora``)."""
         checkpoint = Checkpoint.open(ckpt)
         dev = resolve_device(device)
-        dtype = resolve_precision(precision, dev)
+        dtype = sampling_dtype(precision, checkpoint.config, dev)
         cls.check_extras(checkpoint.config, **extras)  # cheap checks before the weights load
-        model, which = load_model(checkpoint, use_ema=use_ema)
-        return cls(model, checkpoint.config, checkpoint=checkpoint, weights=which, device=dev, dtype=dtype, **extras)
+        specs = [parse_adapter_spec(spec) for spec in lora or ()]  # a bad weight fails before loading
+        if is_adapter_checkpoint(checkpoint.dir):
+            model, which = _load_lora_run(checkpoint, use_ema)
+        else:
+            model, which = load_model(checkpoint, use_ema=use_ema)
+        pipe = cls(model, checkpoint.config, checkpoint=checkpoint, weights=which, device=dev, dtype=dtype, **extras)
+        for path, weight in specs:
+            pipe.load_lora(path, scale=weight)
+        return pipe
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: Optional[str] = None) -> str:
+        """Stack a LoRA adapter on the network (a LoRA run, its checkpoint, an adapter folder or file,
+        or a diffusers ``pytorch_lora_weights.safetensors``) at weight ``scale``; returns its name
+        (default: the run's name). Raises ``ConfigError`` when it was trained on another base (other
+        layers, shapes or base hash: the message names both), or ``scale`` is not a number."""
+        name = load_adapter(self.model, path, scale, name)
+        self.model.to(self.device).eval()
+        return name
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Remove adapter ``name`` (default: all of them, giving back the base network)."""
+        unload_adapters(self.model, None if name is None else [name])
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The adapters on the network: name -> weight."""
+        return {name: info.scale for name, info in adapters_of(self.model).items()}
+
+    def _lora_provenance(self) -> str:
+        """JSON list of the adapters in use: name, weight, rank, SHA-256 of the file it came from."""
+        entries = []
+        for name, info in adapters_of(self.model).items():
+            if info.scale == 0:  # loaded but switched off (a server's unpicked adapters)
+                continue
+            source = info.source or ""
+            if source and source not in self._adapter_sha256 and Path(source).is_file():
+                self._adapter_sha256[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+            entries.append({"name": name, "scale": info.scale, "rank": info.rank,
+                            "sha256": self._adapter_sha256.get(source, ""), "base": info.base_model})
+        return json.dumps(entries)
 
     @classmethod
     def check_extras(cls, cfg: Config, **extras: Any) -> None:
@@ -163,6 +229,8 @@ class Pipeline:
             "objective": cfg.objective.kind + (f"/{cfg.objective.prediction}" if cfg.objective.kind == "gaussian" else ""),
             "precision": str(self.dtype).removeprefix("torch."),
         }
+        if any(info.scale != 0 for info in adapters_of(self.model).values()):
+            meta["lora"] = self._lora_provenance()
         return meta
 
     # ---- shared sampling pieces ------------------------------------------------------------------
@@ -232,12 +300,17 @@ class Pipeline:
     @classmethod
     def add_cli_arguments(cls, parser: Any) -> None:
         """Add this modality's ``ditkit sample`` flags (``parser.add_argument``). Flags must default
-        to None/False so the CLI can tell which were given."""
+        to None/False so the CLI can tell which were given. Subclasses call this first: it adds the
+        flags every modality takes (``--lora``)."""
+        parser.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                            help="stack a LoRA adapter (run, checkpoint, adapter folder or file) at WEIGHT (default 1); "
+                                 "repeat for several")
 
     @classmethod
     def cli_extras(cls, args: Any) -> dict[str, Any]:
-        """Keyword arguments of ``from_checkpoint`` taken from the command line (e.g. ``vae``)."""
-        return {}
+        """Keyword arguments of ``from_checkpoint`` taken from the command line (e.g. ``vae``);
+        subclasses add theirs to this (``lora``)."""
+        return {"lora": args.lora} if getattr(args, "lora", None) else {}
 
     def cli_call(self, args: Any, distributed: bool = False) -> Any:
         """Run ``self(...)`` with the parsed ``ditkit sample`` arguments; returns the output."""
@@ -251,3 +324,24 @@ class Pipeline:
         meta = output.metadata
         return (f"{len(output.tensors) if hasattr(output, 'tensors') else len(output.texts)} samples "
                 f"({meta['sampler']}, {meta['num_sampling_steps']} steps, cfg {meta['cfg_scale']}) from {meta['checkpoint']}")
+
+
+def _load_lora_run(checkpoint: Checkpoint, use_ema: bool) -> tuple[torch.nn.Module, str]:
+    """A LoRA run's network: its base rebuilt as training built it (``train.init_from``, class map,
+    seed), then the run's EMA adapter (``use_ema``; else the raw one) applied at weight 1.
+    Returns ``(model, "ema" or "model")``."""
+    from ditkit.interop.finetune import init_from
+    from ditkit.interop.training import parse_class_map
+
+    cfg = checkpoint.config
+    base = cfg.train.init_from
+    if base is None or not Path(base).exists():
+        raise CheckpointError(
+            f"{checkpoint.dir} is a LoRA run whose base (train.init_from) {base} is not there: restore the base "
+            "at that path, or merge the adapter into a full run where it is (ditkit lora merge)"
+        )
+    model = build_model(cfg)
+    init_from(model, base, parse_class_map(cfg.train.init_class_map), generator=torch.Generator().manual_seed(cfg.train.seed))
+    which = "ema" if use_ema and (checkpoint.dir / EMA_ADAPTER_DIR).is_dir() else "model"
+    load_adapter(model, checkpoint.dir / (EMA_ADAPTER_DIR if which == "ema" else ADAPTER_DIR))
+    return model.eval(), which

@@ -13,7 +13,10 @@ runs it (``Objective.sample``); classifier-free guidance wraps the network
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -26,9 +29,12 @@ from ditkit.builders import build_objective, default_sampler
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
+from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
+from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
+from ditkit.samplers.inpaint import adapter_for, inpaint, prepare_mask, sdedit_start
 
 __all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]
 
@@ -46,6 +52,21 @@ def trajectory_indices(num_steps: int, count: int) -> list[int]:
     """``count`` step indices spread over ``0..num_steps-1`` (always including the last)."""
     count = min(count, num_steps)
     return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+@dataclass
+class Control:
+    """Checked control inputs in the model's space: ``image`` ``(N, c, h, w)`` (pixels in [-1, 1]
+    or VAE latents), ``mask`` ``(N, 1, h, w)`` 0/1 (1 = regenerate) or None, SDEdit ``strength``
+    or None (full sampling)."""
+
+    image: torch.Tensor
+    mask: Optional[torch.Tensor]
+    strength: Optional[float]
+
+    def describe(self) -> str:
+        what = "inpainting" if self.mask is not None else "image-to-image"
+        return what + (f", strength {self.strength:g}" if self.strength is not None else "")
 
 
 @dataclass
@@ -67,6 +88,8 @@ class ImagePipelineOutput:
     trajectory: Optional[torch.Tensor] = None
     trajectory_steps: list[int] = field(default_factory=list)
     is_latent: bool = False
+    trajectory_xt: Optional[torch.Tensor] = None  # (N, K, C, H, W) the noisy states at those steps
+    guidance_maps: Optional[torch.Tensor] = None  # (N, 1, h, w) in [0, 1]: where guidance changed the output
 
     def sample_metadata(self, index: int) -> dict[str, str]:
         """Metadata of sample ``index``: the shared entries plus its seed and label."""
@@ -112,11 +135,22 @@ class ImagePipelineOutput:
         if self.trajectory is not None:
             traj = self.trajectory[: min(8, len(self.trajectory))]  # (n, K, C, H, W): rows = samples
             n, k = traj.shape[:2]
-            strip = make_grid(traj.reshape(n * k, *traj.shape[2:]), nrow=k, scale=scale)
+            layout = "rows: samples, columns: steps (predicted x0)"
+            if self.trajectory_xt is not None:  # each sample: a row of x0 predictions, then the noisy states
+                traj = torch.stack([traj, self.trajectory_xt[:n]], dim=1).reshape(2 * n, k, *traj.shape[2:])
+                layout = "per sample two rows: predicted x0, then the noisy x_t; columns: steps"
+            strip = make_grid(traj.reshape(-1, *traj.shape[2:]), nrow=k, scale=scale)
             steps = " ".join(map(str, self.trajectory_steps))
-            save_png(strip, out / "trajectory.png",
-                     {**self.metadata, "trajectory_steps": steps, "layout": "rows: samples, columns: steps"})
+            save_png(strip, out / "trajectory.png", {**self.metadata, "trajectory_steps": steps, "layout": layout})
             written.append(out / "trajectory.png")
+        if self.guidance_maps is not None:
+            maps = torch.nn.functional.interpolate(self.guidance_maps, size=self.tensors.shape[-2:], mode="nearest")
+            pairs = torch.stack([self.tensors[:, :3].mean(1, keepdim=True) if self.tensors.shape[1] == 3 else self.tensors,
+                                 maps * 2 - 1], dim=1).reshape(-1, 1, *self.tensors.shape[-2:])
+            save_png(make_grid(pairs, nrow=2 * min(8, len(maps)) if len(maps) > 1 else 2, scale=scale),
+                     out / "guidance_map.png",
+                     {**self.metadata, "layout": "pairs: sample (gray), |cond - uncond| summed over steps (white = most)"})
+            written.append(out / "guidance_map.png")
         return written
 
 
@@ -200,6 +234,13 @@ class ImagePipeline(Pipeline):
         progress: Optional[Callable[[int], None]] = None,
         allow_untrained_uncond: bool = False,
         distributed: bool = False,
+        cache: Optional[str] = None,
+        image: Optional[ImageLike] = None,
+        mask_image: Optional[ImageLike] = None,
+        strength: Optional[float] = None,
+        extend: Optional[str | dict[str, int]] = None,
+        guidance_map: bool = False,
+        strict: bool = False,
     ) -> ImagePipelineOutput:
         """Draw images.
 
@@ -213,6 +254,19 @@ class ImagePipeline(Pipeline):
         ``progress(1)`` is called once per network step and batch; an exception raised there
         aborts the call. ``distributed``: every rank of the default process group calls this with
         the same arguments and draws a share of the samples; rank 0's output holds them all.
+        ``cache``: step caching between network calls (``ditkit.models.caching``): ``"fora:N"``
+        (recompute every N calls), ``"teacache:T"`` (reuse while the accumulated relative change
+        stays below T), None / ``"none"`` (off, the default); recorded in the metadata.
+
+        Control (diffusers' argument names; ``ditkit.samplers.inpaint``): ``image`` (a path, PIL
+        image, list, or ``(N, C, H, W)`` tensor in [-1, 1]; one image serves every sample) with
+        ``mask_image`` (white = regenerate) inpaints RePaint-style; ``extend`` (``"left=16,top=8"``)
+        outpaints: the image is shrunk into the canvas and the border generated; ``image`` with
+        ``strength`` in (0, 1] (default 0.8 without a mask) is image-to-image (SDEdit): strength 1
+        is plain sampling from the same noise, small strengths keep the layout. A latent model
+        encodes the image with its VAE. ``strict``: refuse an image or mask of another size instead
+        of resizing. ``guidance_map``: also return ``|cond - uncond|`` of the network output summed
+        over the steps, ``(N, 1, H, W)`` scaled to [0, 1] per sample (where guidance acted).
 
         Raises ``ConfigError`` for labels outside the classes, a sampler that does not fit the
         objective, guidance on a model whose unconditional branch was never trained (unless
@@ -227,10 +281,14 @@ class ImagePipeline(Pipeline):
         seed = cfg.sample.seed if seed is None else seed
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
+        step_cache = make_step_cache(cache)
+        attach_step_cache(self.model, step_cache)  # refuses a model without the hook before any work
+        control = self._control(n, image, mask_image, strength, extend, strict)
         draw = self._draw_distributed if distributed else self._draw
-        tensors, trajectory, traj_idx = draw(
+        tensors, trajectory, traj_idx, extras = draw(
             labels, generators, sampler=sampler, steps=steps, scale=scale, spacing=spacing, options=options,
             guide_channels=guide_channels, batch_size=batch_size, trajectory_points=trajectory_points, progress=progress,
+            step_cache=step_cache, control=control, guidance_map=guidance_map,
         )
         is_latent = bool(cfg.data.latent_channels) and self.vae is None
         metadata = self.provenance()
@@ -240,15 +298,59 @@ class ImagePipeline(Pipeline):
             metadata[key] = str(value)
         if spacing is not None:
             metadata["timestep_spacing"] = spacing
+        if step_cache is not None:
+            metadata["cache"] = step_cache.spec
+            metadata["cache_reuse"] = step_cache.summary()
         if cfg.data.latent_channels:
             metadata["output"] = "latents (no VAE to decode)" if is_latent else "decoded latents"
             if self.vae is not None:
                 metadata["vae"] = str(self.vae.path)
         if labels is not None:
             metadata["labels"] = " ".join(map(str, labels))
+        if control is not None:
+            metadata["control"] = control.describe()
         images = [] if is_latent else to_pil(tensors)
         return ImagePipelineOutput(images, tensors, labels, seeds, metadata, list(self.class_names), trajectory,
-                                   traj_idx, is_latent)
+                                   traj_idx, is_latent, trajectory_xt=extras.get("xt"),
+                                   guidance_maps=extras.get("guidance"))
+
+    def _control(
+        self, n: int, image: Optional[ImageLike], mask_image: Optional[ImageLike], strength: Optional[float],
+        extend: Optional[str | dict[str, int]], strict: bool,
+    ) -> Optional[Control]:
+        """The checked control inputs in the model's space (latents for latent models), or None."""
+        if image is None:
+            if mask_image is not None or strength is not None or extend is not None:
+                raise ConfigError("--mask, --strength and --extend edit an image: give --init-image too")
+            return None
+        cfg = self.cfg
+        if cfg.data.latent_channels and self.vae is None:
+            raise ConfigError("this latent model needs its VAE to encode --init-image: pass --vae PATH")
+        pixels = load_image(image, cfg.data.image_size, cfg.data.channels or 3, strict=strict)
+        mask = None
+        if extend is not None:
+            if mask_image is not None:
+                raise ConfigError("--extend makes its own mask: drop --mask")
+            pixels, mask = outpaint_canvas(pixels, parse_extend(extend) if isinstance(extend, str) else dict(extend))
+        elif mask_image is not None:
+            mask = load_mask(mask_image, cfg.data.image_size, strict=strict)
+        if pixels.shape[0] not in (1, n) or (mask is not None and mask.shape[0] not in (1, n)):
+            raise ConfigError(f"--init-image/--mask: give one image (and mask) or one per sample ({n})")
+        pixels = pixels.expand(n, -1, -1, -1)
+        if mask is not None:
+            mask = mask.expand(n, -1, -1, -1)
+            mask, note = prepare_mask(mask, pixels[:, :1])  # one channel, checked per sample
+            if note:
+                warnings.warn(note, stacklevel=3)
+        if strength is None and mask is None:
+            strength = 0.8  # image-to-image default, as diffusers' img2img pipelines
+        target = pixels
+        if cfg.data.latent_channels:  # work on latents; a latent cell is regenerated if any of its pixels is
+            target = self.vae.encode(pixels.to(self.device), generator=torch.Generator().manual_seed(0)).float().cpu()
+            if mask is not None:
+                f = cfg.data.vae_downsample or 1
+                mask = torch.nn.functional.max_pool2d(mask, kernel_size=f, stride=f)
+        return Control(target, mask, strength)
 
     def _sampler_options(self, sampler: str, eta: Optional[float]) -> dict[str, Any]:
         accepted = SAMPLERS.get(sampler).meta.get("options", ())
@@ -262,9 +364,12 @@ class ImagePipeline(Pipeline):
     def _draw(
         self, labels: Optional[list[int]], generators: Any, *, sampler: str, steps: int, scale: float,
         spacing: Optional[str], options: dict[str, Any], guide_channels: Optional[int], batch_size: int,
-        trajectory_points: int, progress: Optional[Callable[[int], None]],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[int]]:
-        """The sampling loop on this process: ``(tensors (N, C, H, W), trajectory or None, steps)``."""
+        trajectory_points: int, progress: Optional[Callable[[int], None]], step_cache: Optional[StepCache] = None,
+        control: Optional[Control] = None, guidance_map: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[int], dict[str, torch.Tensor]]:
+        """The sampling loop on this process: ``(tensors (N, C, H, W), trajectory or None, steps,
+        extras)``; extras: ``xt`` (the states at the trajectory steps), ``guidance`` (maps).
+        ``step_cache`` (reset per batch: one trajectory each) wraps the network's block stack."""
         cfg, device, objective = self.cfg, self.device, self.objective
         channels, size = model_input_shape(cfg)
         latent = bool(cfg.data.latent_channels)
@@ -284,34 +389,87 @@ class ImagePipeline(Pipeline):
         n = len(labels) if labels is not None else (len(generators) if isinstance(generators, list) else None)
         if n is None:
             raise ConfigError("an unconditional model sampled with one shared generator needs num_samples")
-        out_images, out_traj = [], []
+        out_images, out_traj, out_xt, out_maps = [], [], [], []
+        grid_args = objective.sampling_grid(steps, **grid)
+        adapter = None
+        if control is not None:
+            adapter = adapter_for(objective.family, getattr(objective, "alphas_cumprod", None))
+            if grid.get("zero_is_data"):  # the Gaussian solvers' grid ends at the data, like flow and edm
+                adapter = dataclasses.replace(adapter, grid_ends_at_data=True)
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             gens = generator_slice(generators, lo, hi)
             x_T = objective.prior((hi - lo, channels, size, size), gens, device)
             y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
+            acc: list[torch.Tensor] = []  # guidance map: |cond - uncond| summed over the calls
+
+            def on_branches(cond: torch.Tensor, uncond: torch.Tensor) -> None:
+                diff = (cond[:, :channels] - uncond[:, :channels]).abs().mean(1, keepdim=True).float().cpu()
+                acc.append(diff) if not acc else acc.__setitem__(0, acc[0] + diff)
+
             if y is not None and scale != 1.0:
-                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels)
+                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels,
+                                               on_branches=on_branches if guidance_map else None)
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
             recorded: list[torch.Tensor] = []
+            recorded_xt: list[torch.Tensor] = []
 
             def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
                 if i in traj_idx:
                     recorded.append(x0_pred.float().cpu() if latent else x0_pred.float().clamp(-1, 1).cpu())
+                    recorded_xt.append(x.float().cpu())
                 if progress is not None:
                     progress(1)
 
-            x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
+            with attach_step_cache(self.model, step_cache):
+                if control is None:
+                    x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
+                else:
+                    x0 = self._controlled(control, lo, hi, sampler_fn, objective.denoiser(net), x_T, grid_args, adapter,
+                                          gens, callback, options)
             if finish is not None:  # latents -> pixels through the VAE
                 out_images.append(finish(x0.float()))
                 recorded = [finish(r) for r in recorded]
+                recorded_xt = [finish(r) for r in recorded_xt]
             else:
                 out_images.append(x0.float().cpu() if latent else x0.float().clamp(-1, 1).cpu())
             if recorded:
                 out_traj.append(torch.stack(recorded, dim=1))  # (b, K, C, H, W)
+                out_xt.append(torch.stack(recorded_xt, dim=1).clamp(-1, 1))
+            if acc:
+                m = acc[0]
+                out_maps.append(m / m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1))
         trajectory = torch.cat(out_traj) if out_traj else None
-        return torch.cat(out_images), trajectory, traj_idx
+        extras = {}
+        if out_xt:
+            extras["xt"] = torch.cat(out_xt)
+        if out_maps:
+            extras["guidance"] = torch.cat(out_maps)
+        return torch.cat(out_images), trajectory, traj_idx, extras
+
+    @staticmethod
+    def _controlled(
+        control: Control, lo: int, hi: int, sampler_fn: Callable[..., torch.Tensor], denoiser: Callable[..., Any],
+        x_T: torch.Tensor, grid_args: tuple, adapter: Any, gens: Any, callback: Callable[..., None],
+        options: dict[str, Any],
+    ) -> torch.Tensor:
+        """Samples ``lo:hi`` with the user's image: SDEdit start (``strength``), then plain or
+        inpainting sampling (``mask``) over the (cut) grid."""
+        image = control.image[lo:hi].to(x_T.device, x_T.dtype)
+        start, grid = x_T, grid_args
+        if control.strength is not None:
+            levels = grid_args[-1]
+            noise = x_T / adapter.prior_std(float(levels[0]))
+            cut, start = sdedit_start(image, levels, control.strength, noise, adapter)
+            if len(cut) - int(adapter.grid_ends_at_data) < 1:  # strength too small for a single step
+                return image
+            grid = (*grid_args[:-1], cut)
+        if control.mask is None:
+            return sampler_fn(denoiser, start, *grid, generator=gens, callback=callback, **options)
+        mask = control.mask[lo:hi].to(x_T.device, x_T.dtype).expand_as(image)
+        return inpaint(sampler_fn, denoiser, start, *grid, image=image, mask=mask, adapter=adapter, generator=gens,
+                       callback=callback, **options)
 
     def _draw_distributed(
         self, labels: Optional[list[int]], generators: Any, **kwargs: Any
@@ -330,18 +488,24 @@ class ImagePipeline(Pipeline):
         lo, hi = rank * n // world_size, (rank + 1) * n // world_size
         share = None
         if hi > lo:
-            share = self._draw(None if labels is None else labels[lo:hi], generators[lo:hi], **kwargs)
+            control = kwargs.pop("control", None)
+            if control is not None:  # this rank's rows of the user's image and mask
+                control = Control(control.image[lo:hi], None if control.mask is None else control.mask[lo:hi],
+                                  control.strength)
+            share = self._draw(None if labels is None else labels[lo:hi], generators[lo:hi], control=control, **kwargs)
         shares: Optional[list[Any]] = [None] * world_size if rank == 0 else None
         dist.gather_object(share, shares, dst=0)
         if rank != 0:
-            return share if share is not None else (torch.empty(0), None, [])
+            return share if share is not None else (torch.empty(0), None, [], {})
         parts = [p for p in shares or [] if p is not None]
         trajectory = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-        return torch.cat([p[0] for p in parts]), trajectory, parts[0][2]
+        extras = {key: torch.cat([p[3][key] for p in parts]) for key in parts[0][3]}
+        return torch.cat([p[0] for p in parts]), trajectory, parts[0][2], extras
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
     def add_cli_arguments(cls, parser: Any) -> None:
+        super().add_cli_arguments(parser)  # --lora
         parser.add_argument("--guide-channels", type=int, help="guide only the first N output channels")
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
@@ -352,10 +516,20 @@ class ImagePipeline(Pipeline):
         parser.add_argument("--trajectory", action="store_true", help="also write trajectory.png: x0 predictions along the way")
         parser.add_argument("--trajectory-points", type=int, help="steps shown in trajectory.png (default 8)")
         parser.add_argument("--nrow", type=int, help="images per grid row")
+        parser.add_argument("--init-image", metavar="PNG", help="start from this image: image-to-image, or inpainting with --mask")
+        parser.add_argument("--mask", metavar="PNG", help="with --init-image: white = regenerate, black = keep (RePaint)")
+        parser.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.8; 1 = plain sampling)")
+        parser.add_argument("--extend", metavar="SIDE=PX,...", help="with --init-image: outpaint, e.g. left=16,top=8")
+        parser.add_argument("--guidance-map", action="store_true", help="also write guidance_map.png: where guidance acted")
+        parser.add_argument("--strict", action="store_true", help="refuse an image or mask of another size instead of resizing")
+        parser.add_argument("--c2pa-cert", metavar="PEM", help="sign every PNG with C2PA Content Credentials (with --c2pa-key)")
+        parser.add_argument("--c2pa-key", metavar="PEM", help="the private key of --c2pa-cert")
+        parser.add_argument("--cache", metavar="SPEC",
+                            help="step caching: fora:N (recompute every N calls) or teacache:T (threshold); default none")
 
     @classmethod
     def cli_extras(cls, args: Any) -> dict[str, Any]:
-        return {"vae": args.vae} if args.vae is not None else {}
+        return {**super().cli_extras(args), **({"vae": args.vae} if args.vae is not None else {})}
 
     def cli_call(self, args: Any, distributed: bool = False) -> ImagePipelineOutput:
         from ditkit.progress import progress_bar
@@ -369,14 +543,39 @@ class ImagePipeline(Pipeline):
                 guide_channels=args.guide_channels, eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size,
                 trajectory_points=(args.trajectory_points or 8) if args.trajectory else 0,
                 timestep_spacing=args.timestep_spacing, allow_untrained_uncond=args.allow_untrained_uncond,
-                distributed=distributed, progress=bar.update,
+                distributed=distributed, progress=bar.update, cache=getattr(args, "cache", None),
+                image=args.init_image, mask_image=args.mask, strength=args.strength, extend=args.extend,
+                guidance_map=args.guidance_map, strict=args.strict,
             )
 
     def cli_save(self, output: ImagePipelineOutput, args: Any, out_dir: Path) -> list[Path]:
         nrow, given = args.nrow, args.class_labels
         if nrow is None and output.labels is not None and given and len(given) > 1 and len(output.labels) % len(given) == 0:
             nrow = len(given)  # one row per repetition of the labels asked for
-        return output.save(out_dir, nrow=nrow, npz=args.npz)
+        if (args.c2pa_cert is None) != (args.c2pa_key is None):
+            raise ConfigError("--c2pa-cert and --c2pa-key go together: give both (ditkit credentials init DIR makes a test pair)")
+        written = output.save(out_dir, nrow=nrow, npz=args.npz)
+        if args.c2pa_cert is None:
+            print("C2PA content credentials: off (pass --c2pa-cert and --c2pa-key to sign the PNGs)", file=sys.stderr)
+            return written
+        from ditkit.provenance import generation_manifest, sign_png
+
+        meta = output.metadata
+        for path in written:
+            if path.suffix == ".png":
+                index = int(path.stem) if path.stem.isdigit() else None
+                manifest = generation_manifest(
+                    model=meta["model"], checkpoint_sha256=meta.get("checkpoint_sha256") or None,
+                    sampler={"name": meta["sampler"], "num_inference_steps": int(meta["num_sampling_steps"]),
+                             "guidance_scale": float(meta["cfg_scale"])},
+                    seed=None if index is None or output.seeds is None else output.seeds[index],
+                    title=path.name, extra={"checkpoint": meta.get("checkpoint"), "step": meta.get("step"),
+                                            "weights": meta.get("weights")},
+                )
+                sign_png(path, path, manifest, args.c2pa_cert, args.c2pa_key)
+        print(f"C2PA content credentials: signed {sum(p.suffix == '.png' for p in written)} PNGs "
+              f"(check with: ditkit verify {written[0]})", file=sys.stderr)
+        return written
 
     def cli_summary(self, output: ImagePipelineOutput) -> str:
         line = super().cli_summary(output)

@@ -1,5 +1,6 @@
 """Text from a token DiT: masked diffusion (MDLM ancestral sampling, prompts, suffixes, infill,
-semi-autoregressive windows beyond the training length) or the autoregressive baseline.
+semi-autoregressive windows beyond the training length), block diffusion (BD3-LM: block by block,
+any length, KV cache over finished blocks) or the autoregressive baseline (KV cache).
 
     pipe = ditkit.load("results/sums")
     out = pipe("12+", num_inference_steps=24, generator=torch.Generator().manual_seed(0))
@@ -7,7 +8,7 @@ semi-autoregressive windows beyond the training length) or the autoregressive ba
 
 Time convention (docs/architecture.md): the masked objective calls the network with ``1000 * t``,
 ``t in [0, 1]`` (1 = all masked); the autoregressive one with ``t = 0``. The driver of each
-objective family (``masked``, ``autoregressive``) lives in ``_DRIVERS`` below.
+objective family (``masked``, ``block``, ``autoregressive``) lives in ``_DRIVERS`` below.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 from ditkit.checkpoint_io import Checkpoint
 from ditkit.config import Config, ConfigError
 from ditkit.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ditkit.models.caching import attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
@@ -128,6 +130,8 @@ class _Request:
     tail: list[int]
     template: Optional[list[int]]
     stride: Optional[int]
+    kv_cache: bool = True  # block and autoregressive models: reuse the keys/values of finished tokens
+    remdm_eta: float = 0.0  # masked / block models: ReMDM remasking strength (0: off)
 
 
 @PIPELINES.register("text")
@@ -150,7 +154,7 @@ class TextPipeline(Pipeline):
 
     @property
     def sampler_name(self) -> str:
-        """The one sampler of the objective's family (``ancestral`` or ``autoregressive``)."""
+        """The one sampler of the objective's family (``ancestral``, ``block`` or ``autoregressive``)."""
         return SAMPLERS.names(family=self.objective.family)[0]
 
     def _request(
@@ -170,7 +174,9 @@ class TextPipeline(Pipeline):
             raise ConfigError(f"--temperature {temperature}: use a value >= 0 (0 = greedy)")
         if kind == "autoregressive" and (suffix or infill):
             raise ConfigError("an autoregressive model writes left to right: --suffix and --infill need a masked model")
-        if kind == "masked" and top_k is not None:
+        if kind == "block" and suffix:
+            raise ConfigError("a block-diffusion model writes block by block: --suffix needs a masked model (--infill works)")
+        if kind in ("masked", "block") and top_k is not None:
             raise ConfigError("--top-k applies to the autoregressive sampler only")
         if infill is not None and (prompt or suffix):
             raise ConfigError("--infill is the whole template: put the prompt and suffix text into it")
@@ -221,10 +227,13 @@ class TextPipeline(Pipeline):
         remasking: Optional[str] = None,
         stride: Optional[int] = None,
         at_document_start: bool = True,
+        kv_cache: bool = True,
+        remdm_eta: Optional[float] = None,
         seed: Optional[int] = None,
         batch_size: int = 64,
         progress: Optional[Callable[[int], None]] = None,
         allow_untrained_uncond: bool = False,
+        cache: Optional[str] = None,
     ) -> TextPipelineOutput:
         """Draw ``num_samples`` texts (default: one per label, or 1).
 
@@ -232,12 +241,20 @@ class TextPipeline(Pipeline):
         ``seq_len``) with the ``prompt`` fixed at the start and the ``suffix`` at the end, or an
         ``infill`` template (``mask_char`` marks each position to fill); longer than ``seq_len``,
         semi-autoregressive windows advancing by ``stride`` (default half a window).
-        Autoregressive: next-token sampling after the prompt (``temperature``, ``top_k``). With
+        Block diffusion: block by block after the prompt (an ``infill`` template's fixed tokens are
+        seen by their own and later blocks), any ``num_tokens``. Autoregressive: next-token
+        sampling after the prompt (``temperature``, ``top_k``). ``kv_cache`` (block and
+        autoregressive models): finished tokens' keys and values are computed once; off, the
+        context is re-run for every network call (same tokens, slower). ``remdm_eta`` > 0 (masked
+        and block models, random reveal order): ReMDM remasking of generated tokens (capped
+        schedule, ``samplers.masked.ancestral``); default ``sample.remdm_eta`` when the config has it, else 0. With
         ``at_document_start`` a separator precedes the prompt/template, as a document begins in
         the packed training stream. ``class_labels`` with ``guidance_scale != 1``: classifier-free
         guidance on the logits. ``progress(1)`` is called once per network call. Options left None
         come from the checkpoint's ``sample`` section; sample ``i`` uses seed ``seed + i`` unless
-        ``generator`` is given. Raises ``ConfigError`` for impossible requests.
+        ``generator`` is given. ``cache`` (masked models): step caching of the block stack between
+        network calls, ``"fora:N"`` or ``"teacache:T"`` (``ditkit.models.caching``; None = off),
+        recorded in the metadata. Raises ``ConfigError`` for impossible requests.
         """
         cfg = self.cfg
         labels, n = self.resolve_labels(class_labels, num_samples, default_count=1)
@@ -247,8 +264,16 @@ class TextPipeline(Pipeline):
             raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
         req = self._request(prompt, suffix, infill, mask_char, num_tokens, num_inference_steps, temperature, top_k,
                             remasking, stride, at_document_start)
+        req.kv_cache = kv_cache
+        req.remdm_eta = float(getattr(cfg.sample, "remdm_eta", 0.0) if remdm_eta is None else remdm_eta)
+        if req.remdm_eta < 0 or (req.remdm_eta > 0 and (req.kind == "autoregressive" or req.remasking != "random")):
+            raise ConfigError(f"--remdm-eta {req.remdm_eta}: use a value >= 0, on a masked or block model with --remasking random")
         seed = cfg.sample.seed if seed is None else seed
         seeds, generators = resolve_generators(n, seed, generator)
+        step_cache = make_step_cache(cache)
+        if step_cache is not None and req.kind != "masked":
+            raise ConfigError(f"--cache {cache}: step caching applies to masked text models; drop it for {req.kind} sampling")
+        attach_step_cache(self.model, step_cache)  # refuses a model without the hook before any work
         forward = self.forward_fn()
         if progress is not None:
             inner = forward
@@ -269,7 +294,8 @@ class TextPipeline(Pipeline):
                 net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes)
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
-            outputs.append(_DRIVERS[self.objective.family](self, net, req, hi - lo, generator_slice(generators, lo, hi)).cpu())
+            with attach_step_cache(self.model, step_cache):  # reset per batch: one trajectory each
+                outputs.append(_DRIVERS[self.objective.family](self, net, req, hi - lo, generator_slice(generators, lo, hi)).cpu())
         tokens = torch.cat(outputs)
         texts = [self.tokenizer.decode(row[req.start:].tolist()) for row in tokens]
         if req.kind == "autoregressive":  # one network call per generated token
@@ -281,14 +307,20 @@ class TextPipeline(Pipeline):
             "sampler": self.sampler_name, "num_sampling_steps": str(steps), "cfg_scale": str(scale),
             "temperature": str(req.temperature), "seed": str(seed) if seeds is not None else "caller's generator",
         })
+        if req.remdm_eta > 0:
+            metadata["remdm_eta"] = str(req.remdm_eta)
         for key, value in (("prompt", prompt), ("suffix", suffix), ("infill", infill)):
             if value:
                 metadata[key] = str(value)
+        if step_cache is not None:
+            metadata["cache"] = step_cache.spec
+            metadata["cache_reuse"] = step_cache.summary()
         return TextPipelineOutput(texts, tokens, req.start, labels, seeds, metadata, list(self.class_names))
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
     def add_cli_arguments(cls, parser: Any) -> None:
+        super().add_cli_arguments(parser)  # --lora
         parser.add_argument("--prompt", help="text every sample starts with (placed at the start of a document)")
         parser.add_argument("--suffix", help="masked models: text every sample ends with")
         parser.add_argument("--infill", metavar="TEMPLATE", help="masked models: fill each --mask-char of TEMPLATE, e.g. '12+__=19'")
@@ -299,6 +331,10 @@ class TextPipeline(Pipeline):
         parser.add_argument("--top-k", type=int, help="autoregressive models: sample among the k most likely tokens")
         parser.add_argument("--remasking", choices=["random", "low_confidence"], help="masked models: which positions to reveal")
         parser.add_argument("--no-document-start", action="store_true", help="no separator before --prompt / --infill")
+        parser.add_argument("--no-kv-cache", action="store_true", help="block / autoregressive models: re-run the context every call")
+        parser.add_argument("--remdm-eta", type=float, help="masked / block models: ReMDM remasking strength (e.g. 0.02; 0 off)")
+        parser.add_argument("--cache", metavar="SPEC",
+                            help="masked models, step caching: fora:N or teacache:T (threshold); default none")
 
     def cli_call(self, args: Any, distributed: bool = False) -> TextPipelineOutput:
         from ditkit.progress import progress_bar
@@ -312,8 +348,11 @@ class TextPipeline(Pipeline):
                 args.prompt, args.num_sampling_steps, args.cfg_scale, num_samples=args.num_samples or 16,
                 class_labels=args.class_labels, suffix=args.suffix, infill=args.infill, mask_char=args.mask_char or "_",
                 num_tokens=args.num_tokens, temperature=args.temperature, top_k=args.top_k, remasking=args.remasking,
-                stride=args.stride, at_document_start=not args.no_document_start, seed=args.seed,
+                stride=args.stride, at_document_start=not args.no_document_start,
+                kv_cache=not getattr(args, "no_kv_cache", False), remdm_eta=getattr(args, "remdm_eta", None),
+                seed=args.seed,
                 batch_size=args.batch_size, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                cache=getattr(args, "cache", None),
             )
 
     def cli_summary(self, output: TextPipelineOutput) -> str:
@@ -353,6 +392,8 @@ def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, 
     ancestral = SAMPLERS.get("ancestral", family="masked").obj
     options = dict(remasking=req.remasking, cache=not getattr(pipe.model, "time_conditioning", True),
                    temperature=req.temperature, generator=generators)
+    if req.remdm_eta > 0:  # only then, so that the plain call stays the recorded one
+        options["remdm_eta"] = req.remdm_eta
     if req.template is not None:
         x = torch.tensor(req.template, dtype=torch.long, device=device).expand(batch, -1).clone()
         return ancestral(denoiser, x, req.steps, mask_id=mask_id, **options)
@@ -366,11 +407,35 @@ def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, 
 
 
 def _drive_autoregressive(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any) -> Tensor:
+    from ditkit.models.text_dit import KVCache
+    from ditkit.samplers.autoregressive import cached_next_token
+
     prefix = torch.tensor(req.prefix, dtype=torch.long, device=pipe.device).expand(batch, -1)
-    next_token = pipe.objective.denoiser(net, pipe.cfg.data.seq_len)
     sampler = SAMPLERS.get("autoregressive", family="autoregressive").obj
-    return sampler(next_token, prefix, req.length - prefix.shape[1], temperature=req.temperature, top_k=req.top_k,
-                   generator=generators)
+    options = dict(temperature=req.temperature, top_k=req.top_k, generator=generators)
+    if not (req.kv_cache and hasattr(pipe.model, "use_kv_cache")):
+        next_token = pipe.objective.denoiser(net, pipe.cfg.data.seq_len)
+        return sampler(next_token, prefix, req.length - prefix.shape[1], **options)
+    with pipe.model.use_kv_cache(KVCache()) as cache:
+        next_token = cached_next_token(net, cache, bos_id=pipe.objective.bos_id, context_len=pipe.cfg.data.seq_len)
+        return sampler(next_token, prefix, req.length - prefix.shape[1], **options)
 
 
-_DRIVERS: dict[str, Callable[..., Tensor]] = {"masked": _drive_masked, "autoregressive": _drive_autoregressive}
+def _drive_block(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any) -> Tensor:
+    from ditkit.models.text_dit import KVCache
+
+    objective, mask_id = pipe.objective, pipe.tokenizer.mask_id
+    start = req.template if req.template is not None else req.prefix
+    prefix = torch.tensor(start, dtype=torch.long, device=pipe.device).expand(batch, -1)
+    sampler = SAMPLERS.get("block", family="block").obj
+    with pipe.model.use_kv_cache(KVCache(objective.block_size)) as cache:
+        denoiser = objective.denoiser(net, cache, context_len=pipe.cfg.data.seq_len, use_cache=req.kv_cache)
+        return sampler(denoiser, prefix, req.length - prefix.shape[1], block_size=objective.block_size,
+                       num_steps=req.steps, mask_id=mask_id, remasking=req.remasking, temperature=req.temperature,
+                       remdm_eta=req.remdm_eta, cache=not getattr(pipe.model, "time_conditioning", True),
+                       generator=generators)
+
+
+_DRIVERS: dict[str, Callable[..., Tensor]] = {
+    "masked": _drive_masked, "block": _drive_block, "autoregressive": _drive_autoregressive,
+}

@@ -1,22 +1,54 @@
 """Left-to-right sampling for the autoregressive baseline. Pure function; torch only.
 
-``next_token`` is ``fn(tokens (B, n) int64) -> (B, V)`` log-probabilities of the next token
-(``AutoregressiveLM.denoiser``, which adds BOS and crops to the training window). No KV cache: each
-step runs the network on the visible window, which is simple and fine at the sizes trained here.
+``next_token`` is ``fn(tokens (B, n) int64) -> (B, V)`` log-probabilities of the next token:
+``AutoregressiveLM.denoiser`` adds BOS, crops to the training window and runs the network on all of
+it for every token; ``cached_next_token`` gives the same numbers from a KV cache, running the
+network only on the tokens it has not seen (one per step), so a step costs O(n) instead of O(n^2).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ditkit.registry import SAMPLERS
 from ditkit.samplers.masked import Generator, gumbel_argmax
 
-__all__ = ["autoregressive"]
+__all__ = ["autoregressive", "cached_next_token"]
+
+
+def cached_next_token(
+    net: Callable[[Tensor, Tensor], Tensor], cache: Any, *, bos_id: int, context_len: int
+) -> Callable[[Tensor], Tensor]:
+    """``fn(tokens (B, n)) -> (B, V)`` float32 next-token log-probabilities, the contract (and the
+    numbers) of ``AutoregressiveLM.denoiser(net, context_len)``, from a KV cache.
+
+    ``net(x (B, m), t (B,)) -> logits (B, m, V)`` is the causal network (conditioning bound) whose
+    model has ``cache`` bound (``TextDiT.use_kv_cache``): each call feeds only ``[BOS, tokens]``
+    past ``cache.length``. Within the training window that is exact; past it the uncached
+    denoiser drops the oldest token every step, which changes every cached key, so the window is
+    re-encoded each step there (exact, but no faster). A shorter or new sequence resets the cache.
+    """
+    if context_len < 1:
+        raise ValueError(f"context_len must be >= 1, got {context_len}")
+
+    def fn(tokens: Tensor) -> Tensor:
+        n = tokens.shape[1]
+        if n + 1 > context_len:  # beyond the window: BOS + the last context_len - 1 tokens, from scratch
+            cache.reset()
+            tokens = tokens[:, n - (context_len - 1) :]
+        bos = torch.full((tokens.shape[0], 1), bos_id, dtype=torch.long, device=tokens.device)
+        inp = torch.cat([bos, tokens], 1)  # (B, m)
+        if cache.length >= inp.shape[1]:  # nothing new: another sequence than the cached one
+            cache.reset()
+        new = inp[:, cache.length :]
+        return F.log_softmax(net(new, torch.zeros(inp.shape[0], device=inp.device))[:, -1].float(), dim=-1)
+
+    return fn
 
 
 @SAMPLERS.register("autoregressive", family="autoregressive", options=("temperature", "top_k"))

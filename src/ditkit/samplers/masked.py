@@ -74,7 +74,7 @@ def canvas(
     return x
 
 
-@SAMPLERS.register("ancestral", family="masked", options=("remasking", "temperature"))
+@SAMPLERS.register("ancestral", family="masked", options=("remasking", "temperature", "remdm_eta", "remdm_schedule"))
 @torch.no_grad()
 def ancestral(
     denoiser: Denoiser,
@@ -85,6 +85,8 @@ def ancestral(
     remasking: str = "random",
     cache: bool = False,
     temperature: float = 1.0,
+    remdm_eta: float = 0.0,
+    remdm_schedule: str = "cap",
     generator: Generator = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
@@ -99,22 +101,45 @@ def ancestral(
     ``cache=True`` reuses the denoiser output when no token changed in the previous step -- exact
     when the model ignores ``t`` (MDLM's cached sampler); the random draws are the same
     either way, so with such a model both give identical samples. ``callback(i, x, x0_argmax)``.
+
+    ``remdm_eta > 0`` (with ``remasking="random"``): ReMDM (Wang et al. 2025, arXiv 2503.00307,
+    eq. 8), which may remask a token it generated earlier, so a wrong token can be fixed later. With
+    ``alpha_t = 1 - t`` a generated token is remasked with probability ``sigma_t`` and a masked one
+    revealed with ``(alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t)``; ``sigma_t`` is at most
+    ``sigma_max = min(1, (1 - alpha_s) / alpha_t)`` (so the marginals stay those of the forward
+    process): ``remdm_schedule="cap"`` uses ``min(remdm_eta, sigma_max)``, ``"rescale"``
+    ``remdm_eta * sigma_max`` (``remdm_eta <= 1``). The last step (``s = 0``) remasks nothing, so no
+    mask is left. Fixed tokens (prompt, template) are never remasked. ``remdm_eta = 0`` is MDLM.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if remasking not in ("random", "low_confidence"):
         raise ValueError(f"remasking={remasking!r}: choose 'random' or 'low_confidence'")
+    if remdm_eta < 0 or remdm_schedule not in ("cap", "rescale") or (remdm_schedule == "rescale" and remdm_eta > 1):
+        raise ValueError(f"ReMDM: need remdm_eta >= 0 (<= 1 to rescale) and remdm_schedule 'cap' or 'rescale', "
+                         f"got {remdm_eta}, {remdm_schedule!r}")
+    if remdm_eta > 0 and remasking != "random":
+        raise ValueError("ReMDM remasking (remdm_eta > 0) follows the random reveal schedule: use remasking='random'")
     x = x.clone()
     B, L = x.shape
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-    initial_masked = (x == mask_id).sum(1)
+    generated = x == mask_id  # positions the sampler writes (ReMDM may remask only these)
+    initial_masked = generated.sum(1)
     logp = None
     for i in range(num_steps):
         t, s = ts[i], ts[i + 1]
         masked = x == mask_id
         if logp is None or not cache:
             logp = denoiser(x, torch.full((B,), t, device=x.device))
-        if remasking == "random":
+        remask = None
+        if remasking == "random" and remdm_eta > 0:
+            sigma_max = min(1.0, s / (1.0 - t)) if t < 1.0 else 1.0  # (1 - alpha_s) / alpha_t
+            sigma = min(remdm_eta, sigma_max) if remdm_schedule == "cap" else remdm_eta * sigma_max
+            u = uniform((B, L), generator, x.device)
+            reveal = masked & (u < ((1.0 - s) - (1.0 - sigma) * (1.0 - t)) / t)
+            remask = generated & ~masked & (u < sigma)
+            proposal = gumbel_argmax(logp, generator, temperature)
+        elif remasking == "random":
             reveal = masked & (uniform((B, L), generator, x.device) < (t - s) / t)
             proposal = gumbel_argmax(logp, generator, temperature)
         else:
@@ -125,6 +150,9 @@ def ancestral(
             rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
             reveal = masked & (rank < num_reveal.unsqueeze(1))
         x = torch.where(reveal, proposal, x)
+        if remask is not None:
+            x = torch.where(remask, torch.full_like(x, mask_id), x)
+            reveal = reveal | remask
         if reveal.any():
             logp_used, logp = logp, None  # a token changed: the next step needs a fresh output
         else:

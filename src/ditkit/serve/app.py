@@ -7,6 +7,7 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, browsable at ``/docs``):
 * ``GET /v1/models``          served models: modality, classes, image size, defaults, limits
 * ``POST /v1/images``         generate images -> PNGs (base64) carrying ``ditkit sample``'s metadata
 * ``POST /v1/text``           generate text with a text model (prompt, or an infill template)
+* ``POST /v1/audio``          generate sounds with an audio model -> WAVs and spectrogram PNGs (base64)
 * ``GET /v1/progress/{id}``   progress of a request sent with ``request_id`` (polled by the page)
 
 Load and bad input: each model has one worker thread and a bounded queue (``workers.py``); a full
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import ditkit
 from ditkit.config import ConfigError
+from ditkit.safety import Blocklist, Refused
+from ditkit.serve.audio import AudioModel
 from ditkit.serve.models import ImageModel, RequestError, ServeLimits
 from ditkit.serve.text import TextModel
 from ditkit.serve.workers import Job, JobCancelled, ModelWorker, ProgressBoard, QueueFullError
@@ -42,7 +45,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # The page loads only its own script and style and shows images from data: URLs.
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
@@ -67,6 +70,12 @@ class ImageRequest(BaseModel):
     steps: Optional[int] = Field(None, description="sampling steps (at most limits.max_steps)")
     cfg_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale; 1 = none")
     seed: Optional[int] = Field(None, description="image i uses seed + i (0..2**31-1)")
+    lora: Optional[str] = Field(None, max_length=100, description="a LoRA adapter of the model (its loras in "
+                                "GET /v1/models); null: the base alone")
+    prompt: Optional[str] = Field(None, max_length=2000, description="text-to-image models (prompts true in "
+                                  "GET /v1/models): what to draw; at most max_prompt_tokens tokens")
+    negative_prompt: Optional[str] = Field(None, max_length=2000, description="text-to-image: what to steer away "
+                                           "from (replaces the empty prompt of guidance)")
     request_id: Optional[str] = Field(
         None, pattern=REQUEST_ID_PATTERN, description="client-chosen id to poll GET /v1/progress/{request_id}"
     )
@@ -125,10 +134,48 @@ class TextResponse(BaseModel):
     samples: list[GeneratedText]
 
 
+class AudioRequest(BaseModel):
+    """``POST /v1/audio``. Unset options take the checkpoint's ``sample`` defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(max_length=200, description="a name from GET /v1/models (modality audio)")
+    class_labels: Optional[list[Union[int, str]]] = Field(
+        None, description="labels or class names, repeated to num_samples; null: the classes in turn"
+    )
+    num_samples: int = Field(1, description="clips to draw (at most limits.max_images_per_request)")
+    duration: Optional[float] = Field(None, allow_inf_nan=False, description="seconds per clip; null: the trained length")
+    sampler: Optional[str] = Field(None, max_length=32)
+    steps: Optional[int] = Field(None, description="sampling steps (at most limits.max_steps)")
+    cfg_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale; 1 = none")
+    seed: Optional[int] = Field(None, description="clip i uses seed + i (0..2**31-1)")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
+
+
+class GeneratedClip(BaseModel):
+    index: int
+    seed: int
+    label: Optional[int]
+    class_name: Optional[str]
+    sample_rate: int
+    seconds: float
+    wav_base64: str = Field(description="the WAV file (16-bit PCM, mono), base64")
+    spectrogram_png_base64: str = Field(description="its log-mel spectrogram as a PNG carrying `metadata`")
+    metadata: dict[str, str]
+
+
+class AudioResponse(BaseModel):
+    model: str
+    elapsed_s: float
+    metadata: dict[str, str]
+    clips: list[GeneratedClip]
+
+
 # ---- state ---------------------------------------------------------------------------------------
 
 
-ServedModel = Union[ImageModel, TextModel]
+ServedModel = Union[ImageModel, TextModel, AudioModel]
+ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio"}  # where each modality is asked
 
 
 class ServeState:
@@ -146,13 +193,14 @@ class ServeState:
         self.workers = {m.name: ModelWorker(m.name, limits.max_queue) for m in models}
         self.progress = ProgressBoard()
         self.started_at = time.time()
+        self.blocklist = Blocklist()  # create_app sets the operator's list
 
     def get(self, name: str, modality: str) -> ServedModel:
         model = self.models.get(name)
         if model is None:
             raise RequestError(404, f"model {name!r} is not served here; available: {', '.join(self.models)} (GET /v1/models)")
         if model.modality != modality:
-            other = "/v1/text" if model.modality == "text" else "/v1/images"
+            other = ENDPOINTS.get(model.modality, "/v1/images")
             raise RequestError(422, f"model {name!r} is {'an' if model.modality == 'image' else 'a'} {model.modality} model: send this request to POST {other}")
         return model
 
@@ -179,6 +227,14 @@ class ServeState:
             raise RequestError(422, str(err)) from None
         except Exception as err:  # noqa: BLE001 -- reported to the client; the worker goes on
             raise RequestError(500, f"generation failed on model {model.name!r}: {type(err).__name__}: {err}") from None
+
+    def screen(self, text: Optional[str], what: str) -> None:
+        """422 naming the blocklist rule that ``text`` matches (never the matched text)."""
+        if text:
+            try:
+                self.blocklist.enforce(text, what)
+            except Refused as err:
+                raise RequestError(422, str(err)) from None
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -251,11 +307,17 @@ class BodySizeLimit:
 # ---- the app -------------------------------------------------------------------------------------
 
 
-def create_app(models: Sequence[ServedModel], limits: Optional[ServeLimits] = None) -> FastAPI:
+def create_app(
+    models: Sequence[ServedModel], limits: Optional[ServeLimits] = None, blocklist: Optional[Blocklist] = None
+) -> FastAPI:
     """The FastAPI app serving ``models`` (already loaded) under ``limits``. Starts one worker
-    thread per model; ``app.state.ditkit.close()`` (run at shutdown) stops them."""
+    thread per model; ``app.state.ditkit.close()`` (run at shutdown) stops them. ``blocklist``
+    (``ditkit.safety``; default: an empty list, i.e. the filter is on and blocks nothing until the
+    operator's file gives rules) screens prompts and generated text: a match answers 422 naming
+    the rule, never the matched text."""
     limits = limits or ServeLimits()
     state = ServeState(models, limits)
+    state.blocklist = blocklist if blocklist is not None else Blocklist()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -315,8 +377,11 @@ def create_app(models: Sequence[ServedModel], limits: Optional[ServeLimits] = No
         started = time.monotonic()
         model = state.get(body.model, "image")
         assert isinstance(model, ImageModel)
+        state.screen(body.prompt, "prompt")
+        state.screen(body.negative_prompt, "negative prompt")
         spec = model.check(limits, class_labels=body.class_labels, num_images=body.num_images, sampler=body.sampler,
-                           steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed)
+                           steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed, lora=body.lora,
+                           prompt=body.prompt, negative_prompt=body.negative_prompt)
         job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
         result = await state.run(model, job)
         return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
@@ -328,7 +393,25 @@ def create_app(models: Sequence[ServedModel], limits: Optional[ServeLimits] = No
         started = time.monotonic()
         model = state.get(body.model, "text")
         assert isinstance(model, TextModel)
+        state.screen(body.prompt, "prompt")
+        state.screen(body.template, "template")
         spec = model.check(limits, body.model_dump(exclude={"model", "request_id"}))
+        job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
+        result = await state.run(model, job)
+        for sample in result.get("samples", []):  # generated text is screened too
+            state.screen(sample.get("text"), "generated text")
+        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+
+    @app.post("/v1/audio", response_model=AudioResponse, summary="Generate sounds (audio models)",
+              responses={404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
+                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+    async def audio(body: AudioRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        model = state.get(body.model, "audio")
+        assert isinstance(model, AudioModel)
+        spec = model.check_audio(limits, class_labels=body.class_labels, num_samples=body.num_samples,
+                                 duration=body.duration, sampler=body.sampler, steps=body.steps,
+                                 cfg_scale=body.cfg_scale, seed=body.seed)
         job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
         result = await state.run(model, job)
         return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}

@@ -22,7 +22,8 @@ from ditkit.media import save_png, to_uint8
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.serve.limits import ServeLimits
 
-__all__ = ["ServeLimits", "RequestError", "ImageModel", "ImageJobSpec", "parse_ckpt_arg", "model_name_for", "png_base64"]
+__all__ = ["ServeLimits", "RequestError", "ImageModel", "ImageJobSpec", "parse_ckpt_arg", "parse_lora_arg", "model_name_for",
+           "png_base64"]
 
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; sample i uses seed + i, far from int64 overflow
 BATCH_SIZE = 64  # images drawn per forward batch
@@ -69,6 +70,9 @@ class ImageJobSpec:
     steps: int
     cfg_scale: float
     seed: int
+    lora: Optional[str] = None  # a served LoRA adapter's name; None: the base alone
+    prompt: Optional[str] = None  # text-to-image models: what to draw (num_images images of it)
+    negative_prompt: Optional[str] = None  # text-to-image: replaces the empty prompt as guidance reference
 
 
 class ImageModel:
@@ -87,6 +91,20 @@ class ImageModel:
         self.name = name
         self.pipeline = pipeline
         self.cfg = cfg
+        self.loras: dict[str, float] = {}  # served adapters (--lora NAME=PATH[:WEIGHT]) -> weight when picked
+
+    def add_lora(self, name: str, path: str, weight: float = 1.0) -> None:
+        """Load an adapter once, switched off (weight 0) until a request picks it by ``name``.
+        Raises ``ConfigError`` when it was trained on another base (``Pipeline.load_lora``)."""
+        self.pipeline.load_lora(path, scale=0.0, name=name)
+        self.loras[name] = weight
+
+    def _select_lora(self, chosen: Optional[str]) -> None:
+        """The picked adapter at its weight, the other served ones off (on the worker thread)."""
+        if self.loras:
+            from ditkit.adapters import set_adapter_scales
+
+            set_adapter_scales(self.pipeline.model, {n: (w if n == chosen else 0.0) for n, w in self.loras.items()})
 
     @property
     def samplers(self) -> tuple[str, ...]:
@@ -112,6 +130,9 @@ class ImageModel:
             "num_classes": gen.num_classes,
             "classes": [{"label": i, "name": n} for i, n in enumerate(gen.class_names[: gen.num_classes])],
             "samplers": list(self.samplers),
+            "loras": [{"name": n, "weight": w} for n, w in self.loras.items()],
+            "prompts": self.takes_prompts,  # text-to-image: send prompt (and negative_prompt), not class_labels
+            "max_prompt_tokens": self.pipeline.max_prompt_tokens if self.takes_prompts else None,
             "defaults": {
                 "sampler": default_sampler(cfg),
                 "steps": min(cfg.sample.num_sampling_steps, max_steps),
@@ -164,9 +185,19 @@ class ImageModel:
         steps: Optional[int],
         cfg_scale: Optional[float],
         seed: Optional[int],
+        lora: Optional[str] = None,
+        prompt: Optional[str] = None,
+        negative_prompt: Optional[str] = None,
     ) -> ImageJobSpec:
         """Check a request against the model and ``limits``; raises ``RequestError`` (422)."""
         cfg = self.cfg
+        if self.takes_prompts:
+            self._check_prompts(prompt, negative_prompt, class_labels)
+        elif prompt is not None or negative_prompt is not None:
+            raise _unprocessable(f"model {self.name!r} draws class labels, not prompts: drop prompt / negative_prompt")
+        if lora is not None and lora not in self.loras:
+            served = ", ".join(self.loras) or "none (ditkit serve --lora NAME=PATH adds them)"
+            raise _unprocessable(f"lora={lora!r} is not an adapter of model {self.name!r}: use one of {served}, or null")
         check_range("num_images", num_images, 1, limits.max_images_per_request, "max_images_per_request")
         if class_labels is not None and len(class_labels) > limits.max_images_per_request:
             raise _unprocessable(
@@ -186,14 +217,37 @@ class ImageModel:
         labels = self.resolve_labels(class_labels, num_images)
         try:
             sampler, steps, cfg_scale, _ = self.pipeline.check_options(sampler, steps, cfg_scale)
-            self.pipeline.check_guidance(cfg_scale if labels is not None else 1.0)
+            if self.takes_prompts:
+                self.pipeline.check_prompt_guidance(cfg_scale, allow_untrained_uncond=False)
+            else:
+                self.pipeline.check_guidance(cfg_scale if labels is not None else 1.0)
         except ConfigError as err:  # e.g. more steps than the model's training schedule has
             raise _unprocessable(str(err).replace("--num-sampling-steps", "steps").replace("--cfg-scale", "cfg_scale")) from None
         # a default taken from the checkpoint may exceed the server's limit: say so, never lower it silently
         check_range("steps (the model's default sample.num_sampling_steps; send a smaller steps)", steps, 1,
                     limits.max_steps, "max_steps")
         seed = cfg.sample.seed if seed is None else seed
-        return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed)
+        return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed, lora, prompt, negative_prompt)
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether the served model is text-to-image (its pipeline encodes prompts)."""
+        return hasattr(self.pipeline, "encode_prompts")
+
+    def _check_prompts(self, prompt: Optional[str], negative_prompt: Optional[str], class_labels: Any) -> None:
+        """422 for class labels, a missing or empty prompt, or a prompt over the token limit (named)."""
+        if class_labels:
+            raise _unprocessable(f"model {self.name!r} is text-to-image: send prompt, not class_labels")
+        if prompt is None or not prompt.strip():
+            raise _unprocessable(f"model {self.name!r} is text-to-image: send a non-empty prompt")
+        limit = self.pipeline.max_prompt_tokens
+        for field_name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            try:
+                if text is not None:
+                    self.pipeline.tokenizer.encode(text, strict=True)
+            except ConfigError:  # over the limit (DataError)
+                raise _unprocessable(f"{field_name} is longer than model {self.name!r}'s limit of {limit} tokens "
+                                     "(max_prompt_tokens): shorten it") from None
 
     def total_steps(self, spec: ImageJobSpec) -> int:
         """``step(1)`` calls a job makes: one per sampler step and batch."""
@@ -203,6 +257,13 @@ class ImageModel:
         """The job body: sample and encode the PNGs (all on the worker thread)."""
 
         def run(step: Callable[[int], None]) -> dict[str, Any]:
+            self._select_lora(spec.lora)  # one worker per model: no other job sees these weights
+            if spec.prompt is not None:  # text-to-image
+                return self.encode(self.pipeline(
+                    spec.prompt, negative_prompt=spec.negative_prompt, num_images_per_prompt=spec.num_images,
+                    sampler=spec.sampler, num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed,
+                    batch_size=BATCH_SIZE, progress=step,
+                ))
             result = self.pipeline(
                 class_labels=spec.labels, num_samples=spec.num_images, sampler=spec.sampler,
                 num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
@@ -239,6 +300,17 @@ def parse_ckpt_arg(arg: str) -> tuple[Optional[str], str]:
             raise ConfigError(f"--ckpt {arg}: a model name may use letters, digits, '-', '_' and '.' only (NAME=PATH)")
         return name, path
     return None, arg
+
+
+def parse_lora_arg(arg: str) -> tuple[str, str, float]:
+    """``--lora NAME=PATH[:WEIGHT]`` -> ``(NAME, PATH, WEIGHT)`` (weight 1 by default)."""
+    from ditkit.adapters import parse_adapter_spec
+
+    name, sep, rest = arg.partition("=")
+    if not sep or not name or not rest:
+        raise ConfigError(f"--lora {arg}: write NAME=PATH[:WEIGHT], e.g. --lora style=runs/style_lora:0.8")
+    path, weight = parse_adapter_spec(rest)
+    return name, path, weight
 
 
 def model_name_for(ckpt_dir: Path) -> str:

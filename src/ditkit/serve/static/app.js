@@ -75,8 +75,9 @@ function selectModel() {
     $("prompt").maxLength = lim.max_prompt_chars;
     $("template").maxLength = lim.max_prompt_chars;
   } else {
+    const shape = m.modality === "audio" ? `${m.trained_duration} s at ${m.sample_rate} Hz` : `${m.image_size}×${m.image_size}`;
     $("model-info").textContent =
-      `${m.architecture} · ${m.objective} · trained ${m.step} steps · ${m.image_size}×${m.image_size}` +
+      `${m.architecture} · ${m.objective} · trained ${m.step} steps · ${shape}` +
       (m.conditional ? ` · ${m.num_classes} classes` : " · unconditional");
     const classes = [option("", m.conditional ? "each class in turn" : "unconditional")];
     for (const c of m.classes) classes.push(option(c.label, c.name === String(c.label) ? c.name : `${c.label}: ${c.name}`));
@@ -84,12 +85,14 @@ function selectModel() {
     $("class").disabled = !m.conditional;
     $("sampler").replaceChildren(...m.samplers.map((s) => option(s, s)));
     $("sampler").value = d.sampler;
-    $("num-images").value = d.num_images;
+    $("num-images").value = d.num_images ?? d.num_samples;
     $("num-images").max = lim.max_images_per_request;
     $("cfg-scale").value = d.cfg_scale;
     $("cfg-scale").min = lim.min_cfg_scale;
     $("cfg-scale").max = lim.max_cfg_scale;
-    $("cfg-scale").disabled = !m.conditional;
+    $("cfg-scale").disabled = !m.conditional && !m.prompts;
+    $("prompt-options").hidden = !m.prompts;  // text-to-image: a prompt box instead of classes
+    if (m.prompts) $("model-info").textContent += ` · prompts up to ${m.max_prompt_tokens} tokens`;
   }
 }
 
@@ -116,14 +119,21 @@ function buildRequest(m, requestId) {
     body.num_samples = intOrNull("num-samples") ?? 1;
     return ["/v1/text", body];
   }
-  body.num_images = intOrNull("num-images") ?? 1;
+  const count = intOrNull("num-images") ?? 1;
+  if (m.modality === "audio") body.num_samples = count;
+  else body.num_images = count;
   body.sampler = $("sampler").value || null;
-  if (m.conditional) {
+  if (m.prompts) {
+    body.prompt = $("image-prompt").value;
+    const negative = $("negative-prompt").value;
+    if (negative) body.negative_prompt = negative;
+    body.cfg_scale = floatOrNull("cfg-scale");
+  } else if (m.conditional) {
     body.cfg_scale = floatOrNull("cfg-scale");
     const label = $("class").value;
     body.class_labels = label === "" ? null : [Number.parseInt(label, 10)];
   }
-  return ["/v1/images", body];
+  return [m.modality === "audio" ? "/v1/audio" : "/v1/images", body];
 }
 
 function setBusy(on, text = "") {
@@ -179,6 +189,24 @@ function addImageCard(modelName, body) {
   prepend(card);
 }
 
+function addAudioCard(modelName, body) {
+  const card = el("article", { class: "card" });
+  const grid = el("div", { class: "images" });
+  for (const clip of body.clips) {
+    const caption = (clip.class_name ? `${clip.class_name} · ` : "") + `seed ${clip.seed} · ${clip.seconds} s`;
+    const wav = `data:audio/wav;base64,${clip.wav_base64}`;
+    grid.appendChild(el("figure", {}, [
+      el("img", { src: `data:image/png;base64,${clip.spectrogram_png_base64}`, alt: `spectrogram: ${caption}`, class: "sample" }),
+      el("audio", { controls: "", src: wav, preload: "auto" }),
+      el("a", { href: wav, download: `${modelName}-seed${clip.seed}.wav`, text: "download WAV" }),
+      el("figcaption", { text: caption }),
+    ]));
+  }
+  card.appendChild(grid);
+  card.appendChild(el("p", { class: "settings", text: `${modelName} · ${settingsLine(body.metadata)} · ${body.elapsed_s} s` }));
+  prepend(card);
+}
+
 function addTextCard(modelName, body) {
   const card = el("article", { class: "card" });
   for (const sample of body.samples) {
@@ -220,6 +248,7 @@ async function generate(event) {
       return;
     }
     if (m.modality === "text") addTextCard(m.name, reply);
+    else if (m.modality === "audio") addAudioCard(m.name, reply);
     else addImageCard(m.name, reply);
   } catch (err) {
     showError(`request failed: ${err}`);

@@ -1,0 +1,54 @@
+"""Constructor arguments of the text-to-image network (``models/prompt_dit.py``) from a config.
+
+The caption tokenizer is a function of the data section (``ditkit.data.captions.caption_tokenizer``:
+the grammar's words for ``shapes_captions``, UTF-8 bytes for a captioned folder), so the config alone
+rebuilds the network and its tokenizer: a checkpoint needs no other file. Both tokenizers use
+``[PAD]`` 0 and ``[BOS]`` 2 and fit in the encoder's ``PROMPT_VOCAB_SIZE`` (259) ids, so the network
+is built without reading the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ditkit.builders.dit import model_input_shape
+from ditkit.config import Config, ConfigError
+from ditkit.models.prompt_dit import BACKBONE_FIELDS, PROMPT_DIT_PRESETS, PROMPT_VOCAB_SIZE
+from ditkit.registry import MODEL_BUILDERS
+
+__all__ = ["prompt_dit_kwargs", "is_prompt_config"]
+
+
+def is_prompt_config(cfg: Config) -> bool:
+    """Whether ``cfg.model`` names a text-to-image preset (``T2I-*``)."""
+    return cfg.model.name in PROMPT_DIT_PRESETS
+
+
+@MODEL_BUILDERS.register("prompt_dit")
+def prompt_dit_kwargs(cfg: Config) -> dict[str, Any]:
+    """``PromptDiT(**kwargs)``: the preset, then non-None backbone fields of ``cfg.model``, then the
+    sizes the data, tokenizer and objective decide. ConfigError for impossible sizes."""
+    m, d = cfg.model, cfg.data
+    kwargs = dict(PROMPT_DIT_PRESETS[m.name])
+    given = dataclasses.asdict(m)
+    kwargs.update({k: given[k] for k in BACKBONE_FIELDS if given.get(k) is not None})
+    in_channels, input_size = model_input_shape(cfg)
+    if input_size % kwargs["patch_size"]:
+        raise ConfigError(f"--image-size {d.image_size} is not divisible by the patch size {kwargs['patch_size']} of "
+                          f"{m.name}: pick a multiple of {kwargs['patch_size']} or a model with a smaller patch")
+    if kwargs["hidden_size"] % kwargs["num_heads"]:
+        raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
+    if not 0.0 <= d.caption_dropout <= 1.0:
+        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
+    if d.max_caption_length < 2:
+        raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
+    kwargs.update(
+        input_size=input_size,
+        in_channels=in_channels or 3,
+        learn_sigma=cfg.objective.kind == "gaussian" and cfg.objective.learn_sigma,
+        vocab_size=PROMPT_VOCAB_SIZE,
+        max_caption_length=d.max_caption_length,
+        caption_dropout=d.caption_dropout,
+    )
+    return kwargs

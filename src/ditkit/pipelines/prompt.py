@@ -1,0 +1,379 @@
+"""Images from prompts: a text-to-image model (``T2I-*``, ``models/prompt_dit.py``).
+
+    pipe = ditkit.load("results/shapes_captions")
+    out = pipe("a small red circle", num_inference_steps=25, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), num_images_per_prompt=4)
+    out.images[0].save("circle.png")        # out.prompts[i] is the prompt of image i
+
+Classifier-free guidance (Ho & Salimans 2022) runs the prompt and the negative prompt (default the
+empty caption, the null condition caption dropout trained) as one batch of 2B and returns
+``uncond + s (cond - uncond)`` on the image channels. ``attention_maps=True`` also returns, per
+image, the cross-attention of every caption token averaged over heads, layers and steps (DAAM, Tang
+et al. 2022, arXiv 2210.04885); ``save`` writes them as one PNG strip per prompt, a map per word.
+
+Registered as the ``text_to_image`` pipeline; the model family's ``pipeline`` meta selects it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ditkit.builders.dit import model_input_shape
+from ditkit.config import Config, ConfigError
+from ditkit.data.captions import caption_tokenizer, word_spans
+from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
+from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
+from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
+from ditkit.registry import PIPELINES, SAMPLERS
+
+__all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip"]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 prompt file; ConfigError (one line) for a missing or non-UTF-8 file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--prompt-file {path} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--prompt-file {path} is not UTF-8 text (byte {err.start}): re-save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompt-file {path} holds no prompt (one per non-empty line)")
+    return prompts
+
+
+def caption_strip(pixels: np.ndarray, captions: Sequence[str], row_height: int, text_height: int = 12) -> np.ndarray:
+    """``pixels`` (H, W, C) uint8, a grid of ``len(captions)`` rows of ``row_height`` pixels ->
+    the grid with each row followed by a black band holding its caption in white."""
+    font = ImageFont.load_default()
+    rows = []
+    for r, caption in enumerate(captions):
+        rows.append(pixels[r * row_height: (r + 1) * row_height])
+        band = Image.new("RGB", (pixels.shape[1], text_height), (0, 0, 0))
+        ImageDraw.Draw(band).text((2, 0), caption, fill=(255, 255, 255), font=font)
+        text = np.asarray(band)
+        rows.append(text[..., :1] if pixels.shape[-1] == 1 else text)
+    rows.append(pixels[len(captions) * row_height:])
+    return np.concatenate(rows, axis=0)
+
+
+@dataclass
+class PromptPipelineOutput(ImagePipelineOutput):
+    """``ImagePipelineOutput`` plus ``prompts`` / ``negative_prompts`` (one per image),
+    ``num_images_per_prompt`` and ``attention_maps``: per image a list of ``(word, map (H, W) in
+    [0, 1])`` or None."""
+
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    num_images_per_prompt: int = 1
+    attention_maps: Optional[list[list[tuple[str, torch.Tensor]]]] = None
+
+    def sample_metadata(self, index: int) -> dict[str, str]:
+        meta = super().sample_metadata(index)
+        meta.pop("label", None)
+        meta["prompt"] = self.prompts[index]
+        meta["negative_prompt"] = self.negative_prompts[index]
+        return meta
+
+    def save(self, out_dir: str | Path, *, nrow: Optional[int] = None, npz: bool = False) -> list[Path]:
+        """``grid.png`` (one row per prompt, the prompt under its row), one PNG per image (prompt in
+        the metadata), ``attention_NN.png`` strips when maps were asked for."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        scale = display_scale(self.tensors.shape[-1])
+        pixels = to_uint8(self.tensors)
+        written = []
+        for i in range(len(pixels)):
+            save_png(pixels[i], out / f"{i:06d}.png", self.sample_metadata(i))
+            written.append(out / f"{i:06d}.png")
+        save_png(self.grid(nrow), out / "grid.png", {**self.metadata, "prompts": " | ".join(dict.fromkeys(self.prompts))})
+        written.insert(0, out / "grid.png")
+        if npz:
+            np.savez(out / "samples.npz", arr_0=pixels)
+            written.append(out / "samples.npz")
+        for p, i in enumerate(range(0, len(pixels), self.num_images_per_prompt)):
+            if self.attention_maps is None:
+                break
+            path = out / f"attention_{p:02d}.png"
+            save_png(self.attention_strip(i), path, {**self.sample_metadata(i),
+                                                     "layout": "the image, then one cross-attention map per word (DAAM)"})
+            written.append(path)
+        return written
+
+    def grid(self, nrow: Optional[int] = None) -> np.ndarray:
+        """(H', W', C) uint8: ``nrow`` images per row (default: the images of one prompt), the prompt
+        written under each row."""
+        k = nrow or self.num_images_per_prompt
+        grid = make_grid(self.tensors, nrow=k, scale=display_scale(self.tensors.shape[-1]))
+        row_height = (grid.shape[0] - 2) // math.ceil(len(self.tensors) / k)  # make_grid pads 2 pixels
+        return caption_strip(grid, self.prompts[::k] if k == self.num_images_per_prompt else [], row_height)
+
+    def attention_strip(self, index: int, scale: int = 4) -> np.ndarray:
+        """(H', W', 3) uint8: image ``index``, then a heat map per prompt word, each word written under its map."""
+        assert self.attention_maps is not None
+        image = torch.from_numpy(to_uint8(self.tensors[index: index + 1])[0]).float() / 255  # (H, W, C)
+        if image.shape[-1] == 1:
+            image = image.expand(-1, -1, 3)
+        tiles, words = [image], [""]
+        for word, heat in self.attention_maps[index]:
+            tiles.append(torch.stack([heat, heat * 0.3, 1 - heat], dim=-1))  # red = attended, blue = not
+            words.append(word)
+        size = image.shape[0] * scale
+        strip = Image.new("RGB", (len(tiles) * (size + 2), size + 12), (0, 0, 0))
+        draw = ImageDraw.Draw(strip)
+        for j, (tile, word) in enumerate(zip(tiles, words)):
+            pic = Image.fromarray((tile.clamp(0, 1) * 255).byte().numpy()).resize((size, size), Image.Resampling.NEAREST)
+            strip.paste(pic, (j * (size + 2), 0))
+            draw.text((j * (size + 2) + 2, size), word, fill=(255, 255, 255), font=ImageFont.load_default())
+        return np.asarray(strip)
+
+
+@PIPELINES.register("text_to_image")
+class PromptPipeline(ImagePipeline):
+    """Text-to-image DiT: prompts in, images out (see the module docstring)."""
+
+    modality = "text_to_image"
+    supports_distributed = False
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, **kwargs: Any) -> None:
+        super().__init__(model, cfg, **kwargs)
+        self.tokenizer = caption_tokenizer(cfg.data)  # a function of the config (see builders/prompt.py)
+        vocab = self.model.text_encoder.vocab_size
+        if self.tokenizer.vocab_size > vocab or self.tokenizer.pad_id != self.model.pad_id:
+            raise ConfigError(f"the caption tokenizer ({self.tokenizer.vocab_size} ids) does not fit the model's text "
+                              f"encoder ({vocab} ids): the checkpoint's data section does not match its weights")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens a prompt may have ([BOS] not counted)."""
+        return self.tokenizer.max_length - 1
+
+    def encode_prompts(self, prompts: Sequence[str], strict: bool = False, what: str = "prompt") -> torch.Tensor:
+        """Token ids (B, L) int64 on the pipeline's device. ConfigError for a non-string or empty
+        prompt; over-long prompts are truncated with a warning naming the limit (ConfigError with
+        ``strict``)."""
+        for p in prompts:
+            if not isinstance(p, str):
+                raise ConfigError(f"{what} {p!r} is not a string")
+            if what == "prompt" and not p.strip():
+                raise ConfigError("empty prompt: describe the image, e.g. --prompt \"a small red circle\"")
+        try:
+            ids, _ = self.tokenizer(list(prompts), strict=strict)
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
+        return ids.to(self.device)
+
+    def check_prompt_guidance(self, scale: float, allow_untrained_uncond: bool) -> None:
+        """Refuse guidance when caption dropout never trained the empty-caption branch."""
+        if scale == 1.0 or getattr(self.model, "caption_dropout", 0.1) > 0:
+            return
+        message = (f"guidance scale {scale} guides against the empty caption, which this model never trained "
+                   "(data.caption_dropout = 0): use --guidance-scale 1 or retrain with caption dropout")
+        if not allow_untrained_uncond:
+            raise ConfigError(message + "; --allow-untrained-uncond samples anyway")
+        warnings.warn(message, stacklevel=3)
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        generator: GeneratorArg = None,
+        *,
+        negative_prompt: Optional[str | Sequence[str]] = None,
+        num_images_per_prompt: int = 1,
+        seed: Optional[int] = None,
+        sampler: Optional[str] = None,
+        eta: Optional[float] = None,
+        timestep_spacing: Optional[str] = None,
+        batch_size: int = 64,
+        attention_maps: bool = False,
+        strict: bool = False,
+        allow_untrained_uncond: bool = False,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> PromptPipelineOutput:
+        """Draw ``num_images_per_prompt`` images for each prompt (prompt-major order).
+
+        ``prompt``: a string or a list. ``negative_prompt``: replaces the empty caption as the
+        guidance reference (one string, or one per prompt). ``num_inference_steps``,
+        ``guidance_scale`` (1 = none), ``sampler``, ``eta``, ``timestep_spacing`` default to the
+        checkpoint's ``sample`` section. ``generator``: one ``torch.Generator`` or one per image;
+        without it image ``i`` uses seed ``seed + i``. ``attention_maps``: per-word cross-attention
+        maps (cross-attention models only). ``strict``: refuse prompts over the token limit instead
+        of truncating them. Raises ConfigError for empty prompts and bad options.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("no prompt given: pass a string or a list of strings")
+        if num_images_per_prompt < 1:
+            raise ConfigError(f"--num-images-per-prompt {num_images_per_prompt}: must be at least 1")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ConfigError(f"negative_prompt: got {len(negatives)} for {len(prompts)} prompts; give one or one per prompt")
+        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
+        self.check_prompt_guidance(scale, allow_untrained_uncond)
+        k = num_images_per_prompt
+        expanded = [p for p in prompts for _ in range(k)]
+        expanded_neg = [q for q in negatives for _ in range(k)]
+        ids = self.encode_prompts(expanded, strict)
+        neg_ids = self.encode_prompts(expanded_neg, strict, what="negative prompt")
+        n = len(expanded)
+        seed = self.cfg.sample.seed if seed is None else seed
+        seeds, generators = resolve_generators(n, seed, generator)
+        options = self._sampler_options(sampler, eta)
+        layers = self.model.cross_attention_modules() if attention_maps else []
+        tensors, maps = self._draw_prompts(ids, neg_ids, generators, sampler=sampler, steps=steps, scale=scale,
+                                           spacing=spacing, options=options, batch_size=batch_size, layers=layers,
+                                           progress=progress)
+        metadata = self.provenance()
+        metadata.update({"sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale)})
+        metadata["seed"] = str(seed) if seeds is not None else "caller's generator"
+        for key, value in options.items():
+            metadata[key] = str(value)
+        if spacing is not None:
+            metadata["timestep_spacing"] = spacing
+        word_maps = None
+        if maps is not None:
+            size = tensors.shape[-1]
+            word_maps = []
+            for i, text in enumerate(expanded):
+                per_word = []
+                for word, positions in word_spans(self.tokenizer, text):
+                    heat = maps[i][..., positions].sum(-1)[None, None]  # (1, 1, g, g)
+                    heat = torch.nn.functional.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+                    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+                    per_word.append((word, heat))
+                word_maps.append(per_word)
+        images = to_pil(tensors) if not (self.cfg.data.latent_channels and self.vae is None) else []
+        return PromptPipelineOutput(images, tensors, None, seeds, metadata, [], prompts=expanded,
+                                    negative_prompts=expanded_neg, num_images_per_prompt=k, attention_maps=word_maps)
+
+    def _draw_prompts(
+        self, ids: torch.Tensor, neg_ids: torch.Tensor, generators: Any, *, sampler: str, steps: int, scale: float,
+        spacing: Optional[str], options: dict[str, Any], batch_size: int, layers: list[torch.nn.Module],
+        progress: Optional[Callable[[int], None]],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The sampling loop: ``(images (N, C, H, W) in [-1, 1], maps (N, g, g, L) or None)``; maps
+        are the conditional half's cross-attention, averaged over heads, layers and network calls."""
+        cfg, device, objective = self.cfg, self.device, self.objective
+        channels, size = model_input_shape(cfg)
+        entry = SAMPLERS.get(sampler)
+        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
+        if entry.meta.get("zero_is_data"):
+            grid["zero_is_data"] = True
+        forward = self.forward_fn()
+        finish = (lambda z: self.vae.decode_to(z, cfg.data.channels)) if cfg.data.latent_channels and self.vae is not None else None
+        n, out, out_maps = ids.shape[0], [], []
+        length = max(ids.shape[1], neg_ids.shape[1])
+        ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.tokenizer.pad_id)
+        neg_ids = torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=self.tokenizer.pad_id)
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            gens = generator_slice(generators, lo, hi)
+            x_T = objective.prior((hi - lo, channels, size, size), gens, device)
+            y, y_neg = ids[lo:hi], neg_ids[lo:hi]
+            acc: list[torch.Tensor] = []  # running sum of the maps (B, N, L), and the number of calls
+            calls = [0]
+            for layer in layers:
+                layer.attention_store = []
+
+            def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if scale == 1.0:
+                    result = forward(x, t, y)
+                else:
+                    both = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_neg]))
+                    cond, uncond = both.chunk(2)
+                    guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+                    result = torch.cat([guided, cond[:, channels:]], dim=1)
+                if layers:
+                    stored = [p[: x.shape[0]].mean(1) for layer in layers for p in layer.attention_store]  # (B, N, L)
+                    total = torch.stack(stored).mean(0).cpu()
+                    acc.append(total) if not acc else acc.__setitem__(0, acc[0] + total)
+                    calls[0] += 1
+                    for layer in layers:
+                        layer.attention_store = []
+                return result
+
+            def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+                if progress is not None:
+                    progress(1)
+
+            try:
+                x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
+            finally:
+                for layer in layers:
+                    layer.attention_store = None
+            out.append(finish(x0.float()) if finish is not None else x0.float().clamp(-1, 1).cpu())
+            if acc:
+                g = int(math.isqrt(acc[0].shape[1]))
+                out_maps.append((acc[0] / calls[0]).view(hi - lo, g, g, -1))
+        return torch.cat(out), (torch.cat(out_maps) if out_maps else None)
+
+    # ---- ditkit sample ----------------------------------------------------------------------------
+    @classmethod
+    def add_cli_arguments(cls, parser: Any) -> None:
+        parser.add_argument("--prompt", help="text-to-image: what to draw, e.g. \"a small red circle\"")
+        parser.add_argument("--prompt-file", metavar="FILE", help="text-to-image: one prompt per line (UTF-8)")
+        parser.add_argument("--negative-prompt", help="text-to-image: what to steer away from (replaces the empty prompt)")
+        parser.add_argument("--num-images-per-prompt", type=int, help="text-to-image: images per prompt (default 4)")
+        parser.add_argument("--attention-maps", action="store_true",
+                            help="text-to-image: also write attention_NN.png, a cross-attention map per word (DAAM)")
+        parser.add_argument("--strict", action="store_true", help="refuse prompts over the token limit instead of truncating")
+        parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
+        parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
+                            help="gaussian samplers (default: the checkpoint's)")
+        parser.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NxHxWxC)")
+
+    @classmethod
+    def cli_extras(cls, args: Any) -> dict[str, Any]:
+        return {}
+
+    def cli_call(self, args: Any, distributed: bool = False) -> PromptPipelineOutput:
+        from ditkit.progress import progress_bar
+
+        if args.prompt is None and args.prompt_file is None:
+            raise ConfigError("a text-to-image checkpoint needs --prompt \"...\" or --prompt-file FILE")
+        prompts = ([args.prompt] if args.prompt is not None else []) + (
+            read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        k = args.num_images_per_prompt or 4
+        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
+        with progress_bar(steps * math.ceil(len(prompts) * k / args.batch_size), "sampling") as bar:
+            return self(prompts, num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
+                        negative_prompt=args.negative_prompt, num_images_per_prompt=k, seed=args.seed,
+                        sampler=args.sampler, eta=args.ddim_eta, timestep_spacing=args.timestep_spacing,
+                        batch_size=args.batch_size, attention_maps=args.attention_maps, strict=args.strict,
+                        allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update)
+
+    def cli_save(self, output: PromptPipelineOutput, args: Any, out_dir: Path) -> list[Path]:
+        return output.save(out_dir, npz=args.npz)
+
+    def write_training_samples(self, path_stem: Path) -> Path:
+        """A grid of ``sample.num_samples`` images for prompts of the training grammar (fixed seeds),
+        the prompt under each row; leaves the caller's RNGs as they were."""
+        prompts = ["a small red circle", "a large blue square", "a green triangle above a yellow cross",
+                   "a white circle to the left of a purple square"]
+        k = max(1, self.cfg.sample.num_samples // len(prompts))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            out = self(prompts, num_images_per_prompt=k, allow_untrained_uncond=True)
+        path = path_stem.with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(out.grid(), path, {"step": path.stem, "model": self.cfg.model.name})
+        return path

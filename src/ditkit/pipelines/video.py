@@ -1,0 +1,272 @@
+"""Clips from a class-conditional (or unconditional) video DiT (Latte).
+
+    pipe = ditkit.load("results/moving_digits")
+    out = pipe(class_labels=["3 up"], num_frames=16, num_inference_steps=25, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0))
+    out.tensors        # (N, C, F, H, W) float32 in [-1, 1]
+    out.frames[0][5]   # PIL image: frame 5 of clip 0
+    out.save("threes") # 000000.gif + 000000.mp4 per clip, contact_sheet.png, metadata.json
+
+The network draws a whole clip ``(N, C, F, H, W)`` at once; ``num_frames`` may differ from the
+length it trained on (Latte computes its position tables per call, so 16 frames from a model
+trained on 8 run; positions past the trained range are extrapolated). The objective and sampler
+are the image ones (``Objective.sample``, any ``SAMPLERS`` entry of the objective's family,
+classifier-free guidance from ``ditkit.samplers.guidance``): one place for the noise maths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
+from ditkit.data.video import save_contact_sheet, save_gif, save_mp4, tile_clips
+from ditkit.media import display_scale, to_pil
+from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
+from ditkit.pipelines.image import ImagePipeline
+from ditkit.registry import PIPELINES, SAMPLERS
+from ditkit.samplers.guidance import classifier_free_guidance
+
+__all__ = ["VideoPipeline", "VideoPipelineOutput", "DEFAULT_FPS"]
+
+DEFAULT_FPS = 8.0  # frames per second of the written GIFs and MP4s (moving_digits moves S/16 px a frame)
+
+
+@dataclass
+class VideoPipelineOutput:
+    """What a video pipeline returns.
+
+    tensors: ``(N, C, F, H, W)`` float32 in [-1, 1] on the CPU; frames: N lists of F PIL images
+    (``L`` or ``RGB``, diffusers' ``frames``); labels / seeds per clip (seeds None when the caller
+    passed generators); metadata: entries that identify the run and the sampling (also written
+    into ``metadata.json`` and the contact sheet); fps: playback rate of ``save``."""
+
+    tensors: torch.Tensor
+    frames: list[list[Image.Image]]
+    labels: Optional[list[int]]
+    seeds: Optional[list[int]]
+    metadata: dict[str, str]
+    class_names: list[str] = field(default_factory=list)
+    fps: float = DEFAULT_FPS
+
+    @property
+    def num_frames(self) -> int:
+        return self.tensors.shape[2]
+
+    def sample_metadata(self, index: int) -> dict[str, str]:
+        """Metadata of clip ``index``: the shared entries plus its seed and label."""
+        meta = dict(self.metadata)
+        if self.seeds is not None:
+            meta["seed"] = str(self.seeds[index])
+        meta["sample_index"] = str(index)
+        if self.labels is not None:
+            label = self.labels[index]
+            meta["label"] = str(label)
+            if label < len(self.class_names):
+                meta["class_name"] = self.class_names[label]
+        else:
+            meta["label"] = "none (unconditional)"
+        return meta
+
+    def save(self, out_dir: str | Path, *, fps: Optional[float] = None, scale: Optional[int] = None,
+             mp4: bool = True) -> list[Path]:
+        """Write ``NNNNNN.gif`` (looping) and ``NNNNNN.mp4`` (H.264, yuv420p) per clip,
+        ``contact_sheet.png`` (one row of frames per clip, metadata in tEXt chunks) and
+        ``metadata.json``. ``scale``: integer enlargement (default: at least 64 px wide). Each
+        file is written whole or not at all. Returns the paths written."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fps = self.fps if fps is None else float(fps)
+        if fps <= 0:
+            raise ConfigError(f"--fps {fps:g}: use a positive frame rate, e.g. 8")
+        scale = scale or display_scale(self.tensors.shape[-1])
+        written: list[Path] = []
+        for i, clip in enumerate(self.tensors):
+            written.append(save_gif(clip, out / f"{i:06d}.gif", fps=fps, scale=scale))
+            if mp4:
+                written.append(save_mp4(clip, out / f"{i:06d}.mp4", fps=fps, scale=scale))
+        layout = "one row per clip, frames left to right"
+        written.append(save_contact_sheet(self.tensors, out / "contact_sheet.png", scale=scale,
+                                          metadata={**self.metadata, "layout": layout}))
+        meta = {"shared": {**self.metadata, "fps": f"{fps:g}"},
+                "samples": [self.sample_metadata(i) for i in range(len(self.tensors))]}
+        tmp = out / ".metadata.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "metadata.json")
+        return written + [out / "metadata.json"]
+
+
+@PIPELINES.register("video")
+class VideoPipeline(Pipeline):
+    """Class-conditional / unconditional video DiT over pixel clips (see the module docstring)."""
+
+    modality = "video"
+
+    # The sampler, step and guidance checks and the x0 clamp are the image pipeline's: one place.
+    build_objective = ImagePipeline.build_objective
+    sampler_names = ImagePipeline.sampler_names
+    check_options = ImagePipeline.check_options
+    _sampler_options = ImagePipeline._sampler_options
+
+    @property
+    def trained_frames(self) -> int:
+        """The clip length the model trained on (``data.num_frames``, default 8)."""
+        return self.cfg.data.num_frames or DEFAULT_NUM_FRAMES
+
+    def check_num_frames(self, num_frames: Optional[int]) -> int:
+        """``num_frames`` (default: the trained length), checked: at least 2 (1 for a single-frame
+        model) and a multiple of the model's tubelet size; ``ConfigError`` says what to use."""
+        frames = self.trained_frames if num_frames is None else int(num_frames)
+        tubelet = int(getattr(self.model, "tubelet_size", 1))
+        if frames < max(2, tubelet) or frames % tubelet:
+            hint = f"a multiple of {tubelet} (the model's tubelet size)" if tubelet > 1 else "2 or more"
+            raise ConfigError(f"--num-frames {frames}: use {hint}; this model trained on {self.trained_frames}")
+        return frames
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Optional[Sequence[int | str]] = None,
+        num_frames: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        generator: GeneratorArg = None,
+        *,
+        num_samples: Optional[int] = None,
+        seed: Optional[int] = None,
+        sampler: Optional[str] = None,
+        eta: Optional[float] = None,
+        timestep_spacing: Optional[str] = None,
+        batch_size: int = 16,
+        fps: float = DEFAULT_FPS,
+        progress: Optional[Callable[[int], None]] = None,
+        allow_untrained_uncond: bool = False,
+    ) -> VideoPipelineOutput:
+        """Draw clips.
+
+        ``class_labels``: ints or class names (``"3 up"``), repeated to ``num_samples`` (default:
+        one clip per label; the classes in turn, 16 clips, when none are given). ``num_frames``:
+        frames per clip (default the trained length; other lengths run, see the module docstring).
+        ``num_inference_steps``, ``guidance_scale`` (1 = none), ``sampler``, ``eta`` and
+        ``timestep_spacing`` default to the checkpoint's ``sample`` section. ``generator``: one
+        ``torch.Generator`` or one per clip; without it clip ``i`` uses seed ``seed + i``.
+        ``progress(k)`` is called once per network step and batch with ``k = num_frames`` (a bar
+        over frames x steps). ``fps``: playback rate recorded for ``save``.
+
+        Raises ``ConfigError`` for labels outside the classes, a frame count the model cannot
+        take, a sampler that does not fit the objective, bad steps / scales / batch sizes, and
+        guidance on a model whose unconditional branch was never trained (unless
+        ``allow_untrained_uncond``: a warning).
+        """
+        cfg = self.cfg
+        frames = self.check_num_frames(num_frames)
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+        if fps <= 0:
+            raise ConfigError(f"--fps {fps:g}: use a positive frame rate, e.g. 8")
+        labels, n = self.resolve_labels(class_labels, num_samples)
+        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
+        self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
+        seed = cfg.sample.seed if seed is None else seed
+        seeds, generators = resolve_generators(n, seed, generator)
+        options = self._sampler_options(sampler, eta)
+        clips = self._draw(labels, generators, n, frames, sampler=sampler, steps=steps, scale=scale, spacing=spacing,
+                           options=options, batch_size=batch_size, progress=progress)
+        metadata = self.provenance()
+        metadata.update({
+            "sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale),
+            "seed": str(seed) if seeds is not None else "caller's generator",
+            "num_frames": str(frames), "trained_frames": str(self.trained_frames),
+        })
+        for key, value in options.items():
+            metadata[key] = str(value)
+        if spacing is not None:
+            metadata["timestep_spacing"] = spacing
+        if labels is not None:
+            metadata["labels"] = " ".join(map(str, labels))
+        pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
+        return VideoPipelineOutput(clips, pil, labels, seeds, metadata, list(self.class_names), float(fps))
+
+    def _draw(
+        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, sampler: str, steps: int,
+        scale: float, spacing: Optional[str], options: dict[str, Any], batch_size: int,
+        progress: Optional[Callable[[int], None]],
+    ) -> torch.Tensor:
+        """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU."""
+        cfg, objective, device = self.cfg, self.objective, self.device
+        channels, size = cfg.data.channels or 1, cfg.data.image_size
+        entry = SAMPLERS.get(sampler)
+        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
+        if entry.meta.get("zero_is_data"):
+            grid["zero_is_data"] = True
+        forward = self.forward_fn()
+
+        def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            if progress is not None:
+                progress(frames)
+
+        out = []
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            gens = generator_slice(generators, lo, hi)
+            x_T = objective.prior((hi - lo, channels, frames, size, size), gens, device)
+            y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
+            if y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
+                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=channels)
+            else:
+                net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
+            x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
+            out.append(x0.float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+    # ---- ditkit sample ----------------------------------------------------------------------------
+    @classmethod
+    def add_cli_arguments(cls, parser: Any) -> None:
+        super().add_cli_arguments(parser)  # --lora
+        parser.add_argument("--num-frames", type=int, help="video: frames per clip (default: the length it trained on)")
+        parser.add_argument("--fps", type=float, help="video: frames per second of the GIFs and MP4s (default 8)")
+        parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
+        parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
+                            help="gaussian samplers (default: the checkpoint's)")
+
+    def cli_call(self, args: Any, distributed: bool = False) -> VideoPipelineOutput:
+        from ditkit.progress import progress_bar
+
+        _, n = self.resolve_labels(args.class_labels, args.num_samples)
+        frames = self.check_num_frames(args.num_frames)
+        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
+        batch = min(args.batch_size, 16)  # a clip is F images: 64 clips of 16 frames would be 1,024 images a call
+        with progress_bar(frames * steps * math.ceil(n / batch), f"sampling ({frames} frames x {steps} steps)") as bar:
+            return self(
+                class_labels=args.class_labels, num_samples=args.num_samples, num_frames=frames, sampler=args.sampler,
+                num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale, eta=args.ddim_eta,
+                timestep_spacing=args.timestep_spacing, seed=args.seed, batch_size=batch,
+                fps=args.fps or DEFAULT_FPS, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+            )
+
+    def cli_summary(self, output: VideoPipelineOutput) -> str:
+        meta = output.metadata
+        return (f"{len(output.tensors)} clips of {output.num_frames} frames ({meta['sampler']}, "
+                f"{meta['num_sampling_steps']} steps, cfg {meta['cfg_scale']}) from {meta['checkpoint']}")
+
+    def write_training_samples(self, path_stem: Path) -> Path:
+        """``path_stem.gif``: ``sample.num_samples`` clips in a grid (labels cycling over the
+        classes, fixed seeds, so grids of successive steps compare); leaves the caller's RNGs as
+        they were."""
+        cfg = self.cfg
+        n, k = cfg.sample.num_samples, self.num_classes
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            out = self(num_samples=n, allow_untrained_uncond=True) if k == 0 else self(
+                class_labels=[i % k for i in range(n)], num_samples=n, allow_untrained_uncond=True
+            )
+        path = path_stem.with_suffix(".gif")
+        nrow = k if k and k <= 8 and n % k == 0 else None
+        grid = tile_clips(out.tensors, nrow=nrow)
+        return save_gif(grid, path, fps=out.fps, scale=display_scale(cfg.data.image_size))
