@@ -30,10 +30,9 @@ from ditkit.builders import default_sampler  # noqa: F401  (re-exported for symm
 from ditkit.config import Config, ConfigError
 from ditkit.data.audio import MelSpec, logmel_to_waveform, mel_spec_of, spectrogram_pixels, write_wav
 from ditkit.media import save_png
-from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
-from ditkit.pipelines.image import ImagePipeline
-from ditkit.registry import PIPELINES, SAMPLERS
-from ditkit.samplers.guidance import classifier_free_guidance
+from ditkit.pipelines.base import GeneratorArg, resolve_generators
+from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.registry import PIPELINES
 
 __all__ = ["AudioPipeline", "AudioPipelineOutput", "spectrogram_strip"]
 
@@ -112,17 +111,12 @@ class AudioPipelineOutput:
 
 
 @PIPELINES.register("audio")
-class AudioPipeline(Pipeline):
+class AudioPipeline(DenoisingPipeline):
     """Class-conditional / unconditional audio DiT over log-mels, vocoded by Griffin-Lim (see the
     module docstring)."""
 
     modality = "audio"
 
-    # The sampler, step and guidance checks and the x0 clamp are the image pipeline's: one place.
-    build_objective = ImagePipeline.build_objective
-    sampler_names = ImagePipeline.sampler_names
-    check_options = ImagePipeline.check_options
-    _sampler_options = ImagePipeline._sampler_options
 
     def __init__(self, model: torch.nn.Module, cfg: Config, **kwargs: Any) -> None:
         super().__init__(model, cfg, **kwargs)
@@ -198,53 +192,28 @@ class AudioPipeline(Pipeline):
             logmel_to_waveform(m, self.spec, n_iter=griffin_lim_iters, seed=seeds[i] if seeds is not None else i)[:num_samples_out]
             for i, m in enumerate(logmels)
         ])
-        metadata = self.provenance()
+        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
+                                          options=options, spacing=spacing, labels=labels)
         metadata.update({
-            "sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale),
-            "seed": str(seed) if seeds is not None else "caller's generator",
             "duration_seconds": f"{duration:g}", "sample_rate": str(self.spec.sample_rate),
             "vocoder": f"librosa mel inversion + Griffin-Lim, {griffin_lim_iters} iterations",
             "mel": json.dumps(self.spec.to_dict()),
         })
-        for key, value in options.items():
-            metadata[key] = str(value)
-        if spacing is not None:
-            metadata["timestep_spacing"] = spacing
-        if labels is not None:
-            metadata["labels"] = " ".join(map(str, labels))
         return AudioPipelineOutput(waves.astype(np.float32), self.spec.sample_rate, logmels, labels, seeds, metadata,
                                    list(self.class_names))
 
     def _draw(
-        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, sampler: str, steps: int,
-        scale: float, spacing: Optional[str], options: dict[str, Any], batch_size: int,
-        progress: Optional[Callable[[int], None]],
+        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
+        **sampling: Any,
     ) -> torch.Tensor:
         """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU."""
-        objective, device, n_mels = self.objective, self.device, self.spec.n_mels
-        entry = SAMPLERS.get(sampler)
-        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
-        if entry.meta.get("zero_is_data"):
-            grid["zero_is_data"] = True
-        forward = self.forward_fn()
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
             if progress is not None:
                 progress(1)
 
-        out = []
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            gens = generator_slice(generators, lo, hi)
-            x_T = objective.prior((hi - lo, n_mels, frames), gens, device)
-            y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
-            if y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
-                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=n_mels)
-            else:
-                net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
-            x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
-            out.append(x0.float().clamp(-1, 1).cpu())
-        return torch.cat(out)
+        return self.sample_batches(labels, generators, n, (self.spec.n_mels, frames), guide_channels=self.spec.n_mels,
+                                   callback=callback, **sampling)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod

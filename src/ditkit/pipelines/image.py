@@ -25,27 +25,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditkit.builders import build_objective, default_sampler
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
-from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
+from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
+from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 from ditkit.samplers.inpaint import adapter_for, inpaint, prepare_mask, sdedit_start
 
 __all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]
-
-
-def sampling_clip_x0(cfg: Config) -> Optional[float]:
-    """The x0 clamp of gaussian sampling: ``objective.clip_x0``, auto (None) = 1 for pixel data in
-    [-1, 1] (ADM's clip_denoised), no clipping for latents (official DiT); 0 = no clipping."""
-    clip = cfg.objective.clip_x0
-    if clip is None:
-        return None if cfg.data.latent_channels else 1.0
-    return clip or None
 
 
 def trajectory_indices(num_steps: int, count: int) -> list[int]:
@@ -155,7 +146,7 @@ class ImagePipelineOutput:
 
 
 @PIPELINES.register("image")
-class ImagePipeline(Pipeline):
+class ImagePipeline(DenoisingPipeline):
     """Class-conditional / unconditional image DiT, pixel or latent (see the module docstring)."""
 
     modality = "image"
@@ -172,48 +163,6 @@ class ImagePipeline(Pipeline):
         super().check_extras(cfg, **extras)
         if vae is not None and not cfg.data.latent_channels:
             raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
-
-    def build_objective(self) -> Any:
-        return build_objective(self.cfg, clip_x0=sampling_clip_x0(self.cfg))
-
-    @property
-    def sampler_names(self) -> list[str]:
-        """The samplers that fit this model's objective."""
-        return SAMPLERS.names(family=self.objective.family)
-
-    def check_options(
-        self, sampler: Optional[str], num_inference_steps: Optional[int], guidance_scale: Optional[float],
-        timestep_spacing: Optional[str] = None,
-    ) -> tuple[str, int, float, Optional[str]]:
-        """``(sampler, steps, guidance scale, timestep spacing)`` with None taken from the
-        checkpoint's ``sample`` section, checked against the objective; ``ConfigError`` says what
-        to change."""
-        cfg = self.cfg
-        sampler = default_sampler(cfg) if sampler in (None, "auto") else sampler
-        SAMPLERS.get(sampler)  # unknown names: the registry lists them all
-        if sampler not in self.sampler_names:
-            raise ConfigError(
-                f"--sampler {sampler} does not fit a {cfg.objective.kind} model: use one of {', '.join(self.sampler_names)}"
-            )
-        steps = cfg.sample.num_sampling_steps if num_inference_steps is None else num_inference_steps
-        scale = cfg.sample.cfg_scale if guidance_scale is None else guidance_scale
-        if steps < 1:
-            raise ConfigError(f"--num-sampling-steps {steps}: must be at least 1")
-        max_steps = getattr(self.objective, "num_timesteps", None)
-        if max_steps is not None and SAMPLERS.get(sampler).meta.get("zero_is_data"):
-            max_steps -= 1  # the grid also holds the data end
-        if max_steps is not None and steps > max_steps:
-            raise ConfigError(f"--num-sampling-steps {steps} exceeds the {max_steps} training steps")
-        if scale < 0:
-            raise ConfigError(f"--cfg-scale {scale}: use a value >= 0 (1 = no guidance)")
-        spacings = self.objective.timestep_spacings
-        if spacings:
-            timestep_spacing = timestep_spacing or cfg.sample.timestep_spacing
-            if timestep_spacing not in spacings:
-                raise ConfigError(f"--timestep-spacing {timestep_spacing}: use {' or '.join(spacings)}")
-        elif timestep_spacing is not None:
-            raise ConfigError(f"--timestep-spacing applies to gaussian samplers; drop it for a {cfg.objective.kind} model")
-        return sampler, steps, float(scale), timestep_spacing
 
     @torch.no_grad()
     def __call__(
@@ -291,13 +240,8 @@ class ImagePipeline(Pipeline):
             step_cache=step_cache, control=control, guidance_map=guidance_map,
         )
         is_latent = bool(cfg.data.latent_channels) and self.vae is None
-        metadata = self.provenance()
-        metadata.update({"sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale)})
-        metadata["seed"] = str(seed) if seeds is not None else "caller's generator"
-        for key, value in options.items():
-            metadata[key] = str(value)
-        if spacing is not None:
-            metadata["timestep_spacing"] = spacing
+        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
+                                          options=options, spacing=spacing, labels=None)
         if step_cache is not None:
             metadata["cache"] = step_cache.spec
             metadata["cache_reuse"] = step_cache.summary()
@@ -352,15 +296,6 @@ class ImagePipeline(Pipeline):
                 mask = torch.nn.functional.max_pool2d(mask, kernel_size=f, stride=f)
         return Control(target, mask, strength)
 
-    def _sampler_options(self, sampler: str, eta: Optional[float]) -> dict[str, Any]:
-        accepted = SAMPLERS.get(sampler).meta.get("options", ())
-        options: dict[str, Any] = {}
-        if "eta" in accepted:
-            options["eta"] = self.cfg.sample.ddim_eta if eta is None else eta
-        elif eta is not None:
-            raise ConfigError(f"--ddim-eta applies to samplers that take eta; {sampler} does not")
-        return options
-
     def _draw(
         self, labels: Optional[list[int]], generators: Any, *, sampler: str, steps: int, scale: float,
         spacing: Optional[str], options: dict[str, Any], guide_channels: Optional[int], batch_size: int,
@@ -379,11 +314,7 @@ class ImagePipeline(Pipeline):
         out_channels = getattr(self.model, "out_channels", channels)
         if not 1 <= guide_channels <= out_channels:
             raise ConfigError(f"--guide-channels {guide_channels}: the model outputs {out_channels} channels; use 1..{out_channels}")
-        entry = SAMPLERS.get(sampler)
-        sampler_fn = entry.obj
-        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
-        if entry.meta.get("zero_is_data"):  # the solver's grid ends at the data: one more point, same calls
-            grid["zero_is_data"] = True
+        sampler_fn, grid = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing)
         forward = self.forward_fn()
         traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
         n = len(labels) if labels is not None else (len(generators) if isinstance(generators, list) else None)

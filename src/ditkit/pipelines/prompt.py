@@ -243,13 +243,8 @@ class PromptPipeline(ImagePipeline):
         tensors, maps = self._draw_prompts(ids, neg_ids, generators, sampler=sampler, steps=steps, scale=scale,
                                            spacing=spacing, options=options, batch_size=batch_size, layers=layers,
                                            progress=progress)
-        metadata = self.provenance()
-        metadata.update({"sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale)})
-        metadata["seed"] = str(seed) if seeds is not None else "caller's generator"
-        for key, value in options.items():
-            metadata[key] = str(value)
-        if spacing is not None:
-            metadata["timestep_spacing"] = spacing
+        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
+                                          options=options, spacing=spacing, labels=None)
         word_maps = None
         if maps is not None:
             size = tensors.shape[-1]
@@ -275,10 +270,7 @@ class PromptPipeline(ImagePipeline):
         are the conditional half's cross-attention, averaged over heads, layers and network calls."""
         cfg, device, objective = self.cfg, self.device, self.objective
         channels, size = model_input_shape(cfg)
-        entry = SAMPLERS.get(sampler)
-        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
-        if entry.meta.get("zero_is_data"):
-            grid["zero_is_data"] = True
+        entry, grid = SAMPLERS.get(sampler), self.grid_options(sampler, spacing)
         forward = self.forward_fn()
         finish = (lambda z: self.vae.decode_to(z, cfg.data.channels)) if cfg.data.latent_channels and self.vae is not None else None
         n, out, out_maps = ids.shape[0], [], []

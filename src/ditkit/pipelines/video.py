@@ -29,10 +29,9 @@ from PIL import Image
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.data.video import save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
-from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
-from ditkit.pipelines.image import ImagePipeline
-from ditkit.registry import PIPELINES, SAMPLERS
-from ditkit.samplers.guidance import classifier_free_guidance
+from ditkit.pipelines.base import GeneratorArg, resolve_generators
+from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.registry import PIPELINES
 
 __all__ = ["VideoPipeline", "VideoPipelineOutput", "DEFAULT_FPS"]
 
@@ -104,16 +103,11 @@ class VideoPipelineOutput:
 
 
 @PIPELINES.register("video")
-class VideoPipeline(Pipeline):
+class VideoPipeline(DenoisingPipeline):
     """Class-conditional / unconditional video DiT over pixel clips (see the module docstring)."""
 
     modality = "video"
 
-    # The sampler, step and guidance checks and the x0 clamp are the image pipeline's: one place.
-    build_objective = ImagePipeline.build_objective
-    sampler_names = ImagePipeline.sampler_names
-    check_options = ImagePipeline.check_options
-    _sampler_options = ImagePipeline._sampler_options
 
     @property
     def trained_frames(self) -> int:
@@ -179,52 +173,26 @@ class VideoPipeline(Pipeline):
         options = self._sampler_options(sampler, eta)
         clips = self._draw(labels, generators, n, frames, sampler=sampler, steps=steps, scale=scale, spacing=spacing,
                            options=options, batch_size=batch_size, progress=progress)
-        metadata = self.provenance()
-        metadata.update({
-            "sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale),
-            "seed": str(seed) if seeds is not None else "caller's generator",
-            "num_frames": str(frames), "trained_frames": str(self.trained_frames),
-        })
-        for key, value in options.items():
-            metadata[key] = str(value)
-        if spacing is not None:
-            metadata["timestep_spacing"] = spacing
-        if labels is not None:
-            metadata["labels"] = " ".join(map(str, labels))
+        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
+                                          options=options, spacing=spacing, labels=labels)
+        metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
         return VideoPipelineOutput(clips, pil, labels, seeds, metadata, list(self.class_names), float(fps))
 
     def _draw(
-        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, sampler: str, steps: int,
-        scale: float, spacing: Optional[str], options: dict[str, Any], batch_size: int,
-        progress: Optional[Callable[[int], None]],
+        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
+        **sampling: Any,
     ) -> torch.Tensor:
-        """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU."""
-        cfg, objective, device = self.cfg, self.objective, self.device
-        channels, size = cfg.data.channels or 1, cfg.data.image_size
-        entry = SAMPLERS.get(sampler)
-        grid: dict[str, Any] = {"timestep_spacing": spacing} if spacing is not None else {}
-        if entry.meta.get("zero_is_data"):
-            grid["zero_is_data"] = True
-        forward = self.forward_fn()
+        """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU; progress
+        counts frames x steps."""
+        channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
             if progress is not None:
                 progress(frames)
 
-        out = []
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            gens = generator_slice(generators, lo, hi)
-            x_T = objective.prior((hi - lo, channels, frames, size, size), gens, device)
-            y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
-            if y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
-                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=channels)
-            else:
-                net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
-            x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
-            out.append(x0.float().clamp(-1, 1).cpu())
-        return torch.cat(out)
+        return self.sample_batches(labels, generators, n, (channels, frames, size, size), guide_channels=channels,
+                                   callback=callback, **sampling)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
