@@ -118,6 +118,7 @@ def test_train_takes_a_users_own_model_and_dataset(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg(tmp_path, "own")
     cfg.objective.kind, cfg.objective.learn_sigma = "flow", False
+    cfg.data.dataset = "my_images"  # a name only: the data comes from the object, not a path
     lines = []
     result = loop.train(cfg, model, mine, log=lines.append)
     assert result.step == 2 and any("your TinyNet" in line and "my images" in line for line in lines), lines

@@ -318,8 +318,10 @@ class Config:
         return cls.from_dict(json.loads(text))
 
     # ---- derived values --------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, *, check_data: bool = True) -> None:
         """Raise ``ConfigError`` for values that cannot work, before any work is done.
+        ``check_data=False`` when the caller brings its own dataset (``data.dataset`` is then only
+        its name, not a path to find).
 
         Checks that need the data (number of classes of an image folder) or the model presets are
         done later by ``ditkit.train.loop.prepare`` with the same error type.
@@ -334,7 +336,7 @@ class Config:
             _validate_audio(self)
         elif self.modality == "video" or d.num_frames is not None or self.model.attention or self.model.tubelet_size:
             _validate_video(self)
-        elif self.modality == "image" and d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
+        elif check_data and self.modality == "image" and d.dataset not in BUILTIN_DATASETS and not Path(d.dataset).exists():
             raise ConfigError(
                 f"data.dataset {d.dataset!r} is neither a built-in dataset "
                 f"({', '.join(BUILTIN_DATASETS)}) nor an existing path: fix --data"

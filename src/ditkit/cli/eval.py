@@ -96,100 +96,74 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return saved, reference
 
 
+def _refuse(args: argparse.Namespace, what: str, *attrs: str) -> None:
+    """One-line ``ConfigError`` for the first flag in ``attrs`` given to an evaluation it is not for."""
+    from ditkit.config import ConfigError
+
+    for attr in attrs:
+        if getattr(args, attr, None) is not None:
+            raise ConfigError(f"--{attr.replace('_', '-')} is not an option of {what} evaluation: drop it")
+
+
+def _write_json(results: dict[str, Any], out: Path) -> None:
+    """Print the results and write them to ``out`` (via a temporary file: nothing half written)."""
+    import json
+
+    text = json.dumps(results, indent=2, ensure_ascii=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(out)
+    print(text)
+    print(f"wrote {out}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Dispatch on the checkpoint's pipeline (``ditkit.pipelines.pipeline_name``): each modality's
+    scores come from its own judges; ``--npz`` files are images."""
+    if args.npz is not None or args.ckpt is None:
+        return cmd_eval_image(args)
+    from ditkit.checkpoint_io import Checkpoint
+    from ditkit.pipelines import pipeline_name
+
+    return EVALUATIONS[pipeline_name(Checkpoint.open(args.ckpt).config)](args)
+
+
+def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
+    """``ditkit eval`` on an audio or video checkpoint (``ditkit.eval.audio.evaluate_audio``: pocketsphinx
+    digit accuracy, classifier accuracy and FD, real-time factor; ``ditkit.eval.video.evaluate_video``:
+    per-frame digit accuracy, identity consistency, direction accuracy, FD beside the real-vs-real
+    floor); prints and writes the JSON."""
+    from ditkit.cache import cache_dir
+    from ditkit.config import ConfigError
+    from ditkit.pipelines import pipeline_class
+    from ditkit.progress import progress_bar
+
+    _refuse(args, modality, "data", "image_size", "inception_weights", "vae", "guide_channels", "temperature", "max_val_sequences")
+    if modality == "audio" and args.num_samples < 10:
+        raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (200 gives stable numbers)")
     from ditkit.checkpoint_io import Checkpoint
 
-    modality = Checkpoint.open(args.ckpt).config.modality if args.npz is None and args.ckpt is not None else "image"
-    if modality == "text":
-        return cmd_eval_text(args)
-    if modality == "audio":
-        return cmd_eval_audio(args)
+    checkpoint = Checkpoint.open(args.ckpt)
+    pipe = pipeline_class(checkpoint.config).from_checkpoint(checkpoint, use_ema=not args.no_ema, device=args.device,
+                                                             precision=args.precision)
+    sampler, steps, cfg_scale, _ = pipe.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
+    pipe.check_guidance(cfg_scale, args.allow_untrained_uncond)
+    seed = pipe.cfg.sample.seed if args.seed is None else args.seed
     if modality == "video":
-        return cmd_eval_video(args)
-    if args.npz is None and args.ckpt is not None:
-        from ditkit.builders.prompt import is_prompt_config
+        from ditkit.eval.video import evaluate_video as evaluate
 
-        if is_prompt_config(Checkpoint.open(args.ckpt).config):  # text-to-image: the attribute judge
-            from ditkit.eval.attributes import cmd_eval_text_to_image
+        batch, calls_per_batch = min(args.batch_size, 32), pipe.trained_frames * steps  # clips of F frames each
+    else:
+        from ditkit.eval.audio import evaluate_audio as evaluate
 
-            return cmd_eval_text_to_image(args)
-    return cmd_eval_image(args)
-
-
-def cmd_eval_video(args: argparse.Namespace) -> int:
-    """``ditkit eval`` on a ``moving_digits`` video checkpoint (``ditkit.eval.video.evaluate_video``):
-    per-frame digit accuracy, identity consistency, direction accuracy, FD (clip-judge features)
-    beside the real-vs-real floor; prints and writes the JSON."""
-    import json
-
-    from ditkit.config import ConfigError
-    from ditkit.eval.video import evaluate_video
-    from ditkit.pipelines.video import VideoPipeline
-    from ditkit.progress import progress_bar
-
-    for attr, flag in (("data", "--data"), ("image_size", "--image-size"), ("inception_weights", "--inception-weights"),
-                       ("vae", "--vae"), ("guide_channels", "--guide-channels"), ("temperature", "--temperature"),
-                       ("max_val_sequences", "--max-val-sequences")):
-        if getattr(args, attr, None) is not None:
-            raise ConfigError(f"{flag} is not an option of video evaluation: drop it")
-    pipe = VideoPipeline.from_checkpoint(args.ckpt, use_ema=not args.no_ema, device=args.device, precision=args.precision)
-    sampler, steps, cfg_scale, _ = pipe.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-    pipe.check_guidance(cfg_scale, args.allow_untrained_uncond)
-    seed = pipe.cfg.sample.seed if args.seed is None else args.seed
-    from ditkit.cache import cache_dir
-
-    cache = args.cache_dir if args.cache_dir is not None else cache_dir("eval")
-    batch = min(args.batch_size, 32)  # clips of F frames each
-    frames = pipe.trained_frames
-    with progress_bar(frames * steps * -(-args.num_samples // batch), "sampling clips for evaluation") as bar:
-        results = evaluate_video(pipe, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale,
-                                 seed=seed, batch_size=batch, cache_dir=cache, progress=bar.update,
-                                 allow_untrained_uncond=args.allow_untrained_uncond)
-    name = f"{pipe.checkpoint.dir.name}-video-{sampler}-{steps}-cfg{cfg_scale:g}-n{args.num_samples}-seed{seed}"
-    out = Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    out.write_text(text + "\n")
-    print(text)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_eval_audio(args: argparse.Namespace) -> int:
-    """``ditkit eval`` on an audio checkpoint (``ditkit.eval.audio.evaluate_audio``): pocketsphinx
-    digit accuracy, classifier accuracy and FD, real-time factor; prints and writes the JSON."""
-    import json
-
-    from ditkit.config import ConfigError
-    from ditkit.eval.audio import evaluate_audio
-    from ditkit.pipelines.audio import AudioPipeline
-    from ditkit.progress import progress_bar
-
-    for attr, flag in (("data", "--data"), ("image_size", "--image-size"), ("inception_weights", "--inception-weights"),
-                       ("vae", "--vae"), ("guide_channels", "--guide-channels"), ("temperature", "--temperature"),
-                       ("max_val_sequences", "--max-val-sequences")):
-        if getattr(args, attr, None) is not None:
-            raise ConfigError(f"{flag} is not an option of audio evaluation: drop it")
-    if args.num_samples < 10:
-        raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (200 gives stable numbers)")
-    pipe = AudioPipeline.from_checkpoint(args.ckpt, use_ema=not args.no_ema, device=args.device, precision=args.precision)
-    sampler, steps, cfg_scale, _ = pipe.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-    pipe.check_guidance(cfg_scale, args.allow_untrained_uncond)
-    seed = pipe.cfg.sample.seed if args.seed is None else args.seed
-    from ditkit.cache import cache_dir
-
-    cache = args.cache_dir if args.cache_dir is not None else cache_dir("eval")
-    with progress_bar(steps * -(-args.num_samples // args.batch_size), "sampling for evaluation") as bar:
-        results = evaluate_audio(pipe, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale,
-                                 seed=seed, batch_size=args.batch_size, cache_dir=cache, progress=bar.update,
-                                 allow_untrained_uncond=args.allow_untrained_uncond)
-    name = f"{pipe.checkpoint.dir.name}-audio-{sampler}-{steps}-cfg{cfg_scale:g}-n{args.num_samples}-seed{seed}"
-    out = Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    out.write_text(text + "\n")
-    print(text)
-    print(f"wrote {out}")
+        batch, calls_per_batch = args.batch_size, steps
+    with progress_bar(calls_per_batch * -(-args.num_samples // batch), f"sampling {modality} for evaluation") as bar:
+        results = evaluate(pipe, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale, seed=seed,
+                           batch_size=batch, cache_dir=args.cache_dir if args.cache_dir is not None else cache_dir("eval"),
+                           progress=bar.update, allow_untrained_uncond=args.allow_untrained_uncond)
+    name = f"{pipe.checkpoint.dir.name}-{modality}-{sampler}-{steps}-cfg{cfg_scale:g}-n{args.num_samples}-seed{seed}"
+    _write_json(results, Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json")
     return 0
 
 
@@ -200,9 +174,9 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
     from ditkit.eval.model_eval import build_evaluator, evaluate_generator
     from ditkit.pipelines.image import ImagePipeline
 
-    for attr, flag in (("num_passes", "--num-passes"), ("max_val_sequences", "--max-val-sequences"), ("temperature", "--temperature")):
-        if getattr(args, attr) not in (None, 4 if attr == "num_passes" else None):
-            raise ConfigError(f"{flag} is for text models: this is an image evaluation")
+    _refuse(args, "image", "max_val_sequences", "temperature")
+    if args.num_passes != 4:
+        raise ConfigError("--num-passes is for text models: this is an image evaluation")
 
     if args.num_samples < 10:
         raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (500-1000 gives stable numbers)")
@@ -262,16 +236,12 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_text(args: argparse.Namespace) -> int:
-    """``ditkit eval`` on a text checkpoint: prints the results as JSON and writes them to a file."""
-    import json
-
+    """``ditkit eval`` on a text checkpoint (``ditkit.eval.text_model.evaluate_text``): prints the
+    results as JSON and writes them to a file."""
     from ditkit.config import ConfigError
     from ditkit.eval.text_model import evaluate_text
 
-    for attr, flag in (("data", "--data"), ("image_size", "--image-size"), ("inception_weights", "--inception-weights"),
-                       ("vae", "--vae"), ("guide_channels", "--guide-channels"), ("timestep_spacing", "--timestep-spacing")):
-        if getattr(args, attr, None) is not None:
-            raise ConfigError(f"{flag} is for image models: drop it for a text checkpoint")
+    _refuse(args, "text", "data", "image_size", "inception_weights", "vae", "guide_channels", "timestep_spacing")
     if getattr(args, "sampler", None) not in (None, "auto"):
         raise ConfigError(f"--sampler {args.sampler} is an image sampler: text models use their own (drop --sampler)")
     results = evaluate_text(
@@ -280,15 +250,23 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
         max_val_sequences=args.max_val_sequences, batch_size=args.batch_size, use_ema=not args.no_ema,
         device=args.device, precision=args.precision,
     )
-    if args.out:
-        out = Path(args.out)
-    else:
-        ckpt_dir = Path(results["checkpoint"])
-        s = results["samples"]
-        out = ckpt_dir.parent.parent / "eval" / f"{ckpt_dir.name}-text-{s['sampler']}-{s['num_sampling_steps']}-n{s['num_samples']}-seed{s['seed']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2, ensure_ascii=False)
-    out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    print(f"wrote {out}")
+    ckpt_dir, s = Path(results["checkpoint"]), results["samples"]
+    name = f"{ckpt_dir.name}-text-{s['sampler']}-{s['num_sampling_steps']}-n{s['num_samples']}-seed{s['seed']}.json"
+    _write_json(results, Path(args.out) if args.out else ckpt_dir.parent.parent / "eval" / name)
     return 0
+
+
+def _cmd_eval_text_to_image(args: argparse.Namespace) -> int:
+    from ditkit.eval.attributes import cmd_eval_text_to_image  # the attribute judge (GenEval-style)
+
+    return cmd_eval_text_to_image(args)
+
+
+# The evaluation of each registered pipeline (``ditkit.registry.PIPELINES`` names).
+EVALUATIONS = {
+    "image": lambda args: cmd_eval_image(args),
+    "text": lambda args: cmd_eval_text(args),
+    "text_to_image": _cmd_eval_text_to_image,
+    "audio": lambda args: _cmd_eval_clips(args, "audio"),
+    "video": lambda args: _cmd_eval_clips(args, "video"),
+}

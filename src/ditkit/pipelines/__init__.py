@@ -21,20 +21,25 @@ from ditkit.config import Config, ConfigError
 from ditkit.pipelines.base import Pipeline
 from ditkit.registry import PIPELINES
 
-__all__ = ["load", "pipeline_class", "write_training_samples", "Pipeline"]
+__all__ = ["load", "pipeline_class", "pipeline_name", "write_training_samples", "Pipeline"]
 
 
-def pipeline_class(cfg: Config) -> type[Pipeline]:
-    """The registered pipeline of ``cfg``: its model family's ``pipeline`` meta when it names one
-    (text-to-image models: ``text_to_image``), else the pipeline of ``cfg.modality``."""
+def pipeline_name(cfg: Config) -> str:
+    """The registered pipeline name of ``cfg`` (``ditkit.registry.PIPELINES``): its model family's
+    ``pipeline`` meta when it names one (text-to-image models: ``text_to_image``), else
+    ``cfg.modality``."""
     from ditkit.builders import model_family
     from ditkit.registry import MODEL_FAMILIES
 
     try:
-        name = MODEL_FAMILIES.get(model_family(cfg)).meta.get("pipeline", cfg.modality)
+        return MODEL_FAMILIES.get(model_family(cfg)).meta.get("pipeline", cfg.modality)
     except ConfigError:  # not a preset (imported weights, a user's model): the modality decides
-        name = cfg.modality
-    return PIPELINES.get(name).obj
+        return cfg.modality
+
+
+def pipeline_class(cfg: Config) -> type[Pipeline]:
+    """The registered pipeline class of ``cfg`` (``pipeline_name``)."""
+    return PIPELINES.get(pipeline_name(cfg)).obj
 
 
 def load(

@@ -320,6 +320,26 @@ class MetricsLogger:
         else:
             self.log(f"eval at step {step}: {shown}")
 
+    def write_samples(self, path: Path, step: int) -> None:
+        """A training sample file into TensorBoard under ``samples/``: a PNG grid or strip as an
+        image, a ``.txt`` as text, and the clips ``STEM_N.wav`` beside it as audio (audio runs)."""
+        if self.tb is None:
+            return
+        if path.suffix == ".png":
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+            self.tb.add_image("samples/grid", pixels, step, dataformats="HWC")
+        elif path.suffix == ".txt":
+            self.tb.add_text("samples/text", "    " + path.read_text().replace("\n", "\n    "), step)  # code block: keeps spacing
+        for wav in sorted(path.parent.glob(f"{path.stem}_*.wav")):
+            import soundfile
+
+            wave, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)  # (samples, channels)
+            self.tb.add_audio(f"samples/{wav.stem[len(path.stem) + 1:]}", wave.mean(1), step, sample_rate=rate)
+
     def close(self) -> None:
         self.file.close()
         if self.bar is not None:
@@ -373,10 +393,11 @@ class LogHook(Hook):
 
 class SampleGridHook(Hook):
     """Every ``sample_every`` steps: the EMA model's samples (fixed labels and seeds, so grids of
-    successive steps compare) at ``RUN/samples/step_NNNNNNN.png`` (text: ``.txt``)."""
+    successive steps compare) at ``RUN/samples/step_NNNNNNN.png`` (text: ``.txt``; audio: the
+    spectrogram strip and ``_N.wav`` clips), also sent to TensorBoard when it is on."""
 
-    def __init__(self, every: int, *, vae: Any = None, tokenizer: Any = None) -> None:
-        self.every, self.vae, self.tokenizer = every, vae, tokenizer
+    def __init__(self, every: int, *, vae: Any = None, tokenizer: Any = None, logger: Any = None) -> None:
+        self.every, self.vae, self.tokenizer, self.logger = every, vae, tokenizer, logger
 
     def after_step(self, state: TrainState, run: Run) -> None:
         if not run.due(state, self.every):
@@ -387,8 +408,10 @@ class SampleGridHook(Hook):
             if ema_model is not None:
                 from ditkit.pipelines import write_training_samples  # pipelines import the model rooms: lazily
 
-                write_training_samples(ema_model, run.cfg, run.run_dir / "samples" / step_dir_name(state.step),
-                                       device=run.device, dtype=run.dtype, vae=self.vae, tokenizer=self.tokenizer)
+                path = write_training_samples(ema_model, run.cfg, run.run_dir / "samples" / step_dir_name(state.step),
+                                              device=run.device, dtype=run.dtype, vae=self.vae, tokenizer=self.tokenizer)
+                if self.logger is not None:
+                    self.logger.write_samples(path, state.step)
 
 
 class EvalHook(Hook):

@@ -180,11 +180,11 @@ def _graceful_interrupt(log: Callable[[str], None]) -> Iterator[dict[str, bool]]
 # ---- checks before any work --------------------------------------------------------------------------
 
 
-def preflight(cfg: Config, *, check_model: bool = True) -> None:
+def preflight(cfg: Config, *, check_model: bool = True, check_data: bool = True) -> None:
     """Every check that needs no data: config values, the time budget, model preset, patch size vs
-    image size (``check_model=False`` when the caller brings its own model). Raises ``ConfigError``
-    with the fix."""
-    cfg.validate()
+    image size (``check_model=False`` when the caller brings its own model, ``check_data=False``
+    its own dataset). Raises ``ConfigError`` with the fix."""
+    cfg.validate(check_data=check_data)
     if cfg.train.time_budget is not None:
         parse_duration(cfg.train.time_budget)
     if not 0.0 < cfg.train.decay_fraction <= 1.0:
@@ -325,7 +325,7 @@ def train(
             good one.
     """
     t0 = time.time()
-    preflight(cfg, check_model=model is None)
+    preflight(cfg, check_model=model is None, check_data=dataset is None)
     budget_s = parse_duration(cfg.train.time_budget) if cfg.train.time_budget is not None else None
     ctx = setup_distributed(cfg)  # torchrun: rank, device, process group (ditkit.train.distributed)
     if not ctx.is_main:
@@ -491,7 +491,7 @@ def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Op
                              "time_budget_s": run.budget_s, "decay_fraction": t.decay_fraction}}
     return [
         LogHook(logger, t.log_every),
-        SampleGridHook(t.sample_every, vae=vae, tokenizer=tokenizer),
+        SampleGridHook(t.sample_every, vae=vae, tokenizer=tokenizer, logger=logger),
         EvalHook(t.eval_every, evaluator, logger, t.keep_best),
         StopHook(stop_at_step),
         CheckpointHook(t.ckpt_every, checkpoint_saver(run, lambda: extra, tokenizer), t.keep_last),
