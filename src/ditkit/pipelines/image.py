@@ -34,7 +34,7 @@ from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
-from ditkit.samplers.inpaint import adapter_for, inpaint, prepare_mask, sdedit_start
+from ditkit.samplers.inpaint import adapter_for, check_jumps, inpaint, prepare_mask, resample_num_calls, sdedit_start
 
 __all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]
 
@@ -45,19 +45,38 @@ def trajectory_indices(num_steps: int, count: int) -> list[int]:
     return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
 
 
+DEFAULT_STRENGTH = 0.8  # image-to-image without a mask, as diffusers' img2img pipelines
+
+
+def network_calls(steps: int, strength: Optional[float] = None, jump_length: int = 1, jump_n_sample: int = 1) -> int:
+    """Network calls of one batch: ``steps``, cut to ``floor(strength * steps)`` by SDEdit
+    (``sdedit_start``), times RePaint's resampling (``resample_num_calls``; raises its ``ConfigError``)."""
+    cut = strength is not None and 0.0 < strength < 1.0  # a bad strength is refused later, by the call
+    levels = int(strength * steps) if cut else steps
+    return resample_num_calls(levels, jump_length, jump_n_sample) if levels else 0
+
+
 @dataclass
 class Control:
     """Checked control inputs in the model's space: ``image`` ``(N, c, h, w)`` (pixels in [-1, 1]
     or VAE latents), ``mask`` ``(N, 1, h, w)`` 0/1 (1 = regenerate) or None, SDEdit ``strength``
-    or None (full sampling)."""
+    or None (full sampling), RePaint's ``jump_length`` / ``jump_n_sample`` (1 / 1: no jumps)."""
 
     image: torch.Tensor
     mask: Optional[torch.Tensor]
     strength: Optional[float]
+    jump_length: int = 1
+    jump_n_sample: int = 1
 
     def describe(self) -> str:
         what = "inpainting" if self.mask is not None else "image-to-image"
+        if self.jump_n_sample > 1:
+            what += f", resampling jumps {self.jump_length}x{self.jump_n_sample} (ancestral steps on the sampler's grid)"
         return what + (f", strength {self.strength:g}" if self.strength is not None else "")
+
+    def network_calls(self, steps: int) -> int:
+        """Network calls per batch with this control (``network_calls``)."""
+        return network_calls(steps, self.strength, self.jump_length, self.jump_n_sample)
 
 
 @dataclass
@@ -190,6 +209,8 @@ class ImagePipeline(DenoisingPipeline):
         extend: Optional[str | dict[str, int]] = None,
         guidance_map: bool = False,
         strict: bool = False,
+        jump_length: int = 1,
+        jump_n_sample: int = 1,
     ) -> ImagePipelineOutput:
         """Draw images.
 
@@ -216,6 +237,10 @@ class ImagePipeline(DenoisingPipeline):
         encodes the image with its VAE. ``strict``: refuse an image or mask of another size instead
         of resizing. ``guidance_map``: also return ``|cond - uncond|`` of the network output summed
         over the steps, ``(N, 1, H, W)`` scaled to [0, 1] per sample (where guidance acted).
+        ``jump_length`` / ``jump_n_sample`` (inpainting only; RePaint's ``j`` and ``r``, 1 / 1 = off):
+        resampling jumps; the sampler then only sets the grid of levels, every descent is an
+        ancestral step, and the network calls (``progress`` calls, trajectory steps) grow to
+        ``network_calls(steps, strength, j, r)``.
 
         Raises ``ConfigError`` for labels outside the classes, a sampler that does not fit the
         objective, guidance on a model whose unconditional branch was never trained (unless
@@ -232,7 +257,7 @@ class ImagePipeline(DenoisingPipeline):
         options = self._sampler_options(sampler, eta)
         step_cache = make_step_cache(cache)
         attach_step_cache(self.model, step_cache)  # refuses a model without the hook before any work
-        control = self._control(n, image, mask_image, strength, extend, strict)
+        control = self._control(n, image, mask_image, strength, extend, strict, jump_length, jump_n_sample)
         draw = self._draw_distributed if distributed else self._draw
         tensors, trajectory, traj_idx, extras = draw(
             labels, generators, sampler=sampler, steps=steps, scale=scale, spacing=spacing, options=options,
@@ -260,9 +285,13 @@ class ImagePipeline(DenoisingPipeline):
 
     def _control(
         self, n: int, image: Optional[ImageLike], mask_image: Optional[ImageLike], strength: Optional[float],
-        extend: Optional[str | dict[str, int]], strict: bool,
+        extend: Optional[str | dict[str, int]], strict: bool, jump_length: int = 1, jump_n_sample: int = 1,
     ) -> Optional[Control]:
         """The checked control inputs in the model's space (latents for latent models), or None."""
+        jumps = (jump_length, jump_n_sample) != (1, 1)
+        check_jumps(jump_length, jump_n_sample)
+        if jumps and (mask_image is None and extend is None):
+            raise ConfigError("--jump-length/--jump-n-sample resample inpainting: give --init-image with --mask or --extend")
         if image is None:
             if mask_image is not None or strength is not None or extend is not None:
                 raise ConfigError("--mask, --strength and --extend edit an image: give --init-image too")
@@ -287,14 +316,14 @@ class ImagePipeline(DenoisingPipeline):
             if note:
                 warnings.warn(note, stacklevel=3)
         if strength is None and mask is None:
-            strength = 0.8  # image-to-image default, as diffusers' img2img pipelines
+            strength = DEFAULT_STRENGTH
         target = pixels
         if cfg.data.latent_channels:  # work on latents; a latent cell is regenerated if any of its pixels is
             target = self.vae.encode(pixels.to(self.device), generator=torch.Generator().manual_seed(0)).float().cpu()
             if mask is not None:
                 f = cfg.data.vae_downsample or 1
                 mask = torch.nn.functional.max_pool2d(mask, kernel_size=f, stride=f)
-        return Control(target, mask, strength)
+        return Control(target, mask, strength, jump_length, jump_n_sample)
 
     def _draw(
         self, labels: Optional[list[int]], generators: Any, *, sampler: str, steps: int, scale: float,
@@ -316,7 +345,8 @@ class ImagePipeline(DenoisingPipeline):
             raise ConfigError(f"--guide-channels {guide_channels}: the model outputs {out_channels} channels; use 1..{out_channels}")
         sampler_fn, grid = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing)
         forward = self.forward_fn()
-        traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
+        calls = control.network_calls(steps) if control is not None else steps  # SDEdit cuts, jumps add
+        traj_idx = trajectory_indices(calls, trajectory_points) if trajectory_points and calls else []
         n = len(labels) if labels is not None else (len(generators) if isinstance(generators, list) else None)
         if n is None:
             raise ConfigError("an unconditional model sampled with one shared generator needs num_samples")
@@ -400,7 +430,7 @@ class ImagePipeline(DenoisingPipeline):
             return sampler_fn(denoiser, start, *grid, generator=gens, callback=callback, **options)
         mask = control.mask[lo:hi].to(x_T.device, x_T.dtype).expand_as(image)
         return inpaint(sampler_fn, denoiser, start, *grid, image=image, mask=mask, adapter=adapter, generator=gens,
-                       callback=callback, **options)
+                       callback=callback, jump_length=control.jump_length, jump_n_sample=control.jump_n_sample, **options)
 
     def _draw_distributed(
         self, labels: Optional[list[int]], generators: Any, **kwargs: Any
@@ -421,8 +451,8 @@ class ImagePipeline(DenoisingPipeline):
         if hi > lo:
             control = kwargs.pop("control", None)
             if control is not None:  # this rank's rows of the user's image and mask
-                control = Control(control.image[lo:hi], None if control.mask is None else control.mask[lo:hi],
-                                  control.strength)
+                control = dataclasses.replace(control, image=control.image[lo:hi],
+                                              mask=None if control.mask is None else control.mask[lo:hi])
             share = self._draw(None if labels is None else labels[lo:hi], generators[lo:hi], control=control, **kwargs)
         shares: Optional[list[Any]] = [None] * world_size if rank == 0 else None
         dist.gather_object(share, shares, dst=0)
@@ -451,6 +481,10 @@ class ImagePipeline(DenoisingPipeline):
         parser.add_argument("--mask", metavar="PNG", help="with --init-image: white = regenerate, black = keep (RePaint)")
         parser.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.8; 1 = plain sampling)")
         parser.add_argument("--extend", metavar="SIDE=PX,...", help="with --init-image: outpaint, e.g. left=16,top=8")
+        parser.add_argument("--jump-length", type=int, metavar="J",
+                            help="inpainting: RePaint resampling, jump back J levels (with --jump-n-sample; RePaint: 10)")
+        parser.add_argument("--jump-n-sample", type=int, metavar="R",
+                            help="inpainting: RePaint resampling, R passes per jump (1 = off, the default; RePaint: 10)")
         parser.add_argument("--guidance-map", action="store_true", help="also write guidance_map.png: where guidance acted")
         parser.add_argument("--strict", action="store_true", help="refuse an image or mask of another size instead of resizing")
         parser.add_argument("--c2pa-cert", metavar="PEM", help="sign every PNG with C2PA Content Credentials (with --c2pa-key)")
@@ -467,6 +501,14 @@ class ImagePipeline(DenoisingPipeline):
 
         _, n = self.resolve_labels(args.class_labels, args.num_samples)
         _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
+        jump_length = 1 if getattr(args, "jump_length", None) is None else args.jump_length
+        jump_n_sample = 1 if getattr(args, "jump_n_sample", None) is None else args.jump_n_sample
+        strength = args.strength
+        if strength is None and args.init_image is not None and args.mask is None and args.extend is None:
+            strength = DEFAULT_STRENGTH
+        if args.init_image is not None or (jump_length, jump_n_sample) != (1, 1):  # calls with SDEdit's cut and jumps
+            check_jumps(jump_length, jump_n_sample)
+            steps = network_calls(steps, strength, jump_length, jump_n_sample)
         with progress_bar(steps * math.ceil(n / args.batch_size), "sampling") as bar:
             return self(
                 class_labels=args.class_labels, num_samples=args.num_samples, sampler=args.sampler,
@@ -476,7 +518,7 @@ class ImagePipeline(DenoisingPipeline):
                 timestep_spacing=args.timestep_spacing, allow_untrained_uncond=args.allow_untrained_uncond,
                 distributed=distributed, progress=bar.update, cache=getattr(args, "cache", None),
                 image=args.init_image, mask_image=args.mask, strength=args.strength, extend=args.extend,
-                guidance_map=args.guidance_map, strict=args.strict,
+                guidance_map=args.guidance_map, strict=args.strict, jump_length=jump_length, jump_n_sample=jump_n_sample,
             )
 
     def cli_save(self, output: ImagePipelineOutput, args: Any, out_dir: Path) -> list[Path]:
