@@ -5,6 +5,7 @@
                generator=torch.Generator().manual_seed(0))
     out.waveforms      # (N, samples) float32 in [-1, 1] at out.sample_rate
     out.save("seven")  # 000000.wav + 000000.png (spectrogram) per sample, spectrograms.png, metadata.json
+                       # (+ trajectory.png when called with trajectory_points=N)
 
 The network draws a normalised log-mel ``(N, n_mels, T)`` with ``T = duration x frames per second``
 (rounded up to whole patches; the model's position table is computed per length, and its duration
@@ -32,9 +33,10 @@ from ditkit.data.audio import MelSpec, logmel_to_waveform, mel_spec_of, spectrog
 from ditkit.media import save_png
 from ditkit.pipelines.base import GeneratorArg, resolve_generators
 from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.pipelines.base import trajectory_indices
 from ditkit.registry import PIPELINES
 
-__all__ = ["AudioPipeline", "AudioPipelineOutput", "spectrogram_strip"]
+__all__ = ["AudioPipeline", "AudioPipelineOutput", "spectrogram_strip", "trajectory_picture"]
 
 SPECTROGRAM_SCALE = 2  # PNG pixels per spectrogram cell, so a 64 x 64 spectrogram is 128 px tall
 
@@ -51,6 +53,20 @@ def spectrogram_strip(logmels: torch.Tensor, padding: int = 2, scale: int = SPEC
     return np.concatenate(parts, axis=1)[..., None]
 
 
+def trajectory_picture(x0: torch.Tensor, xt: torch.Tensor, padding: int = 2, scale: int = SPECTROGRAM_SCALE) -> np.ndarray:
+    """``x0``, ``xt`` ``(n, K, n_mels, T)`` -> one (H, W, 1) uint8 picture: per sample two rows of
+    ``K`` spectrograms (the predicted clean log-mel, then the noisy state clamped to [-1, 1]),
+    ``padding`` black pixels between cells. ``H = 2n (n_mels scale) + (2n - 1) padding``,
+    ``W = K (T scale) + (K - 1) padding``."""
+    rows = []
+    for pred, noisy in zip(x0, xt):
+        for row in (pred, noisy.clamp(-1, 1)):
+            if rows:
+                rows.append(np.zeros((padding, rows[0].shape[1], 1), np.uint8))
+            rows.append(spectrogram_strip(row, padding, scale))
+    return np.concatenate(rows, axis=0)
+
+
 @dataclass
 class AudioPipelineOutput:
     """What an audio pipeline returns.
@@ -59,7 +75,9 @@ class AudioPipelineOutput:
     round(duration x sample_rate)``; logmels: ``(N, n_mels, T)`` float32 normalised log-mels in
     [-1, 1] (what the network drew, before the vocoder); labels / seeds per sample (seeds None when
     the caller passed generators); metadata: entries that identify the run and the sampling (also
-    written into every PNG and ``metadata.json``)."""
+    written into every PNG and ``metadata.json``); trajectory / trajectory_xt: ``(N, K, n_mels, T)``
+    the predicted clean log-mels and the noisy states at sampler steps ``trajectory_steps``
+    (0-based), or None."""
 
     waveforms: np.ndarray
     sample_rate: int
@@ -68,6 +86,9 @@ class AudioPipelineOutput:
     seeds: Optional[list[int]]
     metadata: dict[str, str]
     class_names: list[str] = field(default_factory=list)
+    trajectory: Optional[torch.Tensor] = None
+    trajectory_xt: Optional[torch.Tensor] = None
+    trajectory_steps: list[int] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
@@ -92,7 +113,8 @@ class AudioPipelineOutput:
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``NNNNNN.wav`` (16-bit PCM) and ``NNNNNN.png`` (its spectrogram, metadata in tEXt
         chunks) per sample, ``spectrograms.png`` (all side by side) and ``metadata.json`` (the
-        metadata of every sample). Each file is complete or absent. Returns the paths written."""
+        metadata of every sample); with a trajectory ``trajectory.png`` (``trajectory_picture`` of
+        the first 8 samples). Each file is complete or absent. Returns the paths written."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -107,7 +129,15 @@ class AudioPipelineOutput:
         tmp = out / ".metadata.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / "metadata.json")
-        return written + [out / "spectrograms.png", out / "metadata.json"]
+        written += [out / "spectrograms.png", out / "metadata.json"]
+        if self.trajectory is not None and self.trajectory_xt is not None:
+            n = min(8, len(self.trajectory))
+            save_png(trajectory_picture(self.trajectory[:n], self.trajectory_xt[:n]), out / "trajectory.png",
+                     {**self.metadata, "trajectory_steps": " ".join(map(str, self.trajectory_steps)),
+                      "layout": "per sample two rows: predicted clean log-mel, then the noisy state; columns: steps; "
+                                "low frequencies at the bottom"})
+            written.append(out / "trajectory.png")
+        return written
 
 
 @PIPELINES.register("audio")
@@ -151,6 +181,7 @@ class AudioPipeline(DenoisingPipeline):
         griffin_lim_iters: int = 32,
         progress: Optional[Callable[[int], None]] = None,
         allow_untrained_uncond: bool = False,
+        trajectory_points: int = 0,
     ) -> AudioPipelineOutput:
         """Draw sounds.
 
@@ -162,7 +193,9 @@ class AudioPipeline(DenoisingPipeline):
         checkpoint's ``sample`` section. ``generator``: one ``torch.Generator`` or one per sample;
         without it sample ``i`` uses seed ``seed + i`` (Griffin-Lim's random start phase too).
         ``griffin_lim_iters``: vocoder iterations (32: ~0.2 s per second of audio on a CPU core).
-        ``progress(1)`` is called once per network step and batch.
+        ``progress(1)`` is called once per network step and batch. ``trajectory_points`` > 0: also
+        return the predicted clean log-mel and the noisy state at that many sampler steps spread
+        evenly over the run (``trajectory_indices``, as images).
 
         Raises ``ConfigError`` for labels outside the classes, a duration <= 0 or beyond the
         model's ``max_seconds``, a sampler that does not fit the objective, guidance on a model
@@ -177,6 +210,8 @@ class AudioPipeline(DenoisingPipeline):
             )
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+        if trajectory_points < 0:
+            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
         if griffin_lim_iters < 1:
             raise ConfigError(f"griffin_lim_iters={griffin_lim_iters}: use at least 1 (32 is the default)")
         labels, n = self.resolve_labels(class_labels, num_samples)
@@ -185,8 +220,11 @@ class AudioPipeline(DenoisingPipeline):
         seed = cfg.sample.seed if seed is None else seed
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
+        traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
+        recorded: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch: (x0_pred, x_t) per step
         logmels = self._draw(labels, generators, n, self.num_frames(duration), sampler=sampler, steps=steps,
-                             scale=scale, spacing=spacing, options=options, batch_size=batch_size, progress=progress)
+                             scale=scale, spacing=spacing, options=options, batch_size=batch_size, progress=progress,
+                             trajectory_steps=traj_idx, recorded=recorded)
         num_samples_out = int(round(duration * self.spec.sample_rate))
         waves = np.stack([
             logmel_to_waveform(m, self.spec, n_iter=griffin_lim_iters, seed=seeds[i] if seeds is not None else i)[:num_samples_out]
@@ -199,16 +237,28 @@ class AudioPipeline(DenoisingPipeline):
             "vocoder": f"librosa mel inversion + Griffin-Lim, {griffin_lim_iters} iterations",
             "mel": json.dumps(self.spec.to_dict()),
         })
+        trajectory = trajectory_xt = None
+        if recorded:  # (N, K, n_mels, T)
+            trajectory = torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in recorded])
+            trajectory_xt = torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in recorded])
+            metadata["trajectory_steps"] = " ".join(map(str, traj_idx))
         return AudioPipelineOutput(waves.astype(np.float32), self.spec.sample_rate, logmels, labels, seeds, metadata,
-                                   list(self.class_names))
+                                   list(self.class_names), trajectory, trajectory_xt, traj_idx)
 
     def _draw(
         self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
+        trajectory_steps: Sequence[int] = (), recorded: Optional[list[list[tuple[torch.Tensor, torch.Tensor]]]] = None,
         **sampling: Any,
     ) -> torch.Tensor:
-        """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU."""
+        """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU. At
+        each of ``trajectory_steps`` appends ``(x0_pred, x_t)`` (CPU, float32) to ``recorded[-1]``,
+        a new list per batch (a batch's first recorded step opens it)."""
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            if recorded is not None and i in trajectory_steps:
+                if i == trajectory_steps[0]:
+                    recorded.append([])
+                recorded[-1].append((x0_pred.float().clamp(-1, 1).cpu(), x.float().cpu()))
             if progress is not None:
                 progress(1)
 
@@ -220,6 +270,7 @@ class AudioPipeline(DenoisingPipeline):
     def add_cli_arguments(cls, parser: Any) -> None:
         parser.add_argument("--duration", type=float, help="seconds per clip (default: the length the model trained on)")
         parser.add_argument("--griffin-lim-iters", type=int, help="vocoder iterations (default 32)")
+        cls.add_trajectory_arguments(parser)  # trajectory.png of spectrograms
 
     def cli_call(self, args: Any, distributed: bool = False) -> AudioPipelineOutput:
         from ditkit.progress import progress_bar
@@ -234,6 +285,7 @@ class AudioPipeline(DenoisingPipeline):
                 eta=getattr(args, "ddim_eta", None), timestep_spacing=getattr(args, "timestep_spacing", None),
                 seed=args.seed, batch_size=args.batch_size, griffin_lim_iters=args.griffin_lim_iters or 32,
                 allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                trajectory_points=self.trajectory_points_of(args),
             )
 
     def cli_summary(self, output: AudioPipelineOutput) -> str:

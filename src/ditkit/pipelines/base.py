@@ -35,11 +35,17 @@ from ditkit.config import Config, ConfigError
 from ditkit.device import autocast, resolve_device, resolve_precision
 from ditkit.models.layers import LabelEmbedder
 
-__all__ = ["Pipeline", "GeneratorArg", "resolve_generators", "class_names_of", "unconditional_branch_trained",
+__all__ = ["Pipeline", "trajectory_indices", "GeneratorArg", "resolve_generators", "class_names_of", "unconditional_branch_trained",
            "sampling_dtype"]
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 P = TypeVar("P", bound="Pipeline")
+
+
+def trajectory_indices(num_steps: int, count: int) -> list[int]:
+    """``count`` step indices spread over ``0..num_steps-1`` (always including the last)."""
+    count = min(count, num_steps)
+    return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def class_names_of(cfg: Config) -> list[str]:
@@ -305,6 +311,24 @@ class Pipeline:
         parser.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                             help="stack a LoRA adapter (run, checkpoint, adapter folder or file) at WEIGHT (default 1); "
                                  "repeat for several")
+
+    @staticmethod
+    def add_trajectory_arguments(parser: Any) -> None:
+        """``--trajectory`` / ``--trajectory-points``: one declaration for the modalities that write a
+        trajectory file (each pipeline that shows one calls this from its ``add_cli_arguments``)."""
+        parser.add_argument("--trajectory", action="store_true",
+                            help="also write the sampling trajectory: trajectory.png (images: x0 predictions and x_t; "
+                                 "audio: their spectrograms) or trajectory.txt (text: the partly unmasked tokens)")
+        parser.add_argument("--trajectory-points", type=int, help="steps shown in the trajectory (default 8)")
+
+    @staticmethod
+    def trajectory_points_of(args: Any) -> int:
+        """The steps to record from ``--trajectory [--trajectory-points N]``: 0 when off, else N
+        (default 8); ``ConfigError`` for N < 1 or N without ``--trajectory``."""
+        points = getattr(args, "trajectory_points", None)
+        if points is not None and (points < 1 or not getattr(args, "trajectory", False)):
+            raise ConfigError(f"--trajectory-points {points}: give a count >= 1, together with --trajectory")
+        return (points or 8) if getattr(args, "trajectory", False) else 0
 
     @classmethod
     def cli_extras(cls, args: Any) -> dict[str, Any]:

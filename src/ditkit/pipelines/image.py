@@ -29,20 +29,14 @@ from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
-from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
+from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators, trajectory_indices
 from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 from ditkit.samplers.inpaint import adapter_for, check_jumps, inpaint, prepare_mask, resample_num_calls, sdedit_start
 
-__all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]
-
-
-def trajectory_indices(num_steps: int, count: int) -> list[int]:
-    """``count`` step indices spread over ``0..num_steps-1`` (always including the last)."""
-    count = min(count, num_steps)
-    return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
+__all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]  # trajectory_indices: from base
 
 
 DEFAULT_STRENGTH = 0.8  # image-to-image without a mask, as diffusers' img2img pipelines
@@ -474,8 +468,7 @@ class ImagePipeline(DenoisingPipeline):
         parser.add_argument("--vae", metavar="DIR",
                             help="latent models: AutoencoderKL folder to decode with (default: the recorded one)")
         parser.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluator: arr_0 uint8 NxHxWxC)")
-        parser.add_argument("--trajectory", action="store_true", help="also write trajectory.png: x0 predictions along the way")
-        parser.add_argument("--trajectory-points", type=int, help="steps shown in trajectory.png (default 8)")
+        cls.add_trajectory_arguments(parser)
         parser.add_argument("--nrow", type=int, help="images per grid row")
         parser.add_argument("--init-image", metavar="PNG", help="start from this image: image-to-image, or inpainting with --mask")
         parser.add_argument("--mask", metavar="PNG", help="with --init-image: white = regenerate, black = keep (RePaint)")
@@ -514,7 +507,7 @@ class ImagePipeline(DenoisingPipeline):
                 class_labels=args.class_labels, num_samples=args.num_samples, sampler=args.sampler,
                 num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
                 guide_channels=args.guide_channels, eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size,
-                trajectory_points=(args.trajectory_points or 8) if args.trajectory else 0,
+                trajectory_points=self.trajectory_points_of(args),
                 timestep_spacing=args.timestep_spacing, allow_untrained_uncond=args.allow_untrained_uncond,
                 distributed=distributed, progress=bar.update, cache=getattr(args, "cache", None),
                 image=args.init_image, mask_image=args.mask, strength=args.strength, extend=args.extend,

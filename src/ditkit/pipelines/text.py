@@ -14,6 +14,7 @@ objective family (``masked``, ``block``, ``autoregressive``) lives in ``_DRIVERS
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,7 +31,8 @@ from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 from ditkit.samplers.masked import canvas
 
-__all__ = ["TextPipeline", "TextPipelineOutput", "encode_infill", "load_checkpoint_tokenizer", "format_samples"]
+__all__ = ["TextPipeline", "TextPipelineOutput", "encode_infill", "load_checkpoint_tokenizer", "format_samples",
+           "TokenTrajectory"]
 
 
 def load_checkpoint_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
@@ -70,11 +72,56 @@ def format_samples(texts: Sequence[str], header: Callable[[int], str]) -> str:
     return "".join(f"{header(i)}\n{text}\n" for i, text in enumerate(texts))
 
 
+class TokenTrajectory:
+    """Records the token state of a batch at ``points`` steps spread evenly over a sampling run
+    (``trajectory_indices``), fed by the samplers' callbacks. Positions not yet generated are the
+    mask id (the tokenizer shows it as its ``mask_text``): masked diffusion shows tokens being
+    revealed, block diffusion the blocks filling in turn, autoregressive models the prefix growing."""
+
+    def __init__(self, points: int, mask_id: int) -> None:
+        self.points, self.mask_id = points, mask_id
+        self.indices: set[int] = set()
+        self.steps: list[int] = []
+        self.rows: list[Tensor] = []
+        self.last_step = 0  # the last step the sampler reported
+
+    def plan(self, total_steps: int) -> None:
+        """The run takes (at most) ``total_steps`` sampler steps: record at ``points`` of them."""
+        from ditkit.pipelines.base import trajectory_indices
+
+        self.indices = set(trajectory_indices(max(total_steps, 1), self.points))
+
+    def record(self, step: int, tokens: Tensor) -> None:
+        """``tokens`` ``(B, l)``: the state after sampler step ``step`` (kept when it is planned)."""
+        self.last_step = step
+        if step in self.indices:
+            self.steps.append(step)
+            self.rows.append(tokens.detach().cpu().clone())
+
+    def finish(self, final: Tensor) -> Tensor:
+        """``(B, K, L)`` int64: the recorded rows padded with the mask id to ``final``'s length
+        ``L``; the last row is always ``final`` (added at the last reported step when the run
+        stopped before the last planned one, e.g. block diffusion at an end-of-text token)."""
+        final = final.detach().cpu()
+        if not self.rows or self.rows[-1].shape != final.shape or not torch.equal(self.rows[-1], final):
+            self.steps.append(self.last_step)
+            self.rows.append(final)
+        padded = []
+        for row in self.rows:
+            row = row[:, : final.shape[1]]
+            fill = torch.full((row.shape[0], final.shape[1] - row.shape[1]), self.mask_id, dtype=row.dtype)
+            padded.append(torch.cat([row, fill], 1))
+        return torch.stack(padded, 1)
+
+
 @dataclass
 class TextPipelineOutput:
     """texts: decoded samples; tokens: ``(N, L)`` int64 (``tokens[:, start:]`` is the text);
     labels / seeds per sample (seeds None with a caller's generator); metadata: entries that
-    identify the run and the sampling; class_names of the labels."""
+    identify the run and the sampling; class_names of the labels. With ``trajectory_points``:
+    ``trajectory[i]`` is sample ``i``'s text after each step in ``trajectory_steps`` (still-masked
+    positions shown as the tokenizer's ``mask_text``, ``_`` by default; the last entry is
+    ``texts[i]``) and ``trajectory_tokens`` ``(N, K, L)`` the tokens (mask id where masked)."""
 
     texts: list[str]
     tokens: Tensor
@@ -83,6 +130,9 @@ class TextPipelineOutput:
     seeds: Optional[list[int]]
     metadata: dict[str, str]
     class_names: list[str] = field(default_factory=list)
+    trajectory: Optional[list[list[str]]] = None
+    trajectory_steps: list[int] = field(default_factory=list)
+    trajectory_tokens: Optional[Tensor] = None
 
     def records(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per sample: index, seed, label (and its name), text."""
@@ -103,7 +153,8 @@ class TextPipelineOutput:
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``samples.txt`` (metadata lines, then each sample under a header) and
-        ``samples.jsonl`` (a metadata line, then one record per sample)."""
+        ``samples.jsonl`` (a metadata line, then one record per sample); with a trajectory also
+        ``trajectory.txt`` (per sample, one line per recorded step, newlines shown as ``\\n``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         info = "".join(f"# {k}: {v}\n" for k, v in self.metadata.items())
@@ -112,7 +163,19 @@ class TextPipelineOutput:
             f.write(json.dumps({"metadata": self.metadata}, ensure_ascii=False) + "\n")
             for row in self.records():
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return [out / "samples.txt", out / "samples.jsonl"]
+        written = [out / "samples.txt", out / "samples.jsonl"]
+        if self.trajectory is not None:
+            width = len(str(max(self.trajectory_steps, default=0) + 1))
+            lines = [f"# {k}: {v}" for k, v in self.metadata.items()]
+            lines.append(f"# trajectory: each sample after sampler steps {' '.join(str(k + 1) for k in self.trajectory_steps)} "
+                         "(masked or not yet generated positions as the tokenizer's mask text; newlines as \\n)")
+            for i, rows in enumerate(self.trajectory):
+                lines.append(self.header(i))
+                lines += [f"step {k + 1:>{width}} | " + text.replace("\\", "\\\\").replace("\n", "\\n")
+                          for k, text in zip(self.trajectory_steps, rows)]
+            (out / "trajectory.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            written.append(out / "trajectory.txt")
+        return written
 
 
 @dataclass
@@ -234,6 +297,7 @@ class TextPipeline(Pipeline):
         progress: Optional[Callable[[int], None]] = None,
         allow_untrained_uncond: bool = False,
         cache: Optional[str] = None,
+        trajectory_points: int = 0,
     ) -> TextPipelineOutput:
         """Draw ``num_samples`` texts (default: one per label, or 1).
 
@@ -254,7 +318,10 @@ class TextPipeline(Pipeline):
         come from the checkpoint's ``sample`` section; sample ``i`` uses seed ``seed + i`` unless
         ``generator`` is given. ``cache`` (masked models): step caching of the block stack between
         network calls, ``"fora:N"`` or ``"teacache:T"`` (``ditkit.models.caching``; None = off),
-        recorded in the metadata. Raises ``ConfigError`` for impossible requests.
+        recorded in the metadata. ``trajectory_points`` > 0: also return each sample's text at that
+        many sampler steps spread evenly over the run (``TextPipelineOutput.trajectory``; the steps
+        count over every window / block / token of the run). Raises ``ConfigError`` for impossible
+        requests.
         """
         cfg = self.cfg
         labels, n = self.resolve_labels(class_labels, num_samples, default_count=1)
@@ -268,6 +335,8 @@ class TextPipeline(Pipeline):
         req.remdm_eta = float(getattr(cfg.sample, "remdm_eta", 0.0) if remdm_eta is None else remdm_eta)
         if req.remdm_eta < 0 or (req.remdm_eta > 0 and (req.kind == "autoregressive" or req.remasking != "random")):
             raise ConfigError(f"--remdm-eta {req.remdm_eta}: use a value >= 0, on a masked or block model with --remasking random")
+        if trajectory_points < 0:
+            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
         seed = cfg.sample.seed if seed is None else seed
         seeds, generators = resolve_generators(n, seed, generator)
         step_cache = make_step_cache(cache)
@@ -282,7 +351,7 @@ class TextPipeline(Pipeline):
                 progress(1)
                 return inner(x, t, y)
 
-        outputs = []
+        outputs, trajectories, trajectory_steps = [], [], []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             y = None
@@ -294,8 +363,14 @@ class TextPipeline(Pipeline):
                 net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes)
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
+            record = TokenTrajectory(trajectory_points, self.tokenizer.mask_id) if trajectory_points else None
             with attach_step_cache(self.model, step_cache):  # reset per batch: one trajectory each
-                outputs.append(_DRIVERS[self.objective.family](self, net, req, hi - lo, generator_slice(generators, lo, hi)).cpu())
+                drawn = _DRIVERS[self.objective.family](self, net, req, hi - lo, generator_slice(generators, lo, hi),
+                                                        trajectory=record).cpu()
+            outputs.append(drawn)
+            if record is not None:
+                trajectories.append(record.finish(drawn))
+                trajectory_steps = trajectory_steps or record.steps
         tokens = torch.cat(outputs)
         texts = [self.tokenizer.decode(row[req.start:].tolist()) for row in tokens]
         if req.kind == "autoregressive":  # one network call per generated token
@@ -315,7 +390,13 @@ class TextPipeline(Pipeline):
         if step_cache is not None:
             metadata["cache"] = step_cache.spec
             metadata["cache_reuse"] = step_cache.summary()
-        return TextPipelineOutput(texts, tokens, req.start, labels, seeds, metadata, list(self.class_names))
+        trajectory, trajectory_tokens = None, None
+        if trajectories:
+            trajectory_tokens = torch.cat(trajectories)  # (N, K, L)
+            trajectory = [[self.tokenizer.decode(row[req.start:].tolist()) for row in rows] for rows in trajectory_tokens]
+            metadata["trajectory_steps"] = " ".join(map(str, trajectory_steps))  # 0-based, as images and audio
+        return TextPipelineOutput(texts, tokens, req.start, labels, seeds, metadata, list(self.class_names), trajectory,
+                                  trajectory_steps, trajectory_tokens)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
@@ -335,6 +416,7 @@ class TextPipeline(Pipeline):
         parser.add_argument("--remdm-eta", type=float, help="masked / block models: ReMDM remasking strength (e.g. 0.02; 0 off)")
         parser.add_argument("--cache", metavar="SPEC",
                             help="masked models, step caching: fora:N or teacache:T (threshold); default none")
+        cls.add_trajectory_arguments(parser)  # trajectory.txt
 
     def cli_call(self, args: Any, distributed: bool = False) -> TextPipelineOutput:
         from ditkit.progress import progress_bar
@@ -352,7 +434,7 @@ class TextPipeline(Pipeline):
                 kv_cache=not getattr(args, "no_kv_cache", False), remdm_eta=getattr(args, "remdm_eta", None),
                 seed=args.seed,
                 batch_size=args.batch_size, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
-                cache=getattr(args, "cache", None),
+                cache=getattr(args, "cache", None), trajectory_points=self.trajectory_points_of(args),
             )
 
     def cli_summary(self, output: TextPipelineOutput) -> str:
@@ -384,7 +466,8 @@ class TextPipeline(Pipeline):
 # ---- the drivers: one per objective family ----------------------------------------------------------
 
 
-def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any) -> Tensor:
+def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any,
+                  trajectory: Optional[TokenTrajectory] = None) -> Tensor:
     from ditkit.samplers.masked import semi_autoregressive
 
     device, seq_len, mask_id = pipe.device, pipe.cfg.data.seq_len, pipe.tokenizer.mask_id
@@ -394,25 +477,41 @@ def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, 
                    temperature=req.temperature, generator=generators)
     if req.remdm_eta > 0:  # only then, so that the plain call stays the recorded one
         options["remdm_eta"] = req.remdm_eta
+    one_window = req.template is not None or req.length <= seq_len
+    if trajectory is not None and one_window:
+        trajectory.plan(req.steps)
+        options["callback"] = lambda i, x, _x0: trajectory.record(i, x)
     if req.template is not None:
         x = torch.tensor(req.template, dtype=torch.long, device=device).expand(batch, -1).clone()
         return ancestral(denoiser, x, req.steps, mask_id=mask_id, **options)
-    if req.length <= seq_len:
+    if one_window:
         x = canvas(req.length, mask_id, batch, prefix=torch.tensor(req.prefix, dtype=torch.long) if req.prefix else None,
                    suffix=torch.tensor(req.tail, dtype=torch.long) if req.tail else None, device=device)
         return ancestral(denoiser, x, req.steps, mask_id=mask_id, **options)
+    if trajectory is not None:  # window after window: the steps count over all of them
+        windows, length = 0, len(req.prefix)
+        while length < req.length:  # the windows semi_autoregressive will run
+            keep = length if length < seq_len else seq_len - req.stride
+            length += min(seq_len - keep, req.length - length)
+            windows += 1
+        trajectory.plan(windows * req.steps)
+        options["step_callback"] = trajectory.record
     prefix = torch.tensor(req.prefix, dtype=torch.long, device=device).expand(batch, -1)
     return semi_autoregressive(denoiser, prefix, req.length, window=seq_len, stride=req.stride, num_steps=req.steps,
                                mask_id=mask_id, **options)
 
 
-def _drive_autoregressive(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any) -> Tensor:
+def _drive_autoregressive(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any,
+                          trajectory: Optional[TokenTrajectory] = None) -> Tensor:
     from ditkit.models.text_dit import KVCache
     from ditkit.samplers.autoregressive import cached_next_token
 
     prefix = torch.tensor(req.prefix, dtype=torch.long, device=pipe.device).expand(batch, -1)
     sampler = SAMPLERS.get("autoregressive", family="autoregressive").obj
-    options = dict(temperature=req.temperature, top_k=req.top_k, generator=generators)
+    options: dict[str, Any] = dict(temperature=req.temperature, top_k=req.top_k, generator=generators)
+    if trajectory is not None:  # the prefix growing one token per step
+        trajectory.plan(req.length - prefix.shape[1])
+        options["callback"] = trajectory.record
     if not (req.kv_cache and hasattr(pipe.model, "use_kv_cache")):
         next_token = pipe.objective.denoiser(net, pipe.cfg.data.seq_len)
         return sampler(next_token, prefix, req.length - prefix.shape[1], **options)
@@ -421,19 +520,27 @@ def _drive_autoregressive(pipe: TextPipeline, net: Callable, req: _Request, batc
         return sampler(next_token, prefix, req.length - prefix.shape[1], **options)
 
 
-def _drive_block(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any) -> Tensor:
+def _drive_block(pipe: TextPipeline, net: Callable, req: _Request, batch: int, generators: Any,
+                 trajectory: Optional[TokenTrajectory] = None) -> Tensor:
     from ditkit.models.text_dit import KVCache
 
     objective, mask_id = pipe.objective, pipe.tokenizer.mask_id
     start = req.template if req.template is not None else req.prefix
     prefix = torch.tensor(start, dtype=torch.long, device=pipe.device).expand(batch, -1)
     sampler = SAMPLERS.get("block", family="block").obj
+    step_callback = None
+    if trajectory is not None:  # blocks fill in turn; planned over every block (fewer if it stops early)
+        masked = (prefix[0] == mask_id).nonzero()
+        first = int(masked[0]) if len(masked) else prefix.shape[1]
+        blocks = math.ceil((req.length - (first - first % objective.block_size)) / objective.block_size)
+        trajectory.plan(blocks * req.steps)
+        step_callback = trajectory.record
     with pipe.model.use_kv_cache(KVCache(objective.block_size)) as cache:
         denoiser = objective.denoiser(net, cache, context_len=pipe.cfg.data.seq_len, use_cache=req.kv_cache)
         return sampler(denoiser, prefix, req.length - prefix.shape[1], block_size=objective.block_size,
                        num_steps=req.steps, mask_id=mask_id, remasking=req.remasking, temperature=req.temperature,
                        remdm_eta=req.remdm_eta, cache=not getattr(pipe.model, "time_conditioning", True),
-                       generator=generators)
+                       generator=generators, step_callback=step_callback)
 
 
 _DRIVERS: dict[str, Callable[..., Tensor]] = {

@@ -35,6 +35,7 @@ def block_diffusion(
     stop_id: int | None = None,
     generator: Generator = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    step_callback: Callable[[int, Tensor], None] | None = None,
     **block_options: Any,
 ) -> Tensor:
     """Generate ``num_new_tokens`` after ``prefix`` ``(B, P)`` (``P`` may be 0; ``mask_id`` in it marks
@@ -45,7 +46,9 @@ def block_diffusion(
     The prompt's whole blocks before its first mask are committed first; its later tokens are
     fixed positions of the blocks they fall in. Each block runs ``num_steps`` ancestral steps
     (``block_options``: remasking, temperature, cache; see ``samplers.masked.ancestral``), then is
-    committed. ``callback(b, tokens)`` after each block ``b``.
+    committed. ``callback(b, tokens)`` after each block ``b``; ``step_callback(k, tokens)`` after every
+    ancestral step, ``k = b * num_steps + i`` counted over the blocks, ``tokens`` ``(B, P' + width)``
+    the finished blocks followed by the current block's state (its masked positions still ``mask_id``).
     """
     if num_new_tokens < 0 or num_steps < 1 or block_size < 1:
         raise ValueError(f"need num_new_tokens >= 0, num_steps >= 1, block_size >= 1; got {num_new_tokens}, {num_steps}, {block_size}")
@@ -62,7 +65,12 @@ def block_diffusion(
         z = torch.full((B, width), mask_id, dtype=torch.long, device=prefix.device)
         fixed = prefix[:, out.shape[1] : out.shape[1] + width]  # prompt tokens inside this block
         z[:, : fixed.shape[1]] = fixed
-        z = ancestral(denoiser.denoise, z, num_steps, mask_id=mask_id, generator=generator, **block_options)
+        on_step = None
+        if step_callback is not None:
+            def on_step(i: int, z_i: Tensor, _x0: Tensor, b: int = b, done: Tensor = out) -> None:
+                step_callback(b * num_steps + i, torch.cat([done, z_i], 1))
+        z = ancestral(denoiser.denoise, z, num_steps, mask_id=mask_id, generator=generator, callback=on_step,
+                      **block_options)
         out = torch.cat([out, z], 1)
         if callback is not None:
             callback(b, out)

@@ -172,6 +172,7 @@ def semi_autoregressive(
     stride: int,
     num_steps: int,
     mask_id: int,
+    step_callback: Callable[[int, Tensor], None] | None = None,
     **sampler_kwargs: object,
 ) -> Tensor:
     """Generate ``(B, total_length)`` tokens, longer than the training window (MDLM's semi-AR sampler).
@@ -179,15 +180,23 @@ def semi_autoregressive(
     The first window is filled after the ``prompt`` ``(B, P)`` (``P`` may be 0). Each later window
     keeps the last ``window - stride`` generated tokens as a fixed prefix and samples ``stride`` new
     ones with ``ancestral`` (``sampler_kwargs``: remasking, cache, temperature, generator).
+    ``step_callback(k, tokens)`` after every ancestral step, ``k = w * num_steps + i`` counted over
+    the windows, ``tokens`` ``(B, l)`` everything generated before window ``w`` followed by its
+    current state (masked positions still ``mask_id``).
     """
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
-    out = prompt
+    out, w = prompt, 0
     while out.shape[1] < total_length:
         keep = out.shape[1] if out.shape[1] < window else window - stride
         context = out[:, out.shape[1] - keep :]
         new = min(window - keep, total_length - out.shape[1])
         x = canvas(keep + new, mask_id, out.shape[0], prefix=context, device=out.device)
-        x = ancestral(denoiser, x, num_steps, mask_id=mask_id, **sampler_kwargs)  # type: ignore[arg-type]
+        on_step = None
+        if step_callback is not None:
+            def on_step(i: int, x_i: Tensor, _x0: Tensor, w: int = w, done: Tensor = out[:, : out.shape[1] - keep]) -> None:
+                step_callback(w * num_steps + i, torch.cat([done, x_i], 1))
+        x = ancestral(denoiser, x, num_steps, mask_id=mask_id, callback=on_step, **sampler_kwargs)  # type: ignore[arg-type]
         out = torch.cat([out, x[:, keep:]], dim=1)
+        w += 1
     return out[:, :total_length]

@@ -5,7 +5,8 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, browsable at ``/docs``):
 * ``GET /``                   the page (plain HTML + JS from ``static/``, no build step)
 * ``GET /health``             liveness and queue depths; answers even when every model is busy
 * ``GET /v1/models``          served models: modality, classes, image size, defaults, limits
-* ``POST /v1/images``         generate images -> PNGs (base64) carrying ``ditkit sample``'s metadata
+* ``POST /v1/images``         generate images -> PNGs (base64) carrying ``ditkit sample``'s metadata;
+                              with ``image`` (+ ``mask_image``, ``strength``): image-to-image / inpainting
 * ``POST /v1/text``           generate text with a text model (prompt, or an infill template)
 * ``POST /v1/audio``          generate sounds with an audio model -> WAVs and spectrogram PNGs (base64)
 * ``GET /v1/progress/{id}``   progress of a request sent with ``request_id`` (polled by the page)
@@ -76,6 +77,13 @@ class ImageRequest(BaseModel):
                                   "GET /v1/models): what to draw; at most max_prompt_tokens tokens")
     negative_prompt: Optional[str] = Field(None, max_length=2000, description="text-to-image: what to steer away "
                                            "from (replaces the empty prompt of guidance)")
+    image: Optional[str] = Field(None, description="image-to-image / inpainting (takes_image in GET /v1/models): a "
+                                 "PNG of the model's image_size, base64 or a data:image/png;base64 URL; one picture "
+                                 "for every image drawn; the whole body is at most limits.max_body_bytes")
+    mask_image: Optional[str] = Field(None, description="with image: inpainting mask (same size, base64 PNG); white = "
+                                      "regenerate, black = keep the uploaded pixels")
+    strength: Optional[float] = Field(None, allow_inf_nan=False, description="with image: image-to-image strength "
+                                      "in (0, 1] (null: 0.8 without a mask, full sampling with one; 1 = plain sampling)")
     request_id: Optional[str] = Field(
         None, pattern=REQUEST_ID_PATTERN, description="client-chosen id to poll GET /v1/progress/{request_id}"
     )
@@ -381,7 +389,8 @@ def create_app(
         state.screen(body.negative_prompt, "negative prompt")
         spec = model.check(limits, class_labels=body.class_labels, num_images=body.num_images, sampler=body.sampler,
                            steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed, lora=body.lora,
-                           prompt=body.prompt, negative_prompt=body.negative_prompt)
+                           prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image,
+                           mask_image=body.mask_image, strength=body.strength)
         job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
         result = await state.run(model, job)
         return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}

@@ -62,7 +62,7 @@ class AudioModel(ImageModel):
         defaults = facts["defaults"]
         defaults["num_samples"] = defaults.pop("num_images")
         defaults["duration"] = min(self.cfg.data.duration, self.max_seconds)
-        for key in ("image_size", "channels", "loras"):
+        for key in ("image_size", "channels", "loras", "takes_image"):
             facts.pop(key, None)
         facts.update({"modality": "audio", "sample_rate": self.cfg.data.sample_rate, "n_mels": self.cfg.data.n_mels,
                       "trained_duration": self.cfg.data.duration})

@@ -10,11 +10,14 @@ code repeats its checks when the job runs, so nothing unchecked reaches a model.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from PIL import Image
 
 from ditkit.builders import default_sampler
 from ditkit.config import ConfigError
@@ -23,7 +26,7 @@ from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.serve.limits import ServeLimits
 
 __all__ = ["ServeLimits", "RequestError", "ImageModel", "ImageJobSpec", "parse_ckpt_arg", "parse_lora_arg", "model_name_for",
-           "png_base64"]
+           "png_base64", "decode_image"]
 
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED; sample i uses seed + i, far from int64 overflow
 BATCH_SIZE = 64  # images drawn per forward batch
@@ -60,6 +63,47 @@ def png_base64(pixels: Any, metadata: dict[str, str]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what ``image`` / ``mask_image`` may be (the page sends PNG)
+UPLOAD_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # 8-bit (or 1-bit) gray, palette or colour, alpha ignored
+# the pipeline's flag names -> the request's field names, for its ConfigError messages
+_FIELD_OF_FLAG = (("--init-image", "image"), ("--mask", "mask_image"), ("--strength", "strength"),
+                  (" (drop --strict to resize)", ""))
+
+
+def decode_image(field_name: str, value: str, size: int) -> Image.Image:
+    """An uploaded image: base64 (optionally a ``data:image/...;base64,`` URL) of a PNG, JPEG or WebP
+    file of ``size`` x ``size`` pixels, 8-bit gray / palette / RGB(A). Raises ``RequestError``
+    (422) naming ``field_name``. The size is checked from the header before the pixels are
+    decoded, so a small file that would decompress to a huge image is refused unread."""
+    text = value.strip()
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise _unprocessable(f"{field_name}: a data: URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise _unprocessable(f"{field_name}: not valid base64 (send the PNG file's bytes base64-encoded)") from None
+    if not raw:
+        raise _unprocessable(f"{field_name}: empty; send a PNG (base64), or null for no {field_name}")
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+    except Exception:  # noqa: BLE001 -- Pillow raises several types for data that is not an image
+        raise _unprocessable(f"{field_name}: not an image (send a PNG file, base64-encoded)") from None
+    if image.format not in UPLOAD_FORMATS:
+        raise _unprocessable(f"{field_name}: {image.format} files are not taken; send {', '.join(UPLOAD_FORMATS)}")
+    if image.size != (size, size):
+        raise _unprocessable(f"{field_name}: the image is {image.width}x{image.height}, the model draws {size}x{size}: "
+                             "resize it first (the page does)")
+    if image.mode not in UPLOAD_MODES:
+        raise _unprocessable(f"{field_name}: mode {image.mode} is not taken; send 8-bit gray, RGB or RGBA")
+    try:
+        image.load()
+    except Exception as err:  # noqa: BLE001 -- truncated or corrupt pixel data
+        raise _unprocessable(f"{field_name}: the {image.format} data is corrupt or truncated ({type(err).__name__})") from None
+    return image
+
+
 @dataclass
 class ImageJobSpec:
     """A checked image request: everything the worker needs, nothing left to validate."""
@@ -73,6 +117,9 @@ class ImageJobSpec:
     lora: Optional[str] = None  # a served LoRA adapter's name; None: the base alone
     prompt: Optional[str] = None  # text-to-image models: what to draw (num_images images of it)
     negative_prompt: Optional[str] = None  # text-to-image: replaces the empty prompt as guidance reference
+    image: Optional[Image.Image] = None  # uploaded init image, the model's size and mode (L or RGB)
+    mask_image: Optional[Image.Image] = None  # uploaded mask, mode L: white = regenerate
+    strength: Optional[float] = None  # image-to-image (SDEdit) strength in (0, 1]
 
 
 class ImageModel:
@@ -133,6 +180,7 @@ class ImageModel:
             "loras": [{"name": n, "weight": w} for n, w in self.loras.items()],
             "prompts": self.takes_prompts,  # text-to-image: send prompt (and negative_prompt), not class_labels
             "max_prompt_tokens": self.pipeline.max_prompt_tokens if self.takes_prompts else None,
+            "takes_image": self.takes_image,  # image / mask_image / strength (img2img, inpainting)
             "defaults": {
                 "sampler": default_sampler(cfg),
                 "steps": min(cfg.sample.num_sampling_steps, max_steps),
@@ -188,9 +236,14 @@ class ImageModel:
         lora: Optional[str] = None,
         prompt: Optional[str] = None,
         negative_prompt: Optional[str] = None,
+        image: Optional[str] = None,
+        mask_image: Optional[str] = None,
+        strength: Optional[float] = None,
     ) -> ImageJobSpec:
-        """Check a request against the model and ``limits``; raises ``RequestError`` (422)."""
+        """Check a request against the model and ``limits``; raises ``RequestError`` (422).
+        ``image`` / ``mask_image``: base64 PNGs (``decode_image``), ``strength`` in (0, 1]."""
         cfg = self.cfg
+        control = self._check_control(image, mask_image, strength)
         if self.takes_prompts:
             self._check_prompts(prompt, negative_prompt, class_labels)
         elif prompt is not None or negative_prompt is not None:
@@ -227,7 +280,46 @@ class ImageModel:
         check_range("steps (the model's default sample.num_sampling_steps; send a smaller steps)", steps, 1,
                     limits.max_steps, "max_steps")
         seed = cfg.sample.seed if seed is None else seed
-        return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed, lora, prompt, negative_prompt)
+        return ImageJobSpec(labels, num_images, sampler, steps, float(cfg_scale), seed, lora, prompt, negative_prompt,
+                            *control)
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether requests may send ``image`` (class-conditional / unconditional image pipelines)."""
+        return self.modality == "image" and not self.takes_prompts
+
+    def _check_control(
+        self, image: Optional[str], mask_image: Optional[str], strength: Optional[float]
+    ) -> tuple[Optional[Image.Image], Optional[Image.Image], Optional[float]]:
+        """Decoded ``(image in the model's mode, mask in mode L, strength)``; 422 naming the field."""
+        if image is None:
+            if mask_image is not None or strength is not None:
+                what = "mask_image" if mask_image is not None else "strength"
+                raise _unprocessable(f"{what} edits an uploaded picture: send image too (base64 PNG)")
+            return None, None, None
+        if not self.takes_image:
+            raise _unprocessable(f"image: model {self.name!r} does not take an image "
+                                 f"({'text-to-image' if self.takes_prompts else self.modality} model); drop image")
+        if strength is not None and not 0 < strength <= 1:
+            raise _unprocessable(f"strength={strength} is outside (0, 1]: 1 = plain sampling, small values keep the image")
+        size = self.cfg.data.image_size
+        picture = decode_image("image", image, size).convert("L" if (self.cfg.data.channels or 3) == 1 else "RGB")
+        mask = decode_image("mask_image", mask_image, size).convert("L") if mask_image is not None else None
+        if mask is not None:  # the pipeline's own checks (prepare_mask), here worded with the field
+            extremes = mask.point(lambda v: 255 if v >= 128 else 0).getextrema()  # thresholded at 0.5, as it is
+            if extremes == (0, 0):
+                raise _unprocessable("mask_image is all black (keep everything): paint white where to regenerate")
+            if extremes == (255, 255):
+                raise _unprocessable("mask_image is all white (nothing kept): send image without mask_image instead")
+        return picture, mask, strength
+
+    @staticmethod
+    def _field_names(err: ConfigError) -> ConfigError:
+        """The pipeline's ``ConfigError`` with its flags renamed to the request's fields (a 422)."""
+        message = str(err)
+        for flag, field_name in _FIELD_OF_FLAG:
+            message = message.replace(flag, field_name)
+        return ConfigError(message)
 
     @property
     def takes_prompts(self) -> bool:
@@ -264,11 +356,17 @@ class ImageModel:
                     sampler=spec.sampler, num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed,
                     batch_size=BATCH_SIZE, progress=step,
                 ))
-            result = self.pipeline(
-                class_labels=spec.labels, num_samples=spec.num_images, sampler=spec.sampler,
-                num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
-                progress=step,
-            )
+            control: dict[str, Any] = {}
+            if spec.image is not None:  # one upload serves every image; exact size, no silent resize
+                control = {"image": spec.image, "mask_image": spec.mask_image, "strength": spec.strength, "strict": True}
+            try:
+                result = self.pipeline(
+                    class_labels=spec.labels, num_samples=spec.num_images, sampler=spec.sampler,
+                    num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH_SIZE,
+                    progress=step, **control,
+                )
+            except ConfigError as err:  # -> 422 (ServeState.run), worded with the request's fields
+                raise self._field_names(err) from None
             return self.encode(result)
 
         return run

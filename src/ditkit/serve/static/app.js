@@ -1,12 +1,18 @@
 // ditkit serve page: plain JavaScript, no build step. Talks to the JSON API of the same server:
 // GET /v1/models to fill the form, POST /v1/images or /v1/text to generate, and
 // GET /v1/progress/{request_id} (polled while the POST runs) for the progress bar.
+// Image models that take a picture (takes_image): an uploaded image is cropped and resized to the
+// model's size in a canvas, the mask is painted on a canvas of that size over its preview (white =
+// regenerate), and both go in the request as PNG data: URLs with the strength.
 // Server text is inserted with textContent only, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let models = [];
+let serverLimits = {};
 let busy = false;
+// the start-from-an-image state: the uploaded picture (an <img>), and its PNG at the model's size
+const edit = { source: null, size: 0, image: null, painting: false, last: null };
 
 function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -48,7 +54,9 @@ async function checkHealth() {
 async function loadModels() {
   const response = await fetch("/v1/models");
   if (!response.ok) throw new Error(`GET /v1/models: HTTP ${response.status}`);
-  models = (await response.json()).models;
+  const listing = await response.json();
+  models = listing.models;
+  serverLimits = listing.limits || {};
   const select = $("model");
   select.replaceChildren(...models.map((m) => option(m.name, `${m.name} (${m.modality})`)));
   selectModel();
@@ -59,6 +67,7 @@ function selectModel() {
   if (!m) return;
   const isText = m.modality === "text";
   $("image-options").hidden = isText;
+  if (isText) $("edit-options").hidden = true;
   $("text-options").hidden = !isText;
   const d = m.defaults, lim = m.limits;
   $("steps").value = d.steps;
@@ -92,6 +101,8 @@ function selectModel() {
     $("cfg-scale").max = lim.max_cfg_scale;
     $("cfg-scale").disabled = !m.conditional && !m.prompts;
     $("prompt-options").hidden = !m.prompts;  // text-to-image: a prompt box instead of classes
+    $("edit-options").hidden = !m.takes_image;
+    if (m.takes_image && edit.source && edit.size !== m.image_size) renderInitImage();  // another size: redo, mask cleared
     if (m.prompts) $("model-info").textContent += ` · prompts up to ${m.max_prompt_tokens} tokens`;
   }
 }
@@ -133,6 +144,12 @@ function buildRequest(m, requestId) {
     const label = $("class").value;
     body.class_labels = label === "" ? null : [Number.parseInt(label, 10)];
   }
+  if (m.takes_image && edit.image) {  // one picture (and mask) for every image drawn
+    body.image = edit.image;
+    const mask = maskDataUrl();
+    if (mask) body.mask_image = mask;
+    if ($("use-strength").checked) body.strength = Number.parseFloat($("strength").value);
+  }
   return [m.modality === "audio" ? "/v1/audio" : "/v1/images", body];
 }
 
@@ -170,6 +187,7 @@ async function pollProgress(requestId, started) {
 function settingsLine(meta) {
   const parts = [meta.model, `step ${meta.step}`, meta.sampler, `${meta.num_sampling_steps} steps`];
   if (meta.cfg_scale !== undefined) parts.push(`cfg ${meta.cfg_scale}`);
+  if (meta.control) parts.push(`from your image: ${meta.control}`);
   return parts.join(" · ");
 }
 
@@ -232,6 +250,12 @@ async function generate(event) {
   showError("");
   const requestId = `page-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
   const [url, body] = buildRequest(m, requestId);
+  const payload = JSON.stringify(body);
+  if (serverLimits.max_body_bytes && payload.length > serverLimits.max_body_bytes) {
+    showError(`the request is ${payload.length} bytes with the image, over the server's limit of ` +
+      `${serverLimits.max_body_bytes} (max_body_bytes): use a simpler image, or ask for a larger --max-body-bytes`);
+    return;
+  }
   const started = performance.now();
   setBusy(true, "sending…");
   const polling = pollProgress(requestId, started);
@@ -239,7 +263,7 @@ async function generate(event) {
     const response = await fetch(url, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
+      body: payload,
     });
     const reply = await response.json().catch(() => ({}));
     if (!response.ok) {
@@ -259,7 +283,154 @@ async function generate(event) {
   }
 }
 
+// ---- start from an image: upload, preview, mask painting -----------------------------------------
+
+function readImage(file) {
+  // a chosen file -> a decoded <img> (via a data: URL, which the page's CSP allows)
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.onload = () => {
+      const img = new Image();
+      img.onload = () => resolve(img);
+      img.onerror = () => reject(new Error(`${file.name} is not an image the browser can decode`));
+      img.src = reader.result;
+    };
+    reader.readAsDataURL(file);
+  });
+}
+
+function squareCanvas(img, size, smooth) {
+  // the centre square of img, resized to size x size
+  const canvas = el("canvas", { width: String(size), height: String(size) });
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = smooth;
+  const side = Math.min(img.naturalWidth, img.naturalHeight);
+  ctx.drawImage(img, (img.naturalWidth - side) / 2, (img.naturalHeight - side) / 2, side, side, 0, 0, size, size);
+  return canvas;
+}
+
+function renderInitImage() {
+  const m = currentModel();
+  if (!m || !edit.source) return;
+  edit.size = m.image_size;
+  edit.image = squareCanvas(edit.source, edit.size, true).toDataURL("image/png");
+  $("image-preview").src = edit.image;
+  const mask = $("mask-canvas");
+  mask.width = edit.size;  // resizing a canvas clears it
+  mask.height = edit.size;
+  $("brush-size").max = String(Math.max(1, Math.floor(edit.size / 2)));
+  $("image-editor").hidden = false;
+}
+
+function removeImage() {
+  edit.source = null;
+  edit.image = null;
+  $("init-image").value = "";
+  $("mask-file").value = "";
+  $("image-editor").hidden = true;
+}
+
+function clearMask() {
+  const mask = $("mask-canvas");
+  mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  $("mask-file").value = "";
+}
+
+function maskPoint(event) {
+  // pointer position -> model pixel (the canvas is shown scaled up)
+  const mask = $("mask-canvas");
+  const rect = mask.getBoundingClientRect();
+  return [(event.clientX - rect.left) * mask.width / rect.width, (event.clientY - rect.top) * mask.height / rect.height];
+}
+
+function paintAt(x, y) {
+  // a square brush on whole pixels, so the mask stays pure white / transparent
+  const size = Number.parseInt($("brush-size").value, 10) || 1;
+  const ctx = $("mask-canvas").getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(Math.round(x - size / 2), Math.round(y - size / 2), size, size);
+}
+
+function paintStroke(event) {
+  const [x, y] = maskPoint(event);
+  const [x0, y0] = edit.last || [x, y];
+  const steps = Math.max(1, Math.ceil(Math.hypot(x - x0, y - y0) * 2));  // fill the gap since the last event
+  for (let i = 1; i <= steps; i++) paintAt(x0 + (x - x0) * i / steps, y0 + (y - y0) * i / steps);
+  edit.last = [x, y];
+}
+
+function maskDataUrl() {
+  // the painted mask as a white-on-black PNG data: URL, or null when nothing is painted
+  const mask = $("mask-canvas");
+  const painted = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height).data;
+  let any = false;
+  for (let i = 3; i < painted.length; i += 4) if (painted[i] > 0) { any = true; break; }
+  if (!any) return null;
+  const out = el("canvas", { width: String(mask.width), height: String(mask.height) });
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(mask, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+async function loadMaskFile(file) {
+  // a mask file -> the mask canvas (white where the file is light), so it can be edited further
+  const img = await readImage(file);
+  const mask = $("mask-canvas");
+  const pixels = squareCanvas(img, mask.width, false).getContext("2d").getImageData(0, 0, mask.width, mask.height);
+  const d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) {
+    const light = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2] >= 128 && d[i + 3] >= 128;
+    d[i] = d[i + 1] = d[i + 2] = 255;
+    d[i + 3] = light ? 255 : 0;
+  }
+  mask.getContext("2d").putImageData(pixels, 0, 0);
+}
+
+function setupImageEditor() {
+  $("init-image").addEventListener("change", async () => {
+    const file = $("init-image").files[0];
+    if (!file) return removeImage();
+    try {
+      edit.source = await readImage(file);
+      showError("");
+      renderInitImage();
+    } catch (err) {
+      removeImage();
+      showError(String(err.message || err));
+    }
+  });
+  $("mask-file").addEventListener("change", async () => {
+    const file = $("mask-file").files[0];
+    if (!file) return;
+    try {
+      await loadMaskFile(file);
+    } catch (err) {
+      showError(String(err.message || err));
+    }
+  });
+  const mask = $("mask-canvas");
+  mask.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    mask.setPointerCapture(event.pointerId);
+    edit.painting = true;
+    edit.last = null;
+    paintStroke(event);
+  });
+  mask.addEventListener("pointermove", (event) => {
+    if (edit.painting) paintStroke(event);
+  });
+  for (const end of ["pointerup", "pointercancel"]) mask.addEventListener(end, () => { edit.painting = false; });
+  $("clear-mask").addEventListener("click", clearMask);
+  $("remove-image").addEventListener("click", removeImage);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
+  $("use-strength").addEventListener("change", () => { $("strength").disabled = !$("use-strength").checked; });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  setupImageEditor();
   $("model").addEventListener("change", selectModel);
   $("controls").addEventListener("submit", generate);
   $("random-seed").addEventListener("click", () => {
