@@ -246,6 +246,26 @@ def test_sample_cli_writes_gif_mp4_and_contact_sheet(trained, tmp_path):
     assert not list(out_dir.glob(".*"))  # nothing half written
 
 
+def test_trajectory_records_clean_and_noisy_clips_per_step(trained, tmp_path):
+    """Issue 20: --trajectory for video: K steps of predicted clean clips and noisy states per clip,
+    a contact sheet per clip; the clips themselves are the same as without the option."""
+    pipe = ditkit.load(trained.run_dir, device="cpu")
+    plain = pipe(class_labels=[3, 5, 7], num_inference_steps=4, batch_size=2)
+    out = pipe(class_labels=[3, 5, 7], num_inference_steps=4, batch_size=2, trajectory_points=3)
+    assert torch.equal(plain.tensors, out.tensors)
+    assert out.trajectory_steps == [0, 2, 3] and out.trajectory.shape == (3, 3, *out.tensors.shape[1:])
+    assert out.trajectory_xt.shape == out.trajectory.shape
+    # the noisy state at the first recorded step is far from the end, the last one is the clip itself
+    assert torch.allclose(out.trajectory_xt[:, -1], out.tensors, atol=1e-6)
+    assert not torch.allclose(out.trajectory_xt[:, 0], out.tensors, atol=0.1)
+    rc = main(["sample", "--ckpt", str(trained.run_dir), "--class-labels", "3", "--num-samples", "1",
+               "--num-sampling-steps", "4", "--trajectory", "--trajectory-points", "2", "--out-dir", str(tmp_path / "t"),
+               "--device", "cpu"])
+    assert rc in (0, None)
+    with Image.open(tmp_path / "t" / "000000_trajectory.png") as sheet:  # 2 steps x (x0, x_t) rows of 8 frames
+        assert sheet.size == (4 * (8 * 18 + 2), 4 * (4 * 18 + 2)) and sheet.text["trajectory_steps"] == "0 3"
+
+
 def test_sample_cli_refuses_video_flags_for_image_checkpoints(tmp_path, capsys):
     from ditkit.train.loop import train
 

@@ -29,7 +29,7 @@ from PIL import Image
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.data.video import save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
-from ditkit.pipelines.base import GeneratorArg, resolve_generators
+from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
 from ditkit.pipelines.denoising import DenoisingPipeline
 from ditkit.registry import PIPELINES
 
@@ -45,7 +45,9 @@ class VideoPipelineOutput:
     tensors: ``(N, C, F, H, W)`` float32 in [-1, 1] on the CPU; frames: N lists of F PIL images
     (``L`` or ``RGB``, diffusers' ``frames``); labels / seeds per clip (seeds None when the caller
     passed generators); metadata: entries that identify the run and the sampling (also written
-    into ``metadata.json`` and the contact sheet); fps: playback rate of ``save``."""
+    into ``metadata.json`` and the contact sheet); fps: playback rate of ``save``; trajectory /
+    trajectory_xt: ``(N, K, C, F, H, W)`` the predicted clean clips and the noisy states at sampler
+    steps ``trajectory_steps`` (``trajectory_points=K``), or None."""
 
     tensors: torch.Tensor
     frames: list[list[Image.Image]]
@@ -54,6 +56,9 @@ class VideoPipelineOutput:
     metadata: dict[str, str]
     class_names: list[str] = field(default_factory=list)
     fps: float = DEFAULT_FPS
+    trajectory: Optional[torch.Tensor] = None
+    trajectory_xt: Optional[torch.Tensor] = None
+    trajectory_steps: list[int] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
@@ -77,8 +82,9 @@ class VideoPipelineOutput:
     def save(self, out_dir: str | Path, *, fps: Optional[float] = None, scale: Optional[int] = None,
              mp4: bool = True) -> list[Path]:
         """Write ``NNNNNN.gif`` (looping) and ``NNNNNN.mp4`` (H.264, yuv420p) per clip,
-        ``contact_sheet.png`` (one row of frames per clip, metadata in tEXt chunks) and
-        ``metadata.json``. ``scale``: integer enlargement (default: at least 64 px wide). Each
+        ``contact_sheet.png`` (one row of frames per clip, metadata in tEXt chunks),
+        ``metadata.json`` and, with a trajectory, ``NNNNNN_trajectory.png`` per clip (first 8): for
+        each recorded step a row of the predicted clean frames, then a row of the noisy state. ``scale``: integer enlargement (default: at least 64 px wide). Each
         file is written whole or not at all. Returns the paths written."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,13 @@ class VideoPipelineOutput:
         layout = "one row per clip, frames left to right"
         written.append(save_contact_sheet(self.tensors, out / "contact_sheet.png", scale=scale,
                                           metadata={**self.metadata, "layout": layout}))
+        if self.trajectory is not None and self.trajectory_xt is not None:
+            steps = " ".join(map(str, self.trajectory_steps))
+            for i in range(min(8, len(self.trajectory))):  # (K, C, F, H, W) twice -> rows x0, x_t, x0, ...
+                rows = torch.stack([self.trajectory[i], self.trajectory_xt[i]], 1).flatten(0, 1)
+                written.append(save_contact_sheet(rows, out / f"{i:06d}_trajectory.png", scale=scale, metadata={
+                    **self.sample_metadata(i), "trajectory_steps": steps,
+                    "layout": "per step: a row of predicted clean frames (x0), then a row of the noisy state (x_t)"}))
         meta = {"shared": {**self.metadata, "fps": f"{fps:g}"},
                 "samples": [self.sample_metadata(i) for i in range(len(self.tensors))]}
         tmp = out / ".metadata.json.tmp"
@@ -142,6 +155,7 @@ class VideoPipeline(DenoisingPipeline):
         fps: float = DEFAULT_FPS,
         progress: Optional[Callable[[int], None]] = None,
         allow_untrained_uncond: bool = False,
+        trajectory_points: int = 0,
     ) -> VideoPipelineOutput:
         """Draw clips.
 
@@ -152,7 +166,9 @@ class VideoPipeline(DenoisingPipeline):
         ``timestep_spacing`` default to the checkpoint's ``sample`` section. ``generator``: one
         ``torch.Generator`` or one per clip; without it clip ``i`` uses seed ``seed + i``.
         ``progress(k)`` is called once per network step and batch with ``k = num_frames`` (a bar
-        over frames x steps). ``fps``: playback rate recorded for ``save``.
+        over frames x steps). ``fps``: playback rate recorded for ``save``. ``trajectory_points`` > 0:
+        also return the predicted clean clips and noisy states at that many steps spread evenly over
+        the run (``trajectory_indices``, as images and audio).
 
         Raises ``ConfigError`` for labels outside the classes, a frame count the model cannot
         take, a sampler that does not fit the objective, bad steps / scales / batch sizes, and
@@ -165,29 +181,46 @@ class VideoPipeline(DenoisingPipeline):
             raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
         if fps <= 0:
             raise ConfigError(f"--fps {fps:g}: use a positive frame rate, e.g. 8")
+        if trajectory_points < 0:
+            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
         labels, n = self.resolve_labels(class_labels, num_samples)
         sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
         self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
         seed = cfg.sample.seed if seed is None else seed
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
+        traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0_pred, x_t) per recorded step, batch after batch
         clips = self._draw(labels, generators, n, frames, sampler=sampler, steps=steps, scale=scale, spacing=spacing,
-                           options=options, batch_size=batch_size, progress=progress)
+                           options=options, batch_size=batch_size, progress=progress, trajectory_steps=traj_idx,
+                           recorded=recorded)
         metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
                                           options=options, spacing=spacing, labels=labels)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
+        trajectory = trajectory_xt = None
+        if recorded:  # K entries per batch, batches in order -> (N, K, C, F, H, W)
+            k = len(traj_idx)
+            batches = [recorded[b:b + k] for b in range(0, len(recorded), k)]
+            trajectory = torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in batches])
+            trajectory_xt = torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in batches])
+            metadata["trajectory_steps"] = " ".join(map(str, traj_idx))
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
-        return VideoPipelineOutput(clips, pil, labels, seeds, metadata, list(self.class_names), float(fps))
+        return VideoPipelineOutput(clips, pil, labels, seeds, metadata, list(self.class_names), float(fps),
+                                   trajectory, trajectory_xt, traj_idx)
 
     def _draw(
         self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
+        trajectory_steps: Sequence[int] = (), recorded: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
         **sampling: Any,
     ) -> torch.Tensor:
         """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU; progress
-        counts frames x steps."""
+        counts frames x steps. At each of ``trajectory_steps`` appends ``(x0_pred, x_t)`` (CPU,
+        float32, clamped to [-1, 1]) to ``recorded``."""
         channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            if recorded is not None and i in trajectory_steps:
+                recorded.append((x0_pred.float().clamp(-1, 1).cpu(), x.float().clamp(-1, 1).cpu()))
             if progress is not None:
                 progress(frames)
 
@@ -203,6 +236,7 @@ class VideoPipeline(DenoisingPipeline):
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
                             help="gaussian samplers (default: the checkpoint's)")
+        cls.add_trajectory_arguments(parser)
 
     def cli_call(self, args: Any, distributed: bool = False) -> VideoPipelineOutput:
         from ditkit.progress import progress_bar
@@ -217,6 +251,7 @@ class VideoPipeline(DenoisingPipeline):
                 num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale, eta=args.ddim_eta,
                 timestep_spacing=args.timestep_spacing, seed=args.seed, batch_size=batch,
                 fps=args.fps or DEFAULT_FPS, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                trajectory_points=self.trajectory_points_of(args),
             )
 
     def cli_summary(self, output: VideoPipelineOutput) -> str:
