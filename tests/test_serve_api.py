@@ -204,7 +204,7 @@ BAD_IMAGE_REQUESTS = [
     ({"model": IMG, "cfg_scale": -1}, 422, "cfg_scale=-1"),
     ({"model": IMG, "seed": -1}, 422, "seed=-1"),
     ({"model": IMG, "seed": 2**40}, 422, "seed="),
-    ({"model": IMG, "class_labels": [4]}, 422, "outside model 'shapes''s classes 0..3"),
+    ({"model": IMG, "class_labels": [4]}, 422, "class_labels: class label 4 is outside this checkpoint's classes 0..3"),
     ({"model": IMG, "class_labels": ["dog"]}, 422, "'dog' is not a class"),
     ({"model": IMG, "sampler": "euler"}, 422, "use one of ddpm, ddim, dpm++"),
     ({"model": IMG, "request_id": "not an id!"}, 422, "request_id"),

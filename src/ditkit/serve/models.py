@@ -56,6 +56,16 @@ def check_seed(seed: Optional[int]) -> None:
         raise _unprocessable(f"seed={seed} is outside the allowed range 0..{MAX_SEED}")
 
 
+def pipeline_labels(pipeline: Any, class_labels: Optional[Sequence[int | str]], num: int, field: str) -> Optional[list[int]]:
+    """``pipeline.resolve_labels`` (the one label check of every pipeline) for a request: its
+    ``ConfigError`` becomes a 422 that names the request's ``field`` instead of the CLI flag."""
+    try:
+        labels, _ = pipeline.resolve_labels(list(class_labels) if class_labels else None, num)
+    except ConfigError as err:
+        raise _unprocessable(f"{field}: {str(err).replace('--class-labels', field)}") from None
+    return labels
+
+
 def png_base64(pixels: Any, metadata: dict[str, str]) -> str:
     """(H, W, C) uint8 -> base64 of a PNG carrying ``metadata`` as tEXt chunks (as ``ditkit sample``)."""
     buffer = io.BytesIO()
@@ -198,30 +208,10 @@ class ImageModel:
         }
 
     def resolve_labels(self, class_labels: Optional[Sequence[int | str]], num_images: int) -> Optional[list[int]]:
-        """Per-image labels from ints or class names (repeated to ``num_images``); default: classes
-        in turn. None for an unconditional model."""
-        n_cls = self.pipeline.num_classes
-        if n_cls == 0:
-            if class_labels:
-                raise _unprocessable(f"model {self.name!r} is unconditional (no classes): send class_labels null or []")
-            return None
-        if not class_labels:
-            return [i % n_cls for i in range(num_images)]
-        names = {name.lower(): i for i, name in enumerate(self.pipeline.class_names[:n_cls])}
-        labels = []
-        for item in class_labels:
-            if isinstance(item, str):
-                if item.strip().lower() not in names:
-                    raise _unprocessable(
-                        f"class_labels: {item!r} is not a class of model {self.name!r}; "
-                        f"use one of {', '.join(self.pipeline.class_names[:n_cls])} or 0..{n_cls - 1}"
-                    )
-                labels.append(names[item.strip().lower()])
-            elif not 0 <= item < n_cls:
-                raise _unprocessable(f"class_labels: {item} is outside model {self.name!r}'s classes 0..{n_cls - 1}")
-            else:
-                labels.append(item)
-        return [labels[i % len(labels)] for i in range(num_images)]
+        """Per-image labels (``Pipeline.resolve_labels``: ints or class names repeated to
+        ``num_images``; default: the classes in turn; None for an unconditional model), its
+        ``ConfigError`` as a 422 naming the field."""
+        return pipeline_labels(self.pipeline, class_labels, num_images, "class_labels")
 
     def check(
         self,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from ditkit.config import ConfigError
 from ditkit.pipelines.text import TextPipeline, encode_infill
-from ditkit.serve.models import RequestError, ServeLimits, check_range, check_seed
+from ditkit.serve.models import RequestError, ServeLimits, check_range, check_seed, pipeline_labels
 
 __all__ = ["TextModel", "TextJobSpec", "MAX_TEMPERATURE"]
 
@@ -129,7 +129,8 @@ class TextModel:
             check_range("cfg_scale", cfg_scale, limits.min_cfg_scale, limits.max_cfg_scale, "min_cfg_scale..max_cfg_scale")
         seed = fields.get("seed")
         check_seed(seed)
-        label = self._label(fields.get("class_label"))
+        value = fields.get("class_label")
+        label = None if value is None else pipeline_labels(self.pipeline, [value], 1, "class_label")[0]
         mask_char = fields.get("mask_char") or "_"
         prompt_tokens = 0
         try:  # the tokenizer must be able to encode the text (e.g. characters it never saw)
@@ -161,23 +162,6 @@ class TextModel:
             cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
             seed=s.seed if seed is None else seed, forwards=forwards,
         )
-
-    def _label(self, value: Optional[int | str]) -> Optional[int]:
-        if value is None:
-            return None
-        if self.num_classes == 0:
-            raise RequestError(422, f"model {self.name!r} is unconditional (no classes): send class_label null")
-        names = {n.lower(): i for i, n in enumerate(self.class_names[: self.num_classes])}
-        if isinstance(value, str):
-            if value.strip().lower() not in names:
-                raise RequestError(
-                    422, f"class_label: {value!r} is not a class of model {self.name!r}; use one of "
-                    f"{', '.join(self.class_names[: self.num_classes])} or 0..{self.num_classes - 1}"
-                )
-            return names[value.strip().lower()]
-        if not 0 <= value < self.num_classes:
-            raise RequestError(422, f"class_label: {value} is outside model {self.name!r}'s classes 0..{self.num_classes - 1}")
-        return value
 
     def total_steps(self, spec: TextJobSpec) -> int:
         return spec.forwards
