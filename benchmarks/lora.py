@@ -8,7 +8,9 @@
 2. Adapt it to the held-out classes (all their ~360 images) for the same training time each
    (``--adapt-budget``): full fine-tuning (``--init-from``), LoRA rank 4 / 16 / 64 (``--init-from
    --lora-rank R`` on attention + MLP + adaLN, learning rate 3e-3 against 1e-3), one LoRA r16 on
-   attention + MLP only, and from scratch (``VARIANTS``).
+   attention + MLP only, one LoRA r16 that also trains the class-label table whole
+   (``--lora-train-modules labels``: the new classes' rows never trained in pretraining), and from
+   scratch (``VARIANTS``).
    Each variant runs in its own process, so its peak resident memory is its own.
 3. Score each result with the digits feature classifier (trained on all 10 classes, cached): FD of
    classifier features and conditional accuracy on the new classes (``--num-samples`` vs the real 8s and
@@ -44,6 +46,7 @@ class Variant:
     lora_rank: int = 0
     targets: str = "attn,mlp,adaLN"
     lr: float = 1e-3
+    train_modules: str = ""  # --lora-train-modules: whole modules trained beside the adapters
 
 
 VARIANTS = {v.name: v for v in [
@@ -52,6 +55,7 @@ VARIANTS = {v.name: v for v in [
     Variant("lora16", True, 16, lr=3e-3),
     Variant("lora64", True, 64, lr=3e-3),
     Variant("lora16_attn_mlp", True, 16, targets="attn,mlp", lr=3e-3),
+    Variant("lora16_labels", True, 16, lr=3e-3, train_modules="labels"),
     Variant("scratch", False),
 ]}
 
@@ -110,15 +114,18 @@ def adapt(out: Path, name: str, budget: str) -> dict:
     if v.init:
         cfg.train.init_from = str(out / "pretrain")
     cfg.train.lora_rank, cfg.train.lora_targets = v.lora_rank, v.targets
+    cfg.train.lora_train_modules = v.train_modules
     rss_before = _rss_mib()
     result = train(cfg, dataset=data)
     ckpt = latest_checkpoint(result.run_dir)
     from ditkit.pipelines import load
 
     pipe = load(result.run_dir, device="cpu")
-    total = sum(p.numel() for n, p in pipe.model.named_parameters() if ".lora_" not in n)
+    # the adapter: LoRA factors and its trained copies of whole modules (".modules_to_save.<name>.")
+    adapter = {n: p.numel() for n, p in pipe.model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+    total = sum(p.numel() for n, p in pipe.model.named_parameters() if n not in adapter)
     if v.lora_rank:
-        trainable = sum(p.numel() for n, p in pipe.model.named_parameters() if ".lora_" in n)
+        trainable = sum(adapter.values())
         file = ckpt / "ema_adapter" / "adapter_model.safetensors"
     else:
         trainable = total
@@ -129,6 +136,7 @@ def adapt(out: Path, name: str, budget: str) -> dict:
         file_bytes=file.stat().st_size, peak_rss_mib=_rss_mib(), rss_before_mib=rss_before,
         # what training holds beyond the frozen weights: gradients and two Adam moments per trainable weight
         grad_adam_mib=trainable * 4 * 3 / 2**20, lr=v.lr, targets=v.targets if v.lora_rank else "",
+        train_modules=v.train_modules, whole_module_params=sum(n for k, n in adapter.items() if ".modules_to_save." in k),
     )
 
 
@@ -169,7 +177,8 @@ def table(results: dict) -> str:
     ]
     for name, cost in results["costs"].items():
         s = results["scores"][name]
-        what = name + (f" ({cost['targets']})" if cost["targets"] else "")
+        trained = cost["targets"] + (f" + {cost['train_modules']}" if cost.get("train_modules") else "")  # + whole modules
+        what = name + (f" ({trained})" if trained else "")
         lines.append(
             f"| {what} | {cost['trainable'] / 1e6:.3f}M ({100 * cost['trainable_fraction']:.1f}%) | "
             f"{cost['file_bytes'] / 2**20:.2f} MiB | {cost['peak_rss_mib']:.0f} MiB | {cost['grad_adam_mib']:.1f} MiB | "

@@ -418,3 +418,20 @@ def test_base_hash_follows_the_weights_and_ignores_adapters():
     ad.apply_lora(model, 2)
     randomize_adapters(model, 0)
     assert ad.base_sha256(model) == digest
+
+
+def test_presets_reach_the_denoiser_and_text_encoder_of_a_prompt_model():
+    """PromptDiT keeps its DiT under ``dit.`` and its trained encoder under ``text_encoder.``: the
+    presets name the denoiser's layers (not the encoder's), ``text_attn`` the encoder's attention."""
+    from ditkit.adapters import resolve_targets
+    from ditkit.builders import build_model
+    from ditkit.recipes import get_recipe
+
+    cfg = get_recipe("shapes_captions")
+    cfg.data.vocab_size = 100
+    model = build_model(cfg)
+    attn = resolve_targets(model, "attn")
+    assert attn and all(n.startswith("dit.blocks.") for n in attn)
+    assert all(n.startswith("dit.") for n in resolve_targets(model, "mlp,adaLN,cross_attn"))
+    text = resolve_targets(model, "text_attn")
+    assert text and all(n.startswith("text_encoder.blocks.") and n.split(".")[-1] in ("qkv", "proj") for n in text)

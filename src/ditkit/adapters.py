@@ -24,6 +24,19 @@ safetensors header, so the file alone loads). Keys are peft's for an injected mo
 model's name and ``base_sha256``: SHA-256 over the base state dict (see ``base_sha256``). Loading an
 adapter checks layer shapes and the hash against the model it goes into.
 
+Beside the low-rank matrices an adapter may train chosen small modules whole (``train_modules``,
+``--lora-train-modules``), with peft's own ``modules_to_save``: peft wraps each such module in a
+``ModulesToSaveWrapper`` holding the frozen original (``original_module``) and one trainable copy per
+adapter (``modules_to_save.<name>``). The preset ``labels`` is the class-label embedding table
+(``y_embedder.embedding_table``: a new class's row was never trained in the base, and LoRA alone
+cannot move it). The copy is saved in the adapter file under the module's own keys
+(``y_embedder.embedding_table.weight``, as peft writes it). A copy replaces the module whole: the
+adapter's weight (scale) does not interpolate it, so it is used at any weight != 0 and the original at
+weight 0, and at most one adapter at a weight != 0 may hold a copy of one module (peft runs one copy
+per forward); ``merge_adapters`` writes the active copy into the base, ``unload_adapters`` puts the
+original back. diffusers' LoRA layout has no place for a whole module: ``export_lora_diffusers``
+refuses such an adapter.
+
 The diffusers twin of DiT (``DiTTransformer2DModel``) has its own module names (``attn1.to_q``, ...,
 ditkit.interop.diffusers_format); ``export_lora_diffusers`` writes an adapter as diffusers' LoRA file
 (``pytorch_lora_weights.safetensors``, keys ``transformer.transformer_blocks.0.attn1.to_q.lora_A.weight``
@@ -51,6 +64,7 @@ from ditkit.errors import ConfigError
 
 __all__ = [
     "LORA_TARGET_PRESETS",
+    "LORA_TRAIN_MODULE_PRESETS",
     "LORA_VARIANTS",
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
@@ -58,6 +72,7 @@ __all__ = [
     "AdapterInfo",
     "apply_lora",
     "resolve_targets",
+    "resolve_train_modules",
     "lora_target_presets",
     "adapter_parameters",
     "adapter_state_dict",
@@ -81,15 +96,26 @@ __all__ = [
 # block names (DiT, TextDiT, Latte, the audio DiT: DiTBlock; CrossDiT adds blocks.N.cross_attn and
 # PixArt's shared adaLN-single t_block; MMDiT adds a context stream: attn.context_qkv/context_proj,
 # context_mlp, context_adaLN_modulation), so one table serves all of them.
+_DENOISER = r"(?:dit\.)?"  # the prompt families (PromptDiT) keep their DiT under ``dit.``
 LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # self-attention (MMDiT: the joint attention of both streams): fused qkv and output projection
-    "attn": (r"blocks\.\d+\.attn\.(context_)?(qkv|proj)",),
-    "qkv": (r"blocks\.\d+\.attn\.(context_)?qkv",),
-    "mlp": (r"blocks\.\d+\.(context_)?mlp\.(fc1|fc2)",),
+    "attn": (_DENOISER + r"blocks\.\d+\.attn\.(context_)?(qkv|proj)",),
+    "qkv": (_DENOISER + r"blocks\.\d+\.attn\.(context_)?qkv",),
+    "mlp": (_DENOISER + r"blocks\.\d+\.(context_)?mlp\.(fc1|fc2)",),
     # adaLN modulation: per block, the final layer's, CrossDiT's shared adaLN-single
-    "adaLN": (r"blocks\.\d+\.(context_)?adaLN_modulation\.1", r"final_layer\.adaLN_modulation\.1", r"t_block\.1"),
-    "cross_attn": (r"blocks\.\d+\.cross_attn\.\w+",),  # CrossDiT: query, key/value and output Linears
-    "final": (r"final_layer\.linear",),  # the per-patch output Linear
+    "adaLN": (_DENOISER + r"blocks\.\d+\.(context_)?adaLN_modulation\.1", _DENOISER + r"final_layer\.adaLN_modulation\.1",
+              _DENOISER + r"t_block\.1"),
+    "cross_attn": (_DENOISER + r"blocks\.\d+\.cross_attn\.\w+",),  # CrossDiT: query, key/value and output Linears
+    "final": (_DENOISER + r"final_layer\.linear",),  # the per-patch output Linear
+    # the jointly trained text encoder of the prompt families (PromptDiT.text_encoder): its attention
+    "text_attn": (r"text_encoder\.blocks\.\d+\.attn\.(qkv|proj)",),
+}
+# Whole modules an adapter may train beside its low-rank matrices (peft's modules_to_save): preset ->
+# regular expressions matched in full against module names. DiT, Latte, the audio DiT and TextDiT
+# keep their class labels in LabelEmbedder.embedding_table (num_classes + 1 rows: the last is the
+# null class of guidance); the prompt families (PromptDiT, CrossDiT, MMDiT) have no label table.
+LORA_TRAIN_MODULE_PRESETS: dict[str, tuple[str, ...]] = {
+    "labels": (r"y_embedder\.embedding_table",),
 }
 LORA_VARIANTS = ("lora", "dora")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names
@@ -118,6 +144,22 @@ def _lora_layer_cls() -> type:
     return _peft().tuners.lora.LoraLayer
 
 
+def _wrapper_cls() -> type:
+    """peft's ``ModulesToSaveWrapper``: a module trained whole, one copy per adapter."""
+    _peft()
+    from peft.utils import ModulesToSaveWrapper
+
+    return ModulesToSaveWrapper
+
+
+def _wrappers(model: nn.Module) -> dict[str, Any]:
+    """Module name -> the ``ModulesToSaveWrapper`` in ``model`` (empty for a plain model)."""
+    if not getattr(model, "peft_config", None):
+        return {}
+    cls = _wrapper_cls()
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
 @dataclass
 class AdapterInfo:
     """What ditkit knows about one adapter in a model (and writes into ``adapter_config.json``).
@@ -125,7 +167,9 @@ class AdapterInfo:
     rank/alpha: the common rank and alpha (``rank_pattern``/``alpha_pattern`` hold per-module
     exceptions, e.g. after importing a diffusers LoRA whose q, k, v factors differ); targets: the
     preset names / patterns asked for; target_modules: the resolved module names; scale: the
-    multiplier on ``alpha / rank`` used at inference (1 = as trained; not saved).
+    multiplier on ``alpha / rank`` used at inference (1 = as trained; not saved); train_modules: the
+    presets / patterns of whole modules asked for (``--lora-train-modules``), modules_to_save: the
+    module names they resolved to (peft's field; a trained copy of each is part of the adapter).
     """
 
     rank: int
@@ -140,6 +184,8 @@ class AdapterInfo:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     scale: float = 1.0
     source: Optional[str] = None
+    train_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def lora_config(self) -> Any:
         """The peft ``LoraConfig``; patterns are anchored so ``blocks.1.`` never matches ``blocks.11.``."""
@@ -151,12 +197,20 @@ class AdapterInfo:
             use_dora=self.variant == "dora",
             rank_pattern={_anchored(k): v for k, v in self.rank_pattern.items()},
             alpha_pattern={_anchored(k): v for k, v in self.alpha_pattern.items()},
+            # peft matches these by name suffix; resolve_train_modules gives full names, and
+            # _inject checks that exactly those modules were wrapped
+            modules_to_save=list(self.modules_to_save) or None,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content: peft's LoraConfig fields plus a ``ditkit`` section."""
         d = asdict(self)
         d.pop("scale"), d.pop("source")
+        extra: dict[str, Any] = {}
+        if self.modules_to_save:  # omitted when empty: a plain LoRA adapter's config stays as before
+            extra["modules_to_save"] = list(self.modules_to_save)
+        else:
+            d.pop("train_modules"), d.pop("modules_to_save")
         return {
             "peft_type": "LORA",
             "r": self.rank,
@@ -167,6 +221,7 @@ class AdapterInfo:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "bias": "none",
+            **extra,
             "ditkit": {"format": _FORMAT, "version": _FORMAT_VERSION, **d},
         }
 
@@ -200,6 +255,9 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     lora_cls = _lora_layer_cls() if getattr(model, "peft_config", None) else ()
     out: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
+        if ".modules_to_save." in name:  # an adapter's trained copy of a whole module, not the base
+            continue
+        name = name.replace(".original_module", "")  # a module trained whole: its frozen original
         if lora_cls and isinstance(module, lora_cls):
             base = module.get_base_layer()
             if isinstance(base, nn.Linear):
@@ -261,6 +319,94 @@ def lora_target_presets(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
+def _module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Base module name -> module, peft's additions left out: a wrapped module under its own name
+    (its original), no adapter copies, LoRA factors or base_layer aliases."""
+    wrapper_cls = _wrapper_cls() if getattr(model, "peft_config", None) else ()
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(part in name for part in (".modules_to_save", ".lora_", ".base_layer", ".original_module")):
+            continue
+        out[name] = module.original_module if wrapper_cls and isinstance(module, wrapper_cls) else module
+    return out
+
+
+def resolve_train_modules(model: nn.Module, items: str | Sequence[str]) -> list[str]:
+    """Module names (in model order) of the modules an adapter trains whole (peft's ``modules_to_save``).
+
+    ``items``: "labels" or a list; each a preset of ``LORA_TRAIN_MODULE_PRESETS`` (any case) or a
+    regular expression matched in full against module names (e.g. ``final_layer\\.linear``).
+    "" or [] gives [] (LoRA matrices only). Two chosen modules may not be nested.
+
+    Raises:
+        ConfigError: an item matches no module with weights (the preset ``labels`` on a model without a
+            class-label table, e.g. PromptDiT), is a bad pattern, or two chosen modules are nested.
+    """
+    wanted = _split_items(items)
+    if not wanted:
+        return []
+    modules = _module_names(model)
+    presets = {k.lower(): v for k, v in LORA_TRAIN_MODULE_PRESETS.items()}
+    kind = type(model).__name__
+    chosen: set[str] = set()
+    for item in wanted:
+        patterns = presets.get(item.lower(), (item,))
+        try:
+            hits = {n for n in modules if n and any(re.fullmatch(p, n) for p in patterns)}
+        except re.error as err:
+            raise ConfigError(f"--lora-train-modules '{item}' is neither a preset nor a valid pattern ({err})") from None
+        hits = {n for n in hits if any(True for _ in modules[n].parameters())}
+        if not hits and item.lower() == "labels":
+            raise ConfigError(
+                f"--lora-train-modules labels: this {kind} has no class-label embedding (y_embedder.embedding_table; "
+                "prompt models are conditioned on text): drop --lora-train-modules"
+            )
+        if not hits:
+            raise ConfigError(
+                f"--lora-train-modules '{item}' matches no module with weights of this {kind}: use the preset "
+                f"{', '.join(LORA_TRAIN_MODULE_PRESETS)} or a pattern over its module names (e.g. final_layer\\.linear)"
+            )
+        chosen |= hits
+    for name in chosen:
+        inner = next((o for o in chosen if o.startswith(name + ".")), None)
+        if inner is not None:
+            raise ConfigError(f"--lora-train-modules names {name} and {inner} inside it: name the module once")
+    return [n for n in modules if n in chosen]
+
+
+def _split_items(items: str | Sequence[str]) -> list[str]:
+    """"attn, mlp" or ["attn", "mlp"] -> ["attn", "mlp"] (blanks dropped)."""
+    raw = items.split(",") if isinstance(items, str) else list(items)
+    return [str(i).strip() for i in raw if str(i).strip()]
+
+
+def _nested(a: str, b: str) -> bool:
+    """``a`` and ``b`` name the same module or one holds the other (dotted module names)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _check_overlaps(model: nn.Module, info: AdapterInfo) -> None:
+    """A module is trained either whole or with LoRA: the new adapter's whole modules may not be,
+    hold or sit in a LoRA layer (its own or another adapter's), nor its LoRA layers in another
+    adapter's whole module (peft cannot wrap one in the other)."""
+    lora_cls = _lora_layer_cls() if getattr(model, "peft_config", None) else ()
+    lora = set(info.target_modules) | {n for n, m in model.named_modules() if lora_cls and isinstance(m, lora_cls)}
+    for whole in info.modules_to_save:
+        hit = next((n for n in sorted(lora) if _nested(whole, n)), None)
+        if hit is not None:
+            raise ConfigError(
+                f"--lora-train-modules: module {whole} overlaps LoRA layer {hit}: train a module either whole "
+                "or with LoRA (drop it from --lora-targets or from --lora-train-modules)"
+            )
+    for target in info.target_modules:
+        hit = next((n for n in _wrappers(model) if _nested(target, n)), None)
+        if hit is not None:
+            raise ConfigError(
+                f"LoRA layer {target} is inside module {hit}, which a loaded adapter trains whole "
+                "(--lora-train-modules): unload that adapter first"
+            )
+
+
 # ------------------------------------------------------------------------------------------------
 # The base: hash, plain state dict, dtype
 # ------------------------------------------------------------------------------------------------
@@ -268,12 +414,13 @@ def lora_target_presets(model: nn.Module) -> dict[str, list[str]]:
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict under its plain keys (adapter tensors left out,
-    ``.base_layer.`` removed): what ``model.state_dict()`` was before any adapter was injected."""
+    ``.base_layer.`` removed, a module trained whole by an adapter as its frozen original): what
+    ``model.state_dict()`` was before any adapter was injected."""
     out = {}
     for key, value in model.state_dict().items():
-        if ".lora_" in key:
+        if ".lora_" in key or ".modules_to_save." in key:  # adapters, and adapters' copies of whole modules
             continue
-        out[key.replace(".base_layer.", ".")] = value
+        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
     return out
 
 
@@ -304,10 +451,11 @@ def base_sha256(model: nn.Module) -> str:
 def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast the frozen base weights to ``dtype`` (e.g. bf16 to halve their memory), adapters kept in
     float32. The base hash is computed first and remembered. Run the model under ``torch.autocast``
-    afterwards (the trainer's bf16 precision does): float32 inputs do not mix with a bf16 Linear."""
+    afterwards (the trainer's bf16 precision does): float32 inputs do not mix with a bf16 Linear.
+    Adapters' trained copies of whole modules (``modules_to_save``) stay in float32 too."""
     setattr(model, _HASH_ATTR, base_sha256(model))
     for name, param in model.named_parameters():
-        if ".lora_" not in name and param.is_floating_point():
+        if ".lora_" not in name and ".modules_to_save." not in name and param.is_floating_point():
             param.data = param.data.to(dtype)
     return model
 
@@ -370,6 +518,7 @@ def apply_lora(
     name: str = "default",
     base_dtype: Optional[torch.dtype] = None,
     base_model: Optional[str] = None,
+    train_modules: str | Sequence[str] = "",
 ) -> nn.Module:
     """Inject a trainable LoRA (or DoRA) adapter into ``model`` in place and freeze everything else.
 
@@ -383,13 +532,18 @@ def apply_lora(
         name: the adapter's name (several adapters may live in one model).
         base_dtype: cast the frozen base to this dtype (e.g. ``torch.bfloat16``), see ``cast_base``.
         base_model: a name of the base recorded in the adapter (default: the architecture described).
+        train_modules: whole modules the adapter also trains, a trainable copy each (peft's
+            ``modules_to_save``; see ``resolve_train_modules``): "labels" is the class-label table.
+            Default "": LoRA matrices only.
 
-    Returns the same ``model``; only the new adapter's parameters have ``requires_grad``. The adapter
-    starts at zero (peft: ``B = 0``; DoRA magnitude = the base rows' norms), so outputs are unchanged.
+    Returns the same ``model``; only the new adapter's parameters (and its copies of ``train_modules``)
+    have ``requires_grad``. The adapter starts at zero (peft: ``B = 0``; DoRA magnitude = the base
+    rows' norms; a copy equals its original), so outputs are unchanged.
 
     Raises:
         ConfigError: bad rank / alpha / dropout / variant / name, a target matching no layer, a rank
-            larger than a targeted layer's width, or a name already in use.
+            larger than a targeted layer's width, a name already in use, a train module matching
+            nothing (``labels`` on a model without a label table) or overlapping a LoRA layer.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"--lora-rank {rank!r} must be a positive integer (e.g. 16)")
@@ -407,11 +561,15 @@ def apply_lora(
         raise ConfigError(f"an adapter named {name!r} is already in this model: pick another name")
     modules = resolve_targets(model, targets)
     _check_rank(_linear_layers(model), modules, rank, _describe(model))
+    whole = resolve_train_modules(model, train_modules)
     digest = base_sha256(model)  # before any cast: the hash of the weights as loaded
     info = AdapterInfo(
         rank=rank, alpha=alpha, targets=_split_targets(targets), target_modules=modules, variant=variant,
         dropout=dropout, base_model=base_model or _describe(model), base_sha256=digest,
+        train_modules=_split_items(train_modules), modules_to_save=whole,
     )
+    _check_overlaps(model, info)
+    _check_one_copy_active(model, name, info)
     model.requires_grad_(False)
     _inject(model, info, name)
     infos[name] = info
@@ -427,14 +585,43 @@ def _inject(model: nn.Module, info: AdapterInfo, name: str) -> None:
     with warnings.catch_warnings():  # peft warns that a model without a HF config has no model_type
         warnings.simplefilter("ignore")
         peft.inject_adapter_in_model(info.lora_config(), model, adapter_name=name)
+    # peft picks modules_to_save by name suffix: check it wrapped exactly the modules resolved
+    wrapped = sorted(n for n, w in _wrappers(model).items() if name in w.modules_to_save)
+    if wrapped != sorted(info.modules_to_save):
+        raise ConfigError(f"peft wrapped {wrapped} for adapter {name!r}, not {sorted(info.modules_to_save)}: "
+                          "name the modules of --lora-train-modules in full")
+
+
+def _copy_owners(infos: Mapping[str, AdapterInfo]) -> dict[str, list[str]]:
+    """Module trained whole -> the adapters at a weight != 0 that hold a copy of it."""
+    owners: dict[str, list[str]] = {}
+    for name, info in infos.items():
+        if info.scale != 0:
+            for module in info.modules_to_save:
+                owners.setdefault(module, []).append(name)
+    return owners
+
+
+def _check_one_copy_active(model: nn.Module, name: str, info: AdapterInfo) -> None:
+    """Refuse to make a second adapter at a weight != 0 hold a copy of the same whole module: a copy
+    replaces the module (peft runs one per forward), so two cannot add up as LoRA updates do."""
+    infos = {**adapters_of(model), name: info}
+    for module, names in _copy_owners(infos).items():
+        if len(names) > 1:
+            raise ConfigError(
+                f"adapters {' and '.join(repr(n) for n in names)} both train {module} whole (--lora-train-modules): "
+                "stack at most one of them at a weight != 0 (give the others weight 0)"
+            )
 
 
 def _activate(model: nn.Module, trainable: Optional[str] = None) -> None:
     """Make every adapter in ``adapters_of(model)`` active with its scale; only ``trainable`` (if any)
-    requires grad, the base and the other adapters are frozen."""
+    requires grad, the base and the other adapters are frozen. A whole-trained module runs the copy
+    of the one adapter at a weight != 0 that holds one (else its original)."""
     infos = adapters_of(model)
     names = list(infos)
     lora_cls = _lora_layer_cls()
+    owners = _copy_owners(infos)
     for module in model.modules():
         if isinstance(module, lora_cls):
             present = [n for n in names if n in module.lora_A]
@@ -443,19 +630,27 @@ def _activate(model: nn.Module, trainable: Optional[str] = None) -> None:
                 module.set_scale(n, infos[n].scale)
             if trainable in present:
                 module.set_requires_grad(trainable, requires_grad=True)
+    for module_name, wrapper in _wrappers(model).items():
+        active = [n for n in owners.get(module_name, []) if n in wrapper.modules_to_save]
+        assert len(active) <= 1, f"{module_name}: {active} (checked by _check_one_copy_active)"
+        wrapper.set_adapter(active, inference_mode=True)
+        for n, copy in wrapper.modules_to_save.items():
+            copy.requires_grad_(n == trainable and n in active)
 
 
 def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
     """The parameters of adapter ``name`` (default: all trainable ones), in model order: what the
-    optimiser gets. The base has none."""
+    optimiser gets. The base has none. An adapter's copies of whole modules count."""
     if name is None:
         return [p for p in model.parameters() if p.requires_grad]
-    return [p for n, p in model.named_parameters() if ".lora_" in n and f".{name}." in n + "."]
+    return [p for n, p in model.named_parameters()
+            if (".lora_" in n and f".{name}." in n + ".") or f".modules_to_save.{name}." in n]
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under peft's keys without the adapter name
-    (``blocks.0.attn.qkv.lora_A.weight``), detached CPU copies."""
+    (``blocks.0.attn.qkv.lora_A.weight``; a copy of a whole module under the module's own keys,
+    ``y_embedder.embedding_table.weight``), detached CPU copies."""
     if name not in adapters_of(model):
         raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
     state = _peft().get_peft_model_state_dict(model, adapter_name=name)
@@ -483,7 +678,15 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 def _adapter_tensor(model: nn.Module, key: str, name: str) -> torch.Tensor:
     # "blocks.0.attn.qkv.lora_A.weight" -> parameter "blocks.0.attn.qkv.lora_A.<name>.weight";
-    # DoRA's "...lora_magnitude_vector" -> "...lora_magnitude_vector.<name>.weight".
+    # DoRA's "...lora_magnitude_vector" -> "...lora_magnitude_vector.<name>.weight";
+    # a whole module's "y_embedder.embedding_table.weight" -> "...embedding_table.modules_to_save.<name>.weight".
+    for module in adapters_of(model)[name].modules_to_save:
+        if key.startswith(module + "."):
+            full = f"{module}.modules_to_save.{name}.{key[len(module) + 1:]}"
+            try:
+                return model.get_parameter(full)
+            except AttributeError:
+                return model.get_buffer(full)
     stem, _, leaf = key.rpartition(".")
     full = f"{key}.{name}.weight" if key.endswith("lora_magnitude_vector") else f"{stem}.{name}.{leaf}"
     return model.get_parameter(full)
@@ -591,7 +794,8 @@ def load_adapter(
 ) -> str:
     """Load an adapter (see ``find_adapter`` for what ``path`` may be) into ``model`` and activate it
     with weight ``scale``; adapters already loaded stay active, so calls stack (outputs add
-    ``scale_i * alpha_i / r_i * B_i A_i`` per layer). Returns the adapter's name.
+    ``scale_i * alpha_i / r_i * B_i A_i`` per layer). An adapter's copy of a whole module
+    (``--lora-train-modules``) replaces that module at any weight != 0. Returns the adapter's name.
 
     Args:
         name: default: the run / folder name the path gives (``runs/style_a`` -> ``style_a``; a bare
@@ -601,7 +805,8 @@ def load_adapter(
 
     Raises:
         ConfigError: ``scale`` not a number; a name in use; the adapter names layers the model does not
-            have or has other shapes ("trained on <base> ... this model is <model>"); a different base hash.
+            have or has other shapes ("trained on <base> ... this model is <model>"); a different base hash;
+            another adapter at a weight != 0 already trains one of its whole modules.
     """
     scale = _number(scale, "--lora weight")
     file = find_adapter(path)
@@ -613,6 +818,8 @@ def load_adapter(
         raise ConfigError(f"an adapter named {name!r} is already loaded: pass another name")
     _check_fits(model, info, tensors, file, strict_base)
     info.scale = scale
+    _check_overlaps(model, info)
+    _check_one_copy_active(model, name, info)
     _inject(model, info, name)
     infos = dict(adapters_of(model))
     infos[name] = info
@@ -635,11 +842,11 @@ def restore_adapter(model: nn.Module, path: str | Path, name: str = "default") -
     live = adapters_of(model).get(name)
     if saved is None or live is None:
         raise ConfigError(f"cannot resume adapter {name!r} from {file}: {'not a ditkit adapter' if live else 'apply_lora first'}")
-    for attr in ("rank", "alpha", "target_modules", "variant", "rank_pattern", "alpha_pattern"):
+    for attr in ("rank", "alpha", "target_modules", "variant", "rank_pattern", "alpha_pattern", "modules_to_save"):
         if getattr(saved, attr) != getattr(live, attr):
             raise ConfigError(
                 f"{file} was saved with {attr} {getattr(saved, attr)!r} but this run has {getattr(live, attr)!r}: "
-                "resume with the same --lora-rank/--lora-alpha/--lora-targets/--lora-variant"
+                "resume with the same --lora-rank/--lora-alpha/--lora-targets/--lora-variant/--lora-train-modules"
             )
     if saved.base_sha256 != live.base_sha256:
         raise ConfigError(
@@ -683,6 +890,23 @@ def _check_fits(
                 f"--lora {file} was trained on {trained_on} (layer {module}: {a.shape[1]} -> {b.shape[0]}) but this "
                 f"model is {here} ({layer.in_features} -> {layer.out_features}): load it on the base it was trained on"
             )
+    modules = _module_names(model)
+    for module in info.modules_to_save:
+        own = modules.get(module)
+        if own is None:
+            raise ConfigError(
+                f"--lora {file} was trained on {trained_on}, whose module {module} (trained whole) this model ({here}) "
+                "does not have: load it on the base it was trained on"
+            )
+        for key, value in own.state_dict().items():
+            saved = tensors.get(f"{module}.{key}")
+            if saved is None:
+                raise ConfigError(f"--lora {file}: no {module}.{key} tensor for module {module}: the file is incomplete")
+            if saved.shape != value.shape:
+                raise ConfigError(
+                    f"--lora {file} was trained on {trained_on} (module {module}.{key}: {tuple(saved.shape)}) but this "
+                    f"model is {here} ({tuple(value.shape)}): load it on the base it was trained on"
+                )
     if info.base_sha256 is not None:
         mine = base_sha256(model)
         if mine != info.base_sha256:
@@ -698,23 +922,44 @@ def _check_fits(
 def set_adapter_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
     """Change the weights of loaded adapters (name -> scale; 0 switches one off without unloading)."""
     infos = adapters_of(model)
+    new = {}
     for name, scale in scales.items():
         if name not in infos:
             raise ConfigError(f"no adapter named {name!r} is loaded (have: {', '.join(infos) or 'none'})")
-        infos[name].scale = _number(scale, f"--lora weight of {name}")
+        new[name] = _number(scale, f"--lora weight of {name}")
+    for module, names in _copy_owners({n: _with_scale(i, new.get(n, i.scale)) for n, i in infos.items()}).items():
+        if len(names) > 1:  # checked before any scale changes
+            raise ConfigError(
+                f"adapters {' and '.join(repr(n) for n in names)} both train {module} whole (--lora-train-modules): "
+                "give at most one of them a weight != 0"
+            )
+    for name, scale in new.items():
+        infos[name].scale = scale
     _activate(model)
 
 
+def _with_scale(info: AdapterInfo, scale: float) -> AdapterInfo:
+    return AdapterInfo(**{**{k: getattr(info, k) for k in info.__dataclass_fields__}, "scale": scale})
+
+
 def _replace_with_base(model: nn.Module, merge: bool) -> None:
-    """Replace every peft LoRA layer by its base Linear (merged with its active adapters if ``merge``)."""
+    """Replace every peft LoRA layer by its base Linear (merged with its active adapters if ``merge``),
+    and every module trained whole by its original (by the active adapter's copy if ``merge``)."""
     lora_cls = _lora_layer_cls()
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_cls)]
+    replacements = []
     for name, module in wrapped:
         if merge and module.active_adapters:
             module.merge(adapter_names=list(module.active_adapters))
+        replacements.append((name, module.get_base_layer()))
+    for name, wrapper in _wrappers(model).items():
+        active = [n for n in wrapper.active_adapters if n in wrapper.modules_to_save]
+        new = wrapper.modules_to_save[active[0]] if merge and active else wrapper.original_module
+        replacements.append((name, new.requires_grad_(False) if merge else new))
+    for name, module in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
+        setattr(parent, child, module)
     # the base hash survives unloading (a bf16 base keeps its fp32 digest), not merging
     for attr in ("peft_config", _INFO_ATTR) + ((_HASH_ATTR,) if merge else ()):
         if attr in model.__dict__:
@@ -738,6 +983,16 @@ def unload_adapters(model: nn.Module, names: Optional[Sequence[str]] = None) -> 
     for name in names:
         if name not in infos:
             raise ConfigError(f"no adapter named {name!r} is loaded (have: {', '.join(infos) or 'none'})")
+        # whole modules first (peft's delete would hand the wrapper several active LoRA names and fail)
+        for module_name, wrapper in _wrappers(model).items():
+            if name in wrapper.modules_to_save:
+                wrapper.set_adapter([], inference_mode=True)
+                del wrapper.modules_to_save[name]
+                wrapper._adapters.discard(name)
+                if not wrapper.modules_to_save:  # no adapter trains it any more: the plain module again
+                    parent_name, _, child = module_name.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    setattr(parent, child, wrapper.original_module)
         delete_adapter(model, name, prefix="lora_")
         model.peft_config.pop(name, None)
         del infos[name]
@@ -801,6 +1056,12 @@ def export_lora_diffusers(model: nn.Module, folder: str | Path, name: str = "def
     info = adapters_of(model).get(name)
     if info is None:
         raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    if info.modules_to_save:
+        raise ConfigError(
+            f"adapter {name!r} also trains {', '.join(info.modules_to_save)} whole (--lora-train-modules "
+            f"{','.join(info.train_modules)}), which diffusers' LoRA layout cannot hold: export peft's layout "
+            "(save_adapter), or merge it (ditkit lora merge) and use the full model"
+        )
     parts = _diffusers_parts(model)
     state = adapter_state_dict(model, name)
     lora_cls = _lora_layer_cls()

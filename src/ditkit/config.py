@@ -124,6 +124,12 @@ class ObjectiveConfig:
     sigma_data: float = 0.5
     p_mean: float = -1.2
     p_std: float = 1.2
+    # progressive distillation (kind "distill", Salimans & Ho 2022; `ditkit distill`, docs/fast_sampling.md):
+    # the teacher run or checkpoint of this round, its DDIM steps (even: the student learns half as
+    # many), and the guidance scale of the original teacher, baked into the student (sampled at cfg 1)
+    teacher: Optional[str] = None
+    teacher_steps: Optional[int] = None
+    teacher_cfg_scale: float = 1.0
 
 
 @dataclass
@@ -171,6 +177,11 @@ class DataConfig:
     caption_dropout: float = 0.1  # training captions dropped to the empty prompt (classifier-free guidance)
     max_caption_length: int = 32  # tokens per caption, [BOS] included; longer ones are truncated with a warning
     allow_uncaptioned: bool = False  # train images without a caption with the empty prompt
+    # --text-encoder PATH: a frozen pretrained encoder (local Hugging Face / sentence-transformers folder)
+    # instead of the jointly trained one; training records its weights' hash and state width
+    text_encoder: Optional[str] = None
+    text_encoder_sha256: Optional[str] = None  # set by training: sha256 of the encoder's weights and tokenizer
+    text_encoder_dim: Optional[int] = None  # set by training: width of the encoder's hidden states
     # ---- audio only (model family audio_dit, ditkit.data.audio): clips and their normalised log-mel
     # spectrogram (ditkit.data.audio.MelSpec), saved so that a checkpoint alone plays back
     sample_rate: int = 16000  # Hz; files are resampled to it
@@ -247,6 +258,9 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_variant: Literal["lora", "dora"] = "lora"
     lora_base_dtype: Optional[Literal["bf16", "fp32"]] = None  # keep the frozen base in bf16 (None: as trained)
+    # --lora-train-modules: whole modules the adapter also trains (peft's modules_to_save), comma-separated
+    # presets (labels: the class-label embedding) or patterns over module names; "" = LoRA matrices only
+    lora_train_modules: str = ""
 
 
 @dataclass
@@ -436,6 +450,9 @@ def _validate_pretrained_and_eval(cfg: Config) -> None:
         raise ConfigError(f"--lora-rank {t.lora_rank}: use 0 (train all weights) or a positive rank, e.g. 16")
     if t.lora_rank and t.init_from is None:
         raise ConfigError(f"--lora-rank {t.lora_rank} adapts a pretrained base: give --init-from RUN_OR_FILE too")
+    if t.lora_train_modules.strip() and not t.lora_rank:
+        raise ConfigError(f"--lora-train-modules {t.lora_train_modules} trains modules beside LoRA adapters: "
+                          "give --lora-rank R too (without LoRA every module trains already)")
     if cfg.objective.clip_x0 is not None and cfg.objective.clip_x0 < 0:
         raise ConfigError(f"objective.clip_x0={cfg.objective.clip_x0}: use 0 (no clipping), a positive bound, or none (auto)")
 
@@ -664,11 +681,13 @@ DIT_FLAGS: dict[str, str] = {
     "run_name": "run.run_name",
     # ditkit's own flags (issue 5; official sample.py's --vae ema|mse names a hub VAE instead)
     "vae": "data.vae",
+    "text_encoder": "data.text_encoder",  # --text-encoder PATH: a frozen local text encoder (prompt models)
     "init_from": "train.init_from",
     "class_map": "train.init_class_map",
     "lora_rank": "train.lora_rank",
     "lora_alpha": "train.lora_alpha",
     "lora_targets": "train.lora_targets",
+    "lora_train_modules": "train.lora_train_modules",
     "num_frames": "data.num_frames",  # video (issue 17)
     "frame_stride": "data.frame_stride",
     "duration": "data.duration",  # audio (issue 18)

@@ -21,7 +21,7 @@ from ditkit.registry import MODEL_BUILDERS, MODEL_FAMILIES, OBJECTIVES
 
 __all__ = [
     "model_family", "model_kwargs", "build_model", "build_objective", "check_model_config", "load_model",
-    "default_sampler", "objective_entry",
+    "default_sampler", "objective_entry", "load_teacher",
 ]
 
 
@@ -59,8 +59,24 @@ def objective_entry(cfg: Config) -> Any:
 
 def build_objective(cfg: Config, **overrides: Any) -> Any:
     """The objective of ``cfg.objective`` (``overrides`` go to its ``from_config``, e.g. the
-    sampling-time ``clip_x0`` of gaussian objectives)."""
-    return objective_entry(cfg).obj.from_config(cfg, **overrides)
+    sampling-time ``clip_x0`` of gaussian objectives). An objective registered with ``teacher=True``
+    (distillation) also gets ``load_teacher`` (``load_teacher`` below), used on its first loss."""
+    entry = objective_entry(cfg)
+    if entry.meta.get("teacher"):
+        overrides.setdefault("load_teacher", load_teacher)
+    return entry.obj.from_config(cfg, **overrides)
+
+
+def load_teacher(path: str) -> tuple[torch.nn.Module, Any, Config]:
+    """``(frozen EMA network in eval mode on the CPU, its objective with its sampling x0 clamp, its
+    config)`` of the run or checkpoint ``path``: the teacher of a distillation objective."""
+    ckpt = Checkpoint.open(path)
+    model, _ = load_model(ckpt)
+    model.requires_grad_(False)
+    tcfg = ckpt.config
+    clip = tcfg.objective.clip_x0  # as pipelines.denoising.sampling_clip_x0: auto = 1 for pixels
+    clip = (None if tcfg.data.latent_channels else 1.0) if clip is None else (clip or None)
+    return model, build_objective(tcfg, clip_x0=clip), tcfg
 
 
 def default_sampler(cfg: Config) -> str:

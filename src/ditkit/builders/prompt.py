@@ -5,6 +5,10 @@ the grammar's words for ``shapes_captions``, UTF-8 bytes for a captioned folder)
 rebuilds the network and its tokenizer: a checkpoint needs no other file. Both tokenizers use
 ``[PAD]`` 0 and ``[BOS]`` 2 and fit in the encoder's ``PROMPT_VOCAB_SIZE`` (259) ids, so the network
 is built without reading the data.
+
+With a frozen pretrained encoder (``data.text_encoder``, ``--text-encoder PATH``) the network holds no
+text encoder: the DiT's caption projection takes ``data.text_encoder_dim`` channels (recorded by
+training; read from the folder's ``config.json`` before that, which also checks the folder).
 """
 
 from __future__ import annotations
@@ -51,4 +55,14 @@ def prompt_dit_kwargs(cfg: Config) -> dict[str, Any]:
         max_caption_length=d.max_caption_length,
         caption_dropout=d.caption_dropout,
     )
+    if getattr(d, "text_encoder", None):  # a frozen encoder outside the model: the DiT reads its states
+        kwargs.update(text_encoder=None, caption_channels=d.text_encoder_dim or _folder_width(d.text_encoder))
     return kwargs
+
+
+def _folder_width(path: str) -> int:
+    """Width of a frozen encoder's states, read from its folder before training recorded it
+    (``data.text_encoder_dim``); ConfigError naming ``--text-encoder`` for a missing or unusable folder."""
+    from ditkit.data.captions import frozen_encoder_width
+
+    return frozen_encoder_width(path)

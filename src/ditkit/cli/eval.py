@@ -51,6 +51,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--data", metavar="PATH_OR_NAME", help="reference data for --npz without --ckpt")
     ev.add_argument("--image-size", type=int, help="with --data")
     ev.add_argument("--inception-weights", metavar="PATH", help="local pt_inception-2015-12-05 weights: adds FID and IS")
+    ev.add_argument("--clip-model", metavar="DIR", help="text-to-image: a local Hugging Face CLIP folder: adds CLIP score")
     ev.add_argument("--cache-dir", metavar="DIR", help="classifier / reference statistics cache (default ~/.cache/ditkit/eval)")
     ev.add_argument("--out", metavar="FILE.json", help="where to write the results")
     ev.add_argument("--device", default="auto")

@@ -2,7 +2,7 @@
 
     ditkit lora merge BASE ADAPTER[:WEIGHT] ... --out RUN   fold adapters into the base: a standard run
     ditkit lora merge LORA_RUN --out RUN                    a LoRA run into its own base
-    ditkit lora export RUN OUT                              a LoRA run's adapter in the diffusers / peft layout
+    ditkit lora export RUN OUT [--peft-only]                a LoRA run's adapter in the diffusers / peft layout
     ditkit lora info PATH                                   an adapter's rank, targets, size and base
 
 Training adapters is ``ditkit train --init-from BASE --lora-rank R``; sampling with them is
@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
     ex.add_argument("run", metavar="RUN", help="a LoRA run (ditkit train --lora-rank) or its checkpoint")
     ex.add_argument("out", metavar="OUT", help="folder to write into")
     ex.add_argument("--no-ema", action="store_true", help="export the raw adapter instead of its EMA")
+    ex.add_argument("--peft-only", action="store_true",
+                    help="write peft's layout only (an adapter trained with --lora-train-modules has no diffusers form)")
     inf = sub.add_parser("info", help="describe an adapter: rank, alpha, targets, size, base")
     inf.add_argument("path", metavar="PATH", help="LoRA run, checkpoint, adapter folder or file")
     lo.set_defaults(func=cmd_lora)
@@ -50,7 +52,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
         print(f"wrote merged run {out}")
         return 0
     if args.lora_command == "export":
-        for path in _export(args.run, args.out, use_ema=not args.no_ema):
+        for path in _export(args.run, args.out, use_ema=not args.no_ema, peft_only=args.peft_only):
             print(f"wrote {path}")
         return 0
     return _info(args.path)
@@ -81,6 +83,7 @@ def merge_to_run(base: str | Path, adapters: list[str], out: str | Path, *, use_
         cfg = adapter_run
     cfg = type(cfg).from_dict(cfg.to_dict())
     cfg.train.lora_rank = 0  # a standard run now; train.init_from stays as the record of its origin
+    cfg.train.lora_train_modules = ""  # folded in too (the copies replace the base's modules)
     merge_adapters(pipe.model)
     ckpt = out / "checkpoints" / step_dir_name(pipe.step or 0)
     ckpt.mkdir(parents=True)
@@ -104,8 +107,11 @@ def _lora_run_config(spec: str) -> Any:
         return None
 
 
-def _export(run: str | Path, out: str | Path, *, use_ema: bool) -> list[Path]:
-    from ditkit.adapters import export_lora_diffusers, save_adapter
+def _export(run: str | Path, out: str | Path, *, use_ema: bool, peft_only: bool = False) -> list[Path]:
+    """Write the run's adapter as diffusers' LoRA file and peft's files (``peft_only``: peft's only).
+    An adapter that trains whole modules (``--lora-train-modules``) has no diffusers form: without
+    ``peft_only`` that is a ConfigError before anything is written."""
+    from ditkit.adapters import adapters_of, export_lora_diffusers, save_adapter
     from ditkit.checkpoint_io import Checkpoint, is_adapter_checkpoint
     from ditkit.pipelines import load
 
@@ -114,7 +120,14 @@ def _export(run: str | Path, out: str | Path, *, use_ema: bool) -> list[Path]:
         raise ConfigError(f"{run} is not a LoRA run (no adapter/ in {checkpoint.dir}): train one with --lora-rank")
     pipe = load(checkpoint, device="cpu", use_ema=use_ema)
     (name,) = pipe.loras
-    files = [export_lora_diffusers(pipe.model, out, name)]
+    info = adapters_of(pipe.model)[name]
+    if info.modules_to_save and not peft_only:
+        raise ConfigError(
+            f"{run} also trains {', '.join(info.modules_to_save)} whole (--lora-train-modules "
+            f"{','.join(info.train_modules)}), which diffusers' LoRA layout cannot hold: add --peft-only for peft's "
+            "layout, or merge it (ditkit lora merge) and export the full model"
+        )
+    files = [] if peft_only else [export_lora_diffusers(pipe.model, out, name)]
     save_adapter(pipe.model, out, name)  # peft's layout: adapter_model.safetensors + adapter_config.json
     return files + [Path(out) / "adapter_model.safetensors", Path(out) / "adapter_config.json"]
 
@@ -131,5 +144,20 @@ def _info(path: str) -> int:
     print(f"adapter      {file} ({file.stat().st_size / 1024:.1f} KiB)")
     print(f"rank         {data['r']} (alpha {data['lora_alpha']:g}, {own.get('variant', 'lora')})")
     print(f"targets      {', '.join(own.get('targets', []))}: {len(data['target_modules'])} layers")
+    whole = data.get("modules_to_save") or []
+    if whole:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:  # the copies' sizes, from the header only
+            sizes = {m: sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(m + ".")) for m in whole}
+        listed = ", ".join(f"{m} ({n:,} weights)" for m, n in sizes.items())
+        print(f"whole modules {listed} ({', '.join(own.get('train_modules', []))}; replaces the module at any weight != 0)")
     print(f"base         {own.get('base_model', '?')} (weights sha256 {str(own.get('base_sha256'))[:12]})")
     return 0
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count

@@ -24,7 +24,7 @@ def _own_image_data(args: argparse.Namespace) -> Optional[Path]:
     """The ``--data`` path when it names the user's own images and no recipe/config/resume is given."""
     if args.recipe or args.config or args.resume or not hasattr(args, "data"):
         return None
-    if any(item.replace(" ", "").startswith("data.captioned=") for item in args.set):
+    if any(item.replace(" ", "").startswith("data.captioned=") for item in args.set) or hasattr(args, "text_encoder"):
         return None  # captioned images train a prompt model: --recipe shapes_captions
     path = Path(args.data)
     from ditkit.config import BUILTIN_DATASETS
@@ -143,6 +143,9 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--results-dir", default=S)
     tr.add_argument("--run-name", default=S)
     tr.add_argument("--vae", default=S, metavar="DIR", help="train on the latents of this local AutoencoderKL folder")
+    tr.add_argument("--text-encoder", default=S, metavar="DIR",
+                    help="prompt models: condition on this frozen local Hugging Face / sentence-transformers encoder "
+                         "(its outputs cached per caption) instead of training one")
     tr.add_argument("--num-frames", type=int, default=S, help="video: frames per training clip")
     tr.add_argument("--frame-stride", type=int, default=S, help="video: take every k-th frame of a clip")
     tr.add_argument("--duration", type=float, default=S, help="audio: seconds per training clip")
@@ -157,6 +160,9 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--lora-alpha", type=float, default=S, help="LoRA scale alpha / rank (default: the rank)")
     tr.add_argument("--lora-targets", default=S, metavar="PRESETS",
                     help="layers to adapt: attn, qkv, mlp, adaLN, cross_attn, final or patterns (default attn,mlp)")
+    tr.add_argument("--lora-train-modules", default=S, metavar="MODULES",
+                    help="with --lora-rank: also train these modules whole, saved in the adapter (peft's "
+                         "modules_to_save): labels (the class-label table) or patterns over module names")
     tr.set_defaults(func=cmd_train, interrupted_message="aborted (the newest complete checkpoint is kept)")
 
 
@@ -208,8 +214,15 @@ def train_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
         else:
             if hasattr(args, "data") and not args.recipe and not args.config and Path(args.data).suffix in (".txt", ".jsonl"):
                 raise ConfigError(f"--data {args.data} is text: add a text recipe, e.g. --recipe pydoc_char")
-            cfg = get_recipe(args.recipe or "digits")
-    return apply_overrides(cfg, overrides), ckpt
+            prompts = hasattr(args, "text_encoder") and not args.recipe  # --data FOLDER --text-encoder PATH
+            cfg = get_recipe(args.recipe or ("shapes_captions" if prompts else "digits"))
+            if prompts and hasattr(args, "data") and Path(args.data).is_dir():
+                overrides.setdefault("data.captioned", True)  # a folder of captioned images
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.data.text_encoder and not cfg.model.name.startswith("T2I-"):
+        raise ConfigError(f"--text-encoder conditions text-to-image models (T2I-*), not {cfg.model.name}: "
+                          "use --recipe shapes_captions or a --model T2I-... preset")
+    return cfg, ckpt
 
 
 def check_init_from_convention(cfg: Config, allow_lossy: bool = False) -> None:

@@ -14,13 +14,19 @@ per step; ``[""]``, the empty prompt, for an uncaptioned image admitted with ``a
   counted in ``CaptionDataset.stats`` and reported in one warning.
 * ``CaptionTokenizer``: word-level tokenizer (``tokenizers`` library) fitted on the captions, for
   ``ditkit.models.text_encoder.TextEncoder``.
-* ``FrozenEncoder``: a Hugging Face / sentence-transformers folder on disk (never a hub download).
+* ``FrozenEncoder``: a Hugging Face / sentence-transformers folder on disk (never a hub download);
+  ``load_caption_states`` caches its outputs per unique caption on disk (keyed by its weights' hash
+  and the max length; under torchrun each rank encodes its shard), ``frozen_caption_pairs`` makes the
+  training set whose labels index that cache, ``CaptionConditionBatches`` turns batches of indices
+  into ``PromptCondition`` s with caption dropout, so training never runs the encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +56,16 @@ __all__ = [
     "load_captioned_folder",
     "CaptionTokenizer",
     "FrozenEncoder",
+    "text_encoder_folder",
+    "frozen_encoder_width",
+    "encoder_weights_sha256",
+    "caption_cache_key",
+    "shard_range",
+    "CaptionStates",
+    "load_caption_states",
+    "CaptionConditionBatches",
+    "frozen_caption_pairs",
+    "caption_tokenizer_from_dict",
     "ByteCaptionTokenizer",
     "CaptionTrainingSet",
     "caption_pairs",
@@ -490,6 +506,60 @@ class CaptionTokenizer:
 
 # ---- frozen pretrained encoders from a local folder ------------------------------------------------
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "tokenizer.model", "vocab.json")
+_WIDTH_KEYS = ("hidden_size", "d_model", "dim", "hidden_dim", "n_embd")
+
+
+def text_encoder_folder(path: str | Path) -> Path:
+    """The folder holding a frozen encoder's Transformer (``path`` itself, or the subfolder a
+    sentence-transformers ``modules.json`` names), checked without importing ``transformers``.
+    ConfigError naming ``--text-encoder`` for a missing path, no ``config.json`` or no tokenizer."""
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"--text-encoder {path} does not exist: give a local Hugging Face / sentence-transformers folder")
+    folder = _transformer_folder(root)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--text-encoder {path}: no config.json in {folder}: not a Hugging Face model folder")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"--text-encoder {path}: {folder} has no tokenizer files (tokenizer.json, vocab.txt, ...)")
+    return folder
+
+
+def frozen_encoder_width(path: str | Path) -> int:
+    """D_text, the width of the hidden states of the encoder at ``path`` (its ``config.json``)."""
+    folder = text_encoder_folder(path)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"--text-encoder {path}: {folder / 'config.json'} is not valid JSON") from None
+    config = config.get("text_config", config)  # e.g. a CLIP folder: the text tower's width
+    width = next((config[k] for k in _WIDTH_KEYS if isinstance(config.get(k), int)), None)
+    if width is None:
+        raise ConfigError(f"--text-encoder {path}: its config.json names no hidden size ({', '.join(_WIDTH_KEYS)})")
+    return int(width)
+
+
+_SHA_MEMO: dict[tuple[Any, ...], str] = {}
+
+
+def encoder_weights_sha256(path: str | Path) -> str:
+    """sha256 of everything in the encoder's Transformer folder that decides its states: config,
+    weights and tokenizer files (contents, with their names). Documentation (``README*``) and
+    dot-files are left out. Memoised per file names, sizes and modification times."""
+    folder = text_encoder_folder(path)
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and not f.name.startswith(".") and not f.name.upper().startswith("README"))
+    stamp = (str(folder.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _SHA_MEMO:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _SHA_MEMO[stamp] = h.hexdigest()
+    return _SHA_MEMO[stamp]
+
 
 class FrozenEncoder(torch.nn.Module):
     """A pretrained Hugging Face text encoder read from a local folder (``--text-encoder PATH``),
@@ -500,39 +570,56 @@ class FrozenEncoder(torch.nn.Module):
 
     Accepts a plain transformers folder (``config.json`` + weights + tokenizer files) or a
     sentence-transformers folder (``modules.json`` naming the Transformer module's subfolder).
-    Nothing is downloaded (``local_files_only``). ConfigError naming ``--text-encoder`` for a
-    missing path, a folder without a tokenizer, or without ``transformers`` installed.
+    Nothing is downloaded (``local_files_only``). ``max_length`` counts the tokenizer's special
+    tokens. The network is loaded (onto ``device``) on first use, so a fully cached caption set never
+    loads it. ConfigError naming ``--text-encoder`` for a missing path, a folder without a tokenizer,
+    or without ``transformers`` installed.
     """
 
-    def __init__(self, path: str | Path, max_length: Optional[int] = None, strict: bool = False):
+    def __init__(self, path: str | Path, max_length: Optional[int] = None, strict: bool = False,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         root = Path(path)
-        if not root.exists():
-            raise ConfigError(f"--text-encoder {path} does not exist: give a local Hugging Face / sentence-transformers folder")
-        folder = _transformer_folder(root)
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"--text-encoder {path}: no config.json in {folder}: not a Hugging Face model folder")
-        if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "spiece.model", "tokenizer.model", "vocab.json")):
-            raise ConfigError(f"--text-encoder {path}: {folder} has no tokenizer files (tokenizer.json, vocab.txt, ...)")
+        self.folder = text_encoder_folder(root)
         try:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoTokenizer
         except ImportError:
             raise ConfigError("--text-encoder needs the `transformers` package: pip install transformers") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
-        self.path, self.strict = str(root), strict
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--text-encoder {path}: transformers cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+        self.path, self.strict, self.device = str(root), strict, torch.device(device)
         limit = _sentence_transformers_max_length(root) or getattr(self.tokenizer, "model_max_length", 512)
         self.max_length = int(min(max_length or limit, limit, 4096))
-        self.output_dim = int(self.model.config.hidden_size)
+        self.output_dim = frozen_encoder_width(root)
+        self._sha256: Optional[str] = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The frozen Hugging Face network (eval mode, no gradients), loaded on first use."""
+        if "net" not in self._modules:
+            from transformers import AutoModel
+
+            try:
+                with torch.random.fork_rng(devices=[]):  # loading may initialise (unused) weights randomly
+                    net = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"--text-encoder {self.path}: transformers cannot load it ({str(err).splitlines()[0]})") from None
+            self.net = net.eval().requires_grad_(False).to(self.device)
+        return self._modules["net"]
+
+    @property
+    def weights_sha256(self) -> str:
+        """``encoder_weights_sha256`` of the folder (computed once)."""
+        if self._sha256 is None:
+            self._sha256 = encoder_weights_sha256(self.path)
+        return self._sha256
 
     def fingerprint(self) -> str:
-        """Short hash of the folder's file names, sizes and the max length (an encoder-output cache
-        key: a different encoder or limit gives a different key)."""
-        h = hashlib.sha256(str(self.max_length).encode())
-        for f in sorted(Path(self.path).rglob("*")):
-            if f.is_file():
-                h.update(f"{f.relative_to(self.path)}:{f.stat().st_size}".encode())
-        return h.hexdigest()[:16]
+        """Short key (16 hex) of this encoder's caption cache: its weights' hash and the max length
+        (a different encoder or limit gives a different key; ``caption_cache_key`` in full)."""
+        return caption_cache_key(self.weights_sha256, self.max_length)[:16]
 
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> PromptCondition:
@@ -545,10 +632,27 @@ class FrozenEncoder(torch.nn.Module):
             warnings.warn(f"{message}; truncated", stacklevel=2)
         batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        states = self.model(**batch).last_hidden_state  # (B, L, D)
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        states = self.model(**batch).last_hidden_state.float()  # (B, L, D)
         mask = batch["attention_mask"].to(torch.bool)
         return PromptCondition(states, mask, masked_mean(states, mask))
+
+    def encode_each(self, captions: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per caption its real tokens' states, (L_i, D) float32 on the CPU (padding dropped), in
+        ``batch_size`` batches; captions over ``max_length`` are truncated with one counted warning."""
+        out: list[torch.Tensor] = []
+        truncated = 0
+        for lo in range(0, len(captions), batch_size):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cond = self(list(captions[lo: lo + batch_size]))
+            truncated += bool(caught)
+            states, mask = cond.encoder_hidden_states.cpu(), cond.mask().cpu()
+            out.extend(states[i, mask[i]].contiguous() for i in range(states.shape[0]))
+        if truncated:
+            warnings.warn(f"captions longer than the text encoder's limit of {self.max_length} tokens were truncated "
+                          f"(in {truncated} batch(es); data.max_caption_length)", stacklevel=2)
+        return out
 
 
 def _transformer_folder(root: Path) -> Path:
@@ -573,6 +677,250 @@ def _sentence_transformers_max_length(root: Path) -> Optional[int]:
         except (KeyError, ValueError, json.JSONDecodeError):
             return None
     return None
+
+
+# ---- the frozen encoder's outputs, cached on disk per unique caption -------------------------------
+#
+# Layout of ``<cache_root>/captions-<key[:16]>/`` (``cache_root``: ``ditkit.cache.cache_dir("captions")``,
+# beside ``latents/``): ``meta.json`` (encoder path, weights hash, max length, width) and one folder
+# per encoding pass, ``part-<hash>/`` with ``states.npy`` (T, D) float32, the real tokens of every
+# caption one after another, ``offsets.npy`` (U + 1,) int64 (caption i is rows offsets[i]:offsets[i+1])
+# and ``captions.json`` (the U captions). A part is written in a temporary folder renamed into
+# place, so a crash leaves no half part. The key hashes the encoder's weights and the max length, so
+# another encoder (or limit) never reads these states; a caption already in any part is never encoded
+# again, whichever dataset it came from.
+
+CAPTION_CACHE_VERSION = 1
+
+
+def caption_cache_key(weights_sha256: str, max_length: int) -> str:
+    """Key of a frozen encoder's caption cache: changes with its weights or its max length."""
+    record = json.dumps({"version": CAPTION_CACHE_VERSION, "encoder": weights_sha256, "max_length": int(max_length)},
+                        sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items over ``world_size`` processes: the shares are
+    disjoint, in rank order, cover ``0..n-1`` and differ in size by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size} processes: need 0 <= rank < world_size")
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+@dataclass
+class CaptionStates:
+    """A frozen encoder's states for a list of captions, in memory.
+
+    captions: U strings; states: (T, D) float32, the real tokens of caption i at rows
+    ``offsets[i]:offsets[i + 1]``; offsets: (U + 1,) int64. ``encoded``: how many of the captions this
+    process encoded to build it (0: all read from the cache). ``path``: the cache folder."""
+
+    captions: list[str]
+    states: torch.Tensor
+    offsets: torch.Tensor
+    path: Optional[Path] = None
+    encoded: int = 0
+
+    def __post_init__(self) -> None:
+        self.index = {c: i for i, c in enumerate(self.captions)}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def dim(self) -> int:
+        return int(self.states.shape[1])
+
+    def rows(self, idx: torch.Tensor) -> PromptCondition:
+        """PromptCondition of captions ``idx`` (B,) int64: states (B, L, D) zero-padded to the
+        longest of them, the padding mask (B, L) bool, and pooled = the masked mean (B, D), as
+        ``FrozenEncoder`` returns for the same captions (up to the padding length)."""
+        idx = idx.cpu().long()
+        start = self.offsets[idx]
+        length = self.offsets[idx + 1] - start  # (B,)
+        pos = torch.arange(int(length.max()))
+        mask = pos[None] < length[:, None]  # (B, L)
+        gather = (start[:, None] + pos[None]).clamp(max=self.states.shape[0] - 1)
+        states = self.states[gather] * mask[..., None].to(self.states.dtype)  # (B, L, D)
+        return PromptCondition(states, mask, masked_mean(states, mask))
+
+
+def _write_states(path: Path, states: Sequence[torch.Tensor], dim: int) -> None:
+    """Write per-caption states (L_i, D) as ``path/states.npy`` + ``path/offsets.npy``."""
+    path.mkdir(parents=True, exist_ok=True)
+    lengths = [int(s.shape[0]) for s in states]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    flat = torch.cat(list(states)).numpy() if states else np.zeros((0, dim), dtype=np.float32)
+    np.save(path / "states.npy", flat.astype(np.float32))
+    np.save(path / "offsets.npy", offsets)
+
+
+def _read_states(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(path / "states.npy", mmap_mode="r"), np.load(path / "offsets.npy")
+
+
+def _cache_index(root: Path) -> dict[str, tuple[Path, int]]:
+    """caption -> (part folder, row) over every complete part under ``root`` (first part wins)."""
+    index: dict[str, tuple[Path, int]] = {}
+    for part in sorted(root.glob("part-*")) if root.is_dir() else []:
+        listing = part / "captions.json"
+        if not listing.is_file():
+            continue
+        for row, caption in enumerate(json.loads(listing.read_text(encoding="utf-8"))):
+            index.setdefault(caption, (part, row))
+    return index
+
+
+def load_caption_states(
+    encoder: FrozenEncoder,
+    captions: Sequence[str],
+    cache_root: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Optional[Any] = None,
+    batch_size: int = 64,
+) -> CaptionStates:
+    """The encoder's states of ``captions`` (duplicates kept once, order kept), from the cache under
+    ``cache_root`` where they are there; the missing ones are encoded and added as a new part.
+
+    Several processes (torchrun): every rank calls this with the same captions; rank ``r`` encodes
+    only ``shard_range(len(missing), r, world_size)`` of the missing captions and writes them to a
+    temporary file, ``barrier()`` waits for all, rank 0 merges the shards into one part, a second
+    ``barrier()``, then every rank reads the cache. With ``world_size`` 1 no barrier is needed.
+    """
+    wanted = list(dict.fromkeys(captions))
+    key = caption_cache_key(encoder.weights_sha256, encoder.max_length)
+    root = Path(cache_root) / f"captions-{key[:16]}"
+    known = _cache_index(root)
+    missing = sorted(set(wanted) - set(known))
+    wait = barrier if barrier is not None else (lambda: None)
+    encoded = 0
+    if missing:
+        part_name = "part-" + hashlib.sha256("\n".join(missing).encode()).hexdigest()[:16]
+        shards = root / f".tmp-{part_name}"
+        shards.mkdir(parents=True, exist_ok=True)
+        mine = shard_range(len(missing), rank, world_size)
+        states = encoder.encode_each([missing[i] for i in mine], batch_size=batch_size)
+        encoded = len(mine)
+        scratch = shards / f".rank-{rank:05d}-{os.getpid()}"
+        _write_states(scratch, states, encoder.output_dim)
+        final_shard = shards / f"rank-{rank:05d}"
+        shutil.rmtree(final_shard, ignore_errors=True)
+        os.replace(scratch, final_shard)
+        wait()  # every rank's shard is on disk
+        if rank == 0:
+            parts = [_read_states(shards / f"rank-{r:05d}") for r in range(world_size)]
+            merged = [torch.from_numpy(np.array(flat[offsets[i]: offsets[i + 1]]))
+                      for flat, offsets in parts for i in range(len(offsets) - 1)]
+            tmp = root / f".tmp-merge-{part_name}-{os.getpid()}"
+            _write_states(tmp, merged, encoder.output_dim)
+            (tmp / "captions.json").write_text(json.dumps(missing, ensure_ascii=False), encoding="utf-8")
+            meta = root / "meta.json"
+            if not meta.is_file():
+                meta.write_text(json.dumps({"key": key, "version": CAPTION_CACHE_VERSION, "encoder": encoder.path,
+                                            "weights_sha256": encoder.weights_sha256, "max_length": encoder.max_length,
+                                            "dim": encoder.output_dim}, indent=2) + "\n")
+            shutil.rmtree(root / part_name, ignore_errors=True)
+            os.replace(tmp, root / part_name)
+            shutil.rmtree(shards, ignore_errors=True)
+        wait()  # the merged part is in place
+        known = _cache_index(root)
+    loaded: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    pieces = []
+    for caption in wanted:
+        part, row = known[caption]
+        if part not in loaded:
+            loaded[part] = _read_states(part)
+        flat, offsets = loaded[part]
+        pieces.append(np.asarray(flat[offsets[row]: offsets[row + 1]], dtype=np.float32))
+    lengths = [p.shape[0] for p in pieces]
+    offsets_all = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    flat_all = torch.from_numpy(np.concatenate(pieces)) if pieces else torch.zeros(0, encoder.output_dim)
+    return CaptionStates(wanted, flat_all, offsets_all, root, encoded)
+
+
+def process_layout() -> tuple[int, int, Any]:
+    """``(rank, world_size, barrier)`` of the default process group (torchrun), or ``(0, 1, no-op)``.
+    The barrier is an all-reduce of a small tensor on the group's device (as
+    ``ditkit.train.distributed.DistContext.barrier``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, lambda: None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    token = torch.zeros(1, device=device)
+    return dist.get_rank(), dist.get_world_size(), lambda: dist.all_reduce(token)
+
+
+def _encoder_device() -> torch.device:
+    """Where the frozen encoder runs while caching: this process's GPU when there is one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class CaptionConditionBatches:
+    """A batch sampler whose ``y`` are caption indices (B,) int64 into ``states`` turned into the
+    frozen encoder's ``PromptCondition`` on ``device``, with caption dropout: each row becomes the
+    empty caption (index ``null_index``) with probability ``dropout`` (classifier-free guidance,
+    Ho & Salimans 2022). The dropout of a batch is drawn for the whole global batch from a generator
+    seeded by (seed, epoch, position) and this rank's rows taken, so it is the same for any number
+    of processes and a resumed run draws the same; no state of its own. Everything else (state,
+    epoch, position) is the inner sampler's."""
+
+    def __init__(self, sampler: Any, states: CaptionStates, *, dropout: float, seed: int,
+                 device: torch.device | str, null_index: int = 0):
+        self.sampler, self.states, self.dropout, self.seed = sampler, states, dropout, seed
+        self.device, self.null_index = torch.device(device), null_index
+
+    def next_batch(self) -> tuple[torch.Tensor, PromptCondition]:
+        epoch, position = self.sampler.epoch, self.sampler.position
+        x, idx = self.sampler.next_batch()
+        idx = idx.cpu()
+        if self.dropout > 0:
+            seed = int(hashlib.sha256(f"caption-dropout:{self.seed}:{epoch}:{position}".encode()).hexdigest()[:15], 16)
+            draws = torch.rand(self.sampler.batch_size, generator=torch.Generator().manual_seed(seed))
+            lo = getattr(self.sampler, "rank", 0) * len(idx)
+            idx = torch.where(draws[lo: lo + len(idx)] < self.dropout, torch.full_like(idx, self.null_index), idx)
+        return x, self.states.rows(idx).to(self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["sampler"], name)
+
+
+def frozen_caption_pairs(data: CaptionDataset, cfg_data: Any, max_items: Optional[int] = None,
+                         cache_root: Optional[str | Path] = None) -> "CaptionTrainingSet":
+    """One row per (image, caption) pair whose ``labels`` (M,) int64 index the frozen encoder's
+    cached states (``conditions``; index 0 is the empty caption, the null condition). The encoder
+    (``cfg_data.text_encoder``, at most ``cfg_data.max_caption_length`` tokens) is loaded only to
+    check its hash against ``cfg_data.text_encoder_sha256`` (a resumed run) and to encode the
+    captions the cache lacks; it is not kept. ConfigError naming ``--text-encoder`` when the folder
+    is missing, has no tokenizer, or holds other weights than the run was trained with."""
+    from ditkit.cache import cache_dir
+
+    path = cfg_data.text_encoder
+    recorded = getattr(cfg_data, "text_encoder_sha256", None)
+    sha = encoder_weights_sha256(path)
+    if recorded and sha != recorded:
+        raise ConfigError(f"--text-encoder {path}: its weights changed since this run was trained (sha256 {sha[:12]}, "
+                          f"recorded {recorded[:12]}): restore that encoder folder, or start a new run")
+    encoder = FrozenEncoder(path, max_length=cfg_data.max_caption_length, device=_encoder_device())
+    keep = len(data) if max_items is None else min(len(data), max_items)
+    images = [i for i in range(keep) for _ in data.captions[i]]
+    texts = [c for i in range(keep) for c in data.captions[i]]
+    unique = ["", *sorted(set(texts) - {""})]  # the empty caption first: the null condition of guidance
+    rank, world_size, barrier = process_layout()
+    states = load_caption_states(encoder, unique, cache_root or cache_dir("captions"), rank=rank,
+                                 world_size=world_size, barrier=barrier)
+    labels = torch.tensor([states.index[t] for t in texts], dtype=torch.long)
+    index = torch.tensor(images, dtype=torch.long)
+    training = CaptionTrainingSet(data.images[index].contiguous(), labels, texts, data.source, data, None,
+                                  conditions=states)
+    training.data_fields = {"text_encoder_sha256": sha, "text_encoder_dim": encoder.output_dim}
+    del encoder  # the states are cached: training never runs the encoder
+    return training
 
 
 # ---- tokenizers that a config alone rebuilds, and the training set of caption token ids ------------
@@ -650,6 +998,14 @@ class ByteCaptionTokenizer:
         return {"kind": "caption_bytes", "max_length": self.max_length}
 
 
+def caption_tokenizer_from_dict(spec: dict[str, Any]) -> "CaptionTokenizer | ByteCaptionTokenizer":
+    """Rebuild a joint-encoder tokenizer from its ``to_dict()`` (a checkpoint's ``text_tokenizer.json``);
+    DataError for another kind of tokenizer."""
+    if spec.get("kind") == "caption_bytes":
+        return ByteCaptionTokenizer(int(spec["max_length"]))
+    return CaptionTokenizer.from_dict(spec)
+
+
 def caption_tokenizer(data: Any) -> "CaptionTokenizer | ByteCaptionTokenizer":
     """The joint text encoder's tokenizer of a data config (read duck-typed: ``dataset``,
     ``max_caption_length``): the grammar's words for ``shapes_captions``, else UTF-8 bytes."""
@@ -691,15 +1047,33 @@ class CaptionTrainingSet:
     tokenizer: Any
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
+    # a frozen encoder (--text-encoder): labels are (M,) indices into these cached states, and the
+    # data fields training records in the config (the encoder's hash and width)
+    conditions: Optional[CaptionStates] = None
+    data_fields: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def saved_tokenizer(self) -> Any:
+        """The jointly trained encoder's tokenizer, written beside every checkpoint's config.json
+        (``text_tokenizer.json``); None with a frozen encoder (its folder holds its tokenizer)."""
+        return self.tokenizer if self.conditions is None else None
+
     def describe(self) -> str:
         n = len(self.dataset)
         side = self.images.shape[-1]
-        return (f"{self.source}: {n} images {side}x{side}x{self.images.shape[1]}, {len(self)} image-caption pairs, "
-                f"captions up to {self.labels.shape[1] - 1} tokens")
+        where = f"{n} images {side}x{side}x{self.images.shape[1]}, {len(self)} image-caption pairs"
+        if self.conditions is not None:
+            c = self.conditions
+            return (f"{self.source}: {where}, {len(c)} unique captions through a frozen encoder "
+                    f"({c.encoded} encoded by this process, cache {c.path})")
+        return f"{self.source}: {where}, captions up to {self.labels.shape[1] - 1} tokens"
 
 
 def caption_pairs(data: CaptionDataset, tokenizer: Any, max_items: Optional[int] = None) -> CaptionTrainingSet:
@@ -723,11 +1097,16 @@ def caption_pairs(data: CaptionDataset, tokenizer: Any, max_items: Optional[int]
 
 def load_caption_training_set(data: Any) -> CaptionTrainingSet:
     """The training set of a prompt model's data config (duck-typed ``DataConfig``): the built-in
-    ``shapes_captions`` (``num_items`` scenes of the train split, seed 0) or a captioned folder."""
-    tokenizer = caption_tokenizer(data)
+    ``shapes_captions`` (``num_items`` scenes of the train split, seed 0) or a captioned folder,
+    tokenized for the joint encoder, or with ``data.text_encoder`` indexing a frozen encoder's cached
+    states (``frozen_caption_pairs``)."""
+    if getattr(data, "text_encoder", None):
+        text_encoder_folder(data.text_encoder)  # a bad --text-encoder fails before the images load
     if data.dataset == "shapes_captions":
         scenes = shapes_captions(data.num_items, seed=0, split="train", image_size=data.image_size)
     else:
         scenes = load_captioned_folder(data.dataset, data.image_size, data.channels,
                                        allow_uncaptioned=bool(getattr(data, "allow_uncaptioned", False)))
-    return caption_pairs(scenes, tokenizer, data.max_items)
+    if getattr(data, "text_encoder", None):
+        return frozen_caption_pairs(scenes, data, data.max_items)
+    return caption_pairs(scenes, caption_tokenizer(data), data.max_items)

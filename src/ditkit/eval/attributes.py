@@ -40,7 +40,7 @@ from ditkit.eval.frechet import feature_stats, frechet_distance
 
 __all__ = [
     "AttributeJudge", "train_judge", "load_or_train_judge", "detect", "score_prompt", "score_images",
-    "evaluate_text_to_image", "eval_scenes", "FD_NAME", "cmd_eval_text_to_image",
+    "evaluate_text_to_image", "eval_scenes", "FD_NAME", "cmd_eval_text_to_image", "CLIPScorer", "CLIP_NOT_REPORTED",
 ]
 
 FD_NAME = "FD (judge features)"
@@ -258,15 +258,21 @@ def evaluate_text_to_image(
     batch_size: int = 100,
     judge: Optional[AttributeJudge] = None,
     cache_dir: Optional[str | Path] = None,
+    clip_model: Optional[str | Path] = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """Sample one image per prompt for ``num_prompts`` in-distribution and ``num_prompts`` held-out
     scene prompts (canonical captions of ``shapes_captions`` records, seeds fixed), judge them, and
     return the results: success and per-axis accuracy per split, the judge on real renders of the
-    same prompts (its ceiling), FD (judge features) with its real-vs-real floor, images/s."""
+    same prompts (its ceiling), FD (judge features) with its real-vs-real floor, images/s. With
+    ``clip_model`` (a local CLIP folder, ``--clip-model``) also each split's CLIP score and that of the
+    real renders (``clip_score``); without it ``"CLIP score"`` says why it is not reported."""
     size = pipe.cfg.data.image_size
     judge = judge or load_or_train_judge(cache_dir, image_size=size, log=log)
+    clip = CLIPScorer(clip_model) if clip_model is not None else None  # a bad folder fails before sampling
     results: dict[str, Any] = {"metric_note": f"{FD_NAME}: Fréchet distance in the attribute judge's features, not FID"}
+    if clip is None:
+        results["CLIP score"] = CLIP_NOT_REPORTED
     gen_all, real_all = [], []
     seconds = 0.0
     for offset, split in ((0, "in_distribution"), (1, "held_out")):
@@ -279,6 +285,9 @@ def evaluate_text_to_image(
         results[split] = score_images(judge, out.tensors, scenes.records)
         results[split]["judge_on_real"] = score_images(judge, scenes.pixels(), scenes.records)["success"]
         results[split]["seed"] = seed + 100_000 * offset
+        if clip is not None:
+            results[split]["clip_score"] = clip(out.tensors, prompts)
+            results[split]["clip_score_real"] = clip(scenes.pixels(), prompts)
         gen_all.append(judge.features(out.tensors).numpy())
         real_all.append(judge.features(scenes.pixels()).numpy())
         log(f"{split}: success {results[split]['success']:.3f} (judge on real renders {results[split]['judge_on_real']:.3f})")
@@ -292,7 +301,106 @@ def evaluate_text_to_image(
     results[FD_NAME + " real-vs-real floor"] = _fd(feats_b, feats_a)
     results["images_per_second"] = 2 * num_prompts / seconds
     results["num_prompts_per_split"] = num_prompts
+    if clip is not None:
+        results["CLIP score"] = {"model": str(clip_model), "note": CLIP_NOTE}
     return results
+
+
+CLIP_NOT_REPORTED = ("not reported: no local CLIP weights given (ditkit eval --clip-model PATH, a local Hugging Face "
+                     "CLIP folder; nothing is downloaded)")
+CLIP_NOTE = ("torchmetrics CLIPScore: 100 x cosine similarity of CLIP image and text embeddings, clipped at 0 "
+             "(Hessel et al. 2021), averaged over the split's prompts; clip_score_real scores real renders of the "
+             "same prompts, the reference to read it against")
+
+
+def _torchmetrics_clip_score() -> type:
+    """torchmetrics' ``CLIPScore`` class. torchmetrics imports torch-fidelity when it is installed, and
+    torch-fidelity's package ``__init__`` needs torchvision, which CPU machines here lack (ditkit
+    installs torch-fidelity with --no-deps, see ``ditkit.eval.inception``). If the plain import fails
+    for that reason, torchmetrics is imported again under a stand-in ``torch_fidelity`` package whose
+    ``__path__`` is the installed folder, so only the torchvision-free modules it uses load; the
+    stand-in is removed afterwards."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        return importlib.import_module("torchmetrics.multimodal.clip_score").CLIPScore
+    except ImportError as error:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("torchmetrics") is None:
+            raise ImportError(str(error)) from error
+    for name in [m for m in sys.modules if m == "torchmetrics" or m.startswith(("torchmetrics.", "torch_fidelity"))]:
+        sys.modules.pop(name)  # the failed import's half-loaded modules
+    stand_in = types.ModuleType("torch_fidelity")
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = stand_in
+    try:
+        return importlib.import_module("torchmetrics.multimodal.clip_score").CLIPScore
+    finally:
+        sys.modules.pop("torch_fidelity", None)
+
+
+class _ProjectedFeatures(nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected
+    embeddings (N, projection_dim) as tensors: transformers 5 returns an output object (the
+    embeddings in ``pooler_output``), which torchmetrics 1.9 does not unpack."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @staticmethod
+    def _tensor(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+class CLIPScorer:
+    """``scorer(images (N, C, H, W) float in [-1, 1], prompts) -> float``: torchmetrics' ``CLIPScore``
+    with the CLIP model and processor of a local folder (``CLIPModel`` / ``CLIPProcessor``,
+    ``local_files_only``: never a download). torchmetrics 1.9 accepts only hub names or a callable as
+    ``model_name_or_path``, so the folder is passed as a callable that loads it. ConfigError naming
+    ``--clip-model`` for a missing folder, one transformers cannot load, or no torchmetrics."""
+
+    def __init__(self, path: str | Path, batch_size: int = 64):
+        from ditkit.config import ConfigError
+
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"--clip-model {path}: not a local Hugging Face CLIP folder (no config.json there)")
+        try:
+            CLIPScore = _torchmetrics_clip_score()
+            from transformers import CLIPModel, CLIPProcessor
+        except ImportError as err:
+            raise ConfigError(f"--clip-model needs torchmetrics and transformers ({err}): pip install torchmetrics transformers") from None
+
+        def load() -> tuple[Any, Any]:
+            return (_ProjectedFeatures(CLIPModel.from_pretrained(str(folder), local_files_only=True)),
+                    CLIPProcessor.from_pretrained(str(folder), local_files_only=True))
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                self.metric = CLIPScore(model_name_or_path=load)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--clip-model {path}: transformers cannot load it ({str(err).splitlines()[0]})") from None
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> float:
+        self.metric.reset()
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # what the processor takes
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        for lo in range(0, len(prompts), self.batch_size):
+            self.metric.update(pixels[lo: lo + self.batch_size], list(prompts[lo: lo + self.batch_size]))
+        return float(self.metric.compute())
 
 
 def cmd_eval_text_to_image(args: Any) -> int:
@@ -315,7 +423,7 @@ def cmd_eval_text_to_image(args: Any) -> int:
     seed = pipe.cfg.sample.seed if args.seed is None else args.seed
     results = evaluate_text_to_image(pipe, num_prompts=args.num_samples, num_inference_steps=steps, guidance_scale=scale,
                                      sampler=sampler, seed=seed, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                     log=lambda m: print(m, flush=True))
+                                     clip_model=getattr(args, "clip_model", None), log=lambda m: print(m, flush=True))
     results["checkpoint"] = str(pipe.checkpoint.dir) if pipe.checkpoint is not None else None
     name = f"{pipe.checkpoint.dir.name}-t2i-{sampler}-{steps}-cfg{scale:g}-n{args.num_samples}-seed{seed}"
     out = Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json"

@@ -19,7 +19,7 @@ encoder size.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -51,7 +51,11 @@ class PromptDiT(nn.Module):
         input_size, in_channels, learn_sigma: as the DiT (from the data and objective).
         backbone_kwargs: further backbone constructor arguments (patch_size, hidden_size, depth, ...).
         vocab_size, pad_id, bos_id, max_caption_length: the caption tokenizer's ids and limit.
-        text_encoder: a ``TEXT_ENCODER_PRESETS`` name (hidden size, depth, heads of the encoder).
+        text_encoder: a ``TEXT_ENCODER_PRESETS`` name (hidden size, depth, heads of the encoder), or
+            None for a frozen pretrained encoder kept outside the model (``--text-encoder``): then
+            ``y`` must be its ``PromptCondition`` and caption dropout happens where the batch is built
+            (``ditkit.data.captions.CaptionConditionBatches``).
+        caption_channels: D_text of the frozen encoder's states (only with ``text_encoder=None``).
         caption_dropout: probability of the empty caption per training row, in [0, 1].
     Raises ConfigError for an unknown backbone or encoder, or a dropout outside [0, 1].
     """
@@ -66,23 +70,29 @@ class PromptDiT(nn.Module):
         pad_id: int = 0,
         bos_id: int = 2,
         max_caption_length: int = 32,
-        text_encoder: str = "TextEncoder-T",
+        text_encoder: Optional[str] = "TextEncoder-T",
         caption_dropout: float = 0.1,
+        caption_channels: Optional[int] = None,
         **backbone_kwargs: Any,
     ):
         super().__init__()
         if backbone not in BACKBONES:
             raise ConfigError(f"prompt backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-        if text_encoder not in TEXT_ENCODER_PRESETS:
+        if text_encoder is None and not caption_channels:
+            raise ConfigError("a frozen text encoder (text_encoder=None) needs caption_channels, the width of its states")
+        if text_encoder is not None and text_encoder not in TEXT_ENCODER_PRESETS:
             raise ConfigError(f"text encoder {text_encoder!r}: choose one of {', '.join(TEXT_ENCODER_PRESETS)}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ConfigError(f"data.caption_dropout={caption_dropout}: use a probability in [0, 1] (default 0.1)")
         self.backbone_name = backbone
         self.pad_id, self.bos_id, self.caption_dropout = pad_id, bos_id, caption_dropout
-        self.text_encoder = TextEncoder(vocab_size, max_length=max_caption_length, pad_id=pad_id,
-                                        **TEXT_ENCODER_PRESETS[text_encoder])
+        self.text_encoder: Optional[TextEncoder] = None  # None: a frozen encoder outside the model
+        if text_encoder is not None:
+            self.text_encoder = TextEncoder(vocab_size, max_length=max_caption_length, pad_id=pad_id,
+                                            **TEXT_ENCODER_PRESETS[text_encoder])
+            caption_channels = self.text_encoder.output_dim
         kwargs = dict(input_size=input_size, in_channels=in_channels, learn_sigma=learn_sigma,
-                      caption_channels=self.text_encoder.output_dim, **backbone_kwargs)
+                      caption_channels=caption_channels, **backbone_kwargs)
         if backbone == "mmdit":
             kwargs["pooled_channels"] = None  # the masked mean of the encoder states
         self.dit = BACKBONES[backbone](**kwargs)
@@ -97,6 +107,8 @@ class PromptDiT(nn.Module):
 
     def encode(self, input_ids: torch.Tensor) -> PromptCondition:
         """Caption ids (B, L) int64 -> PromptCondition (states (B, L, D_text), padding mask, pooled)."""
+        if self.text_encoder is None:
+            raise ValueError("this model reads a frozen text encoder's states: pass its PromptCondition, not token ids")
         return self.text_encoder(input_ids, input_ids != self.pad_id)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Union[torch.Tensor, PromptCondition]) -> torch.Tensor:

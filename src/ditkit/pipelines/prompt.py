@@ -11,11 +11,19 @@ empty caption, the null condition caption dropout trained) as one batch of 2B an
 image, the cross-attention of every caption token averaged over heads, layers and steps (DAAM, Tang
 et al. 2022, arXiv 2210.04885); ``save`` writes them as one PNG strip per prompt, a map per word.
 
+A run trained with a frozen pretrained encoder (``--text-encoder PATH``, ``data.text_encoder``)
+encodes prompts with that folder, which must still hold the weights training recorded
+(``data.text_encoder_sha256``): a missing or changed folder is a one-line ConfigError naming
+``--text-encoder`` (``ditkit.load(run, text_encoder=NEW_PATH)`` / ``ditkit sample --text-encoder``
+point to a moved copy). Runs with the jointly trained encoder read their caption tokenizer from the
+checkpoint's ``text_tokenizer.json`` (older checkpoints: from the config).
+
 Registered as the ``text_to_image`` pipeline; the model family's ``pipeline`` meta selects it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -28,13 +36,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
-from ditkit.data.captions import caption_tokenizer, word_spans
+from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict, word_spans
+from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.registry import PIPELINES, SAMPLERS
 
-__all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip"]
+__all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip", "load_frozen_encoder", "FrozenPromptTokenizer"]
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -145,28 +154,68 @@ class PromptPipeline(ImagePipeline):
     modality = "text_to_image"
     supports_distributed = False
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, **kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: Config, *, text_encoder: Optional[str | Path | Any] = None,
+                 **kwargs: Any) -> None:
         super().__init__(model, cfg, **kwargs)
-        self.tokenizer = caption_tokenizer(cfg.data)  # a function of the config (see builders/prompt.py)
+        self.encoder: Any = None  # a frozen pretrained encoder (FrozenEncoder), or None: the model's own
+        if cfg.data.text_encoder:
+            self.encoder = text_encoder if isinstance(text_encoder, torch.nn.Module) else load_frozen_encoder(
+                cfg, text_encoder, self.device)
+            self.tokenizer = FrozenPromptTokenizer(self.encoder)
+            return
+        self.tokenizer = self._joint_tokenizer()
         vocab = self.model.text_encoder.vocab_size
         if self.tokenizer.vocab_size > vocab or self.tokenizer.pad_id != self.model.pad_id:
             raise ConfigError(f"the caption tokenizer ({self.tokenizer.vocab_size} ids) does not fit the model's text "
                               f"encoder ({vocab} ids): the checkpoint's data section does not match its weights")
 
+    def _joint_tokenizer(self) -> Any:
+        """The jointly trained encoder's tokenizer: the checkpoint's ``text_tokenizer.json`` (written
+        beside its config.json), else a function of the config (see builders/prompt.py)."""
+        from ditkit.data.tokenizers import TOKENIZER_FILE
+
+        if self.checkpoint is not None:
+            for where in (self.checkpoint.dir, self.checkpoint.dir.parent.parent):
+                if (where / TOKENIZER_FILE).is_file():
+                    return caption_tokenizer_from_dict(json.loads((where / TOKENIZER_FILE).read_text(encoding="utf-8")))
+        return caption_tokenizer(self.cfg.data)
+
+    @classmethod
+    def check_extras(cls, cfg: Config, text_encoder: Optional[Any] = None, **extras: Any) -> None:
+        super().check_extras(cfg, **extras)
+        if text_encoder is not None and not cfg.data.text_encoder:
+            raise ConfigError(f"--text-encoder {text_encoder}: this checkpoint trained its own text encoder; drop --text-encoder")
+
+    def provenance(self) -> dict[str, str]:
+        """The base provenance, plus the frozen text encoder (folder and weights' sha256) when there is one."""
+        meta = super().provenance()
+        if self.encoder is not None:
+            meta["text_encoder"] = self.encoder.path
+            meta["text_encoder_sha256"] = self.encoder.weights_sha256
+        return meta
+
     @property
     def max_prompt_tokens(self) -> int:
-        """Tokens a prompt may have ([BOS] not counted)."""
+        """Tokens a prompt may have ([BOS] not counted; a frozen encoder's limit counts its special tokens)."""
+        if self.encoder is not None:
+            return int(self.encoder.max_length)
         return self.tokenizer.max_length - 1
 
-    def encode_prompts(self, prompts: Sequence[str], strict: bool = False, what: str = "prompt") -> torch.Tensor:
-        """Token ids (B, L) int64 on the pipeline's device. ConfigError for a non-string or empty
-        prompt; over-long prompts are truncated with a warning naming the limit (ConfigError with
-        ``strict``)."""
+    def encode_prompts(self, prompts: Sequence[str], strict: bool = False, what: str = "prompt") -> Any:
+        """Token ids (B, L) int64 on the pipeline's device, or with a frozen encoder its
+        ``PromptCondition`` (states (B, L, D)). ConfigError for a non-string or empty prompt;
+        over-long prompts are truncated with a warning naming the limit (ConfigError with ``strict``)."""
         for p in prompts:
             if not isinstance(p, str):
                 raise ConfigError(f"{what} {p!r} is not a string")
             if what == "prompt" and not p.strip():
                 raise ConfigError("empty prompt: describe the image, e.g. --prompt \"a small red circle\"")
+        if self.encoder is not None:
+            self.encoder.strict = strict
+            try:
+                return self.encoder(list(prompts)).to(self.device)
+            except ConfigError as err:
+                raise ConfigError(f"{what}: {err}") from None
         try:
             ids, _ = self.tokenizer(list(prompts), strict=strict)
         except ConfigError as err:
@@ -251,7 +300,7 @@ class PromptPipeline(ImagePipeline):
             word_maps = []
             for i, text in enumerate(expanded):
                 per_word = []
-                for word, positions in word_spans(self.tokenizer, text):
+                for word, positions in self._word_spans(text):
                     heat = maps[i][..., positions].sum(-1)[None, None]  # (1, 1, g, g)
                     heat = torch.nn.functional.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
                     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
@@ -273,15 +322,24 @@ class PromptPipeline(ImagePipeline):
         entry, grid = SAMPLERS.get(sampler), self.grid_options(sampler, spacing)
         forward = self.forward_fn()
         finish = (lambda z: self.vae.decode_to(z, cfg.data.channels)) if cfg.data.latent_channels and self.vae is not None else None
-        n, out, out_maps = ids.shape[0], [], []
-        length = max(ids.shape[1], neg_ids.shape[1])
-        ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.tokenizer.pad_id)
-        neg_ids = torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=self.tokenizer.pad_id)
+        frozen = isinstance(ids, PromptCondition)
+        if frozen:  # a frozen encoder's states: one padding length for the prompt and the negative
+            n = ids.encoder_hidden_states.shape[0]
+            both_all = PromptCondition.cat([ids, neg_ids])
+        else:
+            n = ids.shape[0]
+            length = max(ids.shape[1], neg_ids.shape[1])
+            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.tokenizer.pad_id)
+            neg_ids = torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=self.tokenizer.pad_id)
+        out, out_maps = [], []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             gens = generator_slice(generators, lo, hi)
             x_T = objective.prior((hi - lo, channels, size, size), gens, device)
-            y, y_neg = ids[lo:hi], neg_ids[lo:hi]
+            if frozen:
+                y, y_neg = _condition_rows(both_all, lo, hi), _condition_rows(both_all, n + lo, n + hi)
+            else:
+                y, y_neg = ids[lo:hi], neg_ids[lo:hi]
             acc: list[torch.Tensor] = []  # running sum of the maps (B, N, L), and the number of calls
             calls = [0]
             for layer in layers:
@@ -291,7 +349,8 @@ class PromptPipeline(ImagePipeline):
                 if scale == 1.0:
                     result = forward(x, t, y)
                 else:
-                    both = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_neg]))
+                    y_both = PromptCondition.cat([y, y_neg]) if frozen else torch.cat([y, y_neg])
+                    both = forward(torch.cat([x, x]), torch.cat([t, t]), y_both)
                     cond, uncond = both.chunk(2)
                     guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
                     result = torch.cat([guided, cond[:, channels:]], dim=1)
@@ -329,6 +388,8 @@ class PromptPipeline(ImagePipeline):
         parser.add_argument("--attention-maps", action="store_true",
                             help="text-to-image: also write attention_NN.png, a cross-attention map per word (DAAM)")
         parser.add_argument("--strict", action="store_true", help="refuse prompts over the token limit instead of truncating")
+        parser.add_argument("--text-encoder", metavar="DIR",
+                            help="text-to-image runs trained with a frozen encoder: where its folder is now (same weights)")
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
                             help="gaussian samplers (default: the checkpoint's)")
@@ -336,7 +397,27 @@ class PromptPipeline(ImagePipeline):
 
     @classmethod
     def cli_extras(cls, args: Any) -> dict[str, Any]:
-        return {}
+        path = getattr(args, "text_encoder", None)
+        return {"text_encoder": path} if path is not None else {}
+
+    def _word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
+        """``[(word, token positions)]`` of ``prompt`` as the encoder sees it: the joint tokenizer's
+        (``word_spans``), or a frozen encoder's tokens with special tokens left out and WordPiece
+        continuations (``##``) joined to their word."""
+        if self.encoder is None:
+            return word_spans(self.tokenizer, prompt)
+        tok = self.encoder.tokenizer
+        ids = tok(prompt, truncation=True, max_length=self.encoder.max_length)["input_ids"]
+        special = set(getattr(tok, "all_special_ids", []))
+        spans: list[tuple[str, list[int]]] = []
+        for k, (i, piece) in enumerate(zip(ids, tok.convert_ids_to_tokens(ids))):
+            if i in special:
+                continue
+            if piece.startswith("##") and spans:
+                spans[-1] = (spans[-1][0] + piece[2:], spans[-1][1] + [k])
+            else:
+                spans.append((piece.lstrip("\u0120\u2581"), [k]))
+        return spans
 
     def cli_call(self, args: Any, distributed: bool = False) -> PromptPipelineOutput:
         from ditkit.progress import progress_bar
@@ -369,3 +450,54 @@ class PromptPipeline(ImagePipeline):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(out.grid(), path, {"step": path.stem, "model": self.cfg.model.name})
         return path
+
+
+class FrozenPromptTokenizer:
+    """A frozen encoder's Hugging Face tokenizer with what callers of ``pipe.tokenizer`` use
+    (``encode(text, strict)`` with the limit named, as the caption tokenizers have, e.g. the server's
+    422 check); everything else is the Hugging Face tokenizer's."""
+
+    def __init__(self, encoder: Any):
+        self.hf, self.max_length = encoder.tokenizer, int(encoder.max_length)
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        """Token ids, special tokens included; over ``max_length``: ConfigError with ``strict``, else
+        truncated with a warning naming the limit."""
+        ids = list(self.hf(text)["input_ids"])
+        if len(ids) > self.max_length:
+            message = f"a prompt of {len(ids)} tokens is longer than the text encoder's limit of {self.max_length} tokens"
+            if strict:
+                raise ConfigError(f"{message}: shorten it (or drop --strict to truncate)")
+            warnings.warn(f"{message}; truncated", stacklevel=2)
+            ids = ids[: self.max_length]
+        return ids
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hf(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["hf"], name)
+
+
+def _condition_rows(cond: PromptCondition, lo: int, hi: int) -> PromptCondition:
+    """Rows ``lo:hi`` of a batch of encoded prompts."""
+    return PromptCondition(cond.encoder_hidden_states[lo:hi], cond.mask()[lo:hi],
+                           None if cond.pooled is None else cond.pooled[lo:hi])
+
+
+def load_frozen_encoder(cfg: Config, path: Optional[str | Path], device: torch.device) -> Any:
+    """The frozen encoder a run was trained with (``data.text_encoder``, or ``path`` where it was
+    moved), checked against the weights' hash training recorded. ConfigError naming ``--text-encoder``
+    when the folder is gone, has no tokenizer, or holds other weights."""
+    from ditkit.data.captions import FrozenEncoder, encoder_weights_sha256
+
+    where = str(path or cfg.data.text_encoder)
+    if not Path(where).exists():
+        raise ConfigError(f"--text-encoder {where}: the frozen text encoder this run was trained with is not there; "
+                          "restore the folder or pass --text-encoder NEW_PATH (text_encoder=... in ditkit.load)")
+    recorded = cfg.data.text_encoder_sha256
+    sha = encoder_weights_sha256(where)
+    if recorded and sha != recorded:
+        raise ConfigError(f"--text-encoder {where}: its weights differ from the ones this run was trained with "
+                          f"(sha256 {sha[:12]}, recorded {recorded[:12]}): pass the original encoder folder")
+    return FrozenEncoder(where, max_length=cfg.data.max_caption_length, device=device)

@@ -85,7 +85,8 @@ __all__ = [
 # Sections a resumed run may change; the others define the model and its data and must match.
 RESUMABLE_SECTIONS = ("train", "run", "sample")
 # data fields training fills in from the data: not given (None) means "take the checkpoint's"
-_DATA_FROM_TRAINING = ("channels", "num_classes", "vocab_size", "latent_channels", "vae_downsample", "class_names")
+_DATA_FROM_TRAINING = ("channels", "num_classes", "vocab_size", "latent_channels", "vae_downsample", "class_names",
+                       "text_encoder_sha256", "text_encoder_dim")
 COMPILE_AUTO_MIN_STEPS = 5_000
 
 
@@ -246,6 +247,8 @@ def _resolve_data(cfg: Config, dataset: Any) -> Config:
     resolved.data.num_classes = int(getattr(dataset, "num_classes", 0) or 0)
     names = list(getattr(dataset, "class_names", None) or [])
     resolved.data.class_names = names if resolved.data.num_classes and len(names) == resolved.data.num_classes else None
+    for key, value in getattr(dataset, "data_fields", {}).items():  # e.g. a frozen text encoder's hash and width
+        setattr(resolved.data, key, value)
     return resolved
 
 
@@ -425,6 +428,11 @@ def _setup(
                 ema_param.data = param.data
     net = ctx.wrap(model, ema)  # what the loss calls: model (one process), DDP, or FSDP2 (shards model and EMA)
     sampler = ctx.shard_sampler(_batch_sampler(cfg, dataset, latent_cache, device))  # this rank's rows
+    if getattr(dataset, "conditions", None) is not None:  # frozen text encoder: caption indices -> cached states
+        from ditkit.data.captions import CaptionConditionBatches
+
+        sampler = CaptionConditionBatches(sampler, dataset.conditions, dropout=cfg.data.caption_dropout, seed=t.seed,
+                                          device=device)
     noise = torch.Generator().manual_seed(t.seed + 1)  # diffusion times and noise (CPU: same on any device)
     state = TrainState(model, ema, build_optimizer(model, t, device), sampler, noise)
     if ckpt_in is not None:
@@ -438,10 +446,11 @@ def _setup(
     if ctx.is_main:  # only rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / CONFIG_FILE, cfg.to_json().encode())
-        if text:
+        saved_tokenizer = dataset.tokenizer if text else getattr(dataset, "saved_tokenizer", None)  # prompts too
+        if saved_tokenizer is not None:
             from ditkit.data.tokenizers import save_tokenizer
 
-            save_tokenizer(dataset.tokenizer, run_dir)
+            save_tokenizer(saved_tokenizer, run_dir)
     what = dataset.describe() if hasattr(dataset, "describe") else (
         f"{getattr(dataset, 'source', 'your dataset')} ({len(dataset)} images {cfg.data.image_size}x{cfg.data.image_size}"
         f"x{cfg.data.channels}, {cfg.data.num_classes or 'no'} classes)"
@@ -473,18 +482,21 @@ def _lora_base_dtype(cfg: Config, ctx: Any) -> Optional[torch.dtype]:
 
 def _apply_lora(model: nn.Module, cfg: Config, base_dtype: Optional[torch.dtype]) -> None:
     """Freeze ``model`` (the --init-from base) and inject the run's trainable LoRA adapter
-    (``ditkit.adapters.apply_lora``; the adapter records the base's name and hash)."""
+    (``ditkit.adapters.apply_lora``; the adapter records the base's name and hash), with trainable
+    copies of ``train.lora_train_modules`` (e.g. the label table) when given."""
     from ditkit.adapters import apply_lora
 
     t = cfg.train
     apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_targets, t.lora_dropout, t.lora_variant,
-               base_dtype=base_dtype, base_model=str(t.init_from))
+               base_dtype=base_dtype, base_model=str(t.init_from), train_modules=t.lora_train_modules)
 
 
 def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Optional[int]) -> list[Hook]:
     """The hooks in the order they act after each step: log, sample grid, evaluation, stop, save."""
     t, ctx = run.cfg.train, run.ctx
     tokenizer = dataset.tokenizer if run.cfg.modality == "text" else None
+    # written beside every checkpoint's config.json: the text tokenizer, or a prompt run's caption tokenizer
+    saved_tokenizer = tokenizer if tokenizer is not None else getattr(dataset, "saved_tokenizer", None)
     evaluator = _evaluator(run.cfg, dataset, run.device, run.dtype, vae, run.log) if t.eval_every and ctx.is_main else None
     logger = MetricsLogger(run.cfg, run.run_dir, state.step, run.total_steps, run.log, run.budget_s) if ctx.is_main else NullLogger()
     extra = {"lr_schedule": {"kind": t.lr_schedule, "warmup_steps": t.warmup_steps, "total_steps": run.total_steps,
@@ -494,7 +506,7 @@ def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Op
         SampleGridHook(t.sample_every, vae=vae, tokenizer=tokenizer, logger=logger),
         EvalHook(t.eval_every, evaluator, logger, t.keep_best),
         StopHook(stop_at_step),
-        CheckpointHook(t.ckpt_every, checkpoint_saver(run, lambda: extra, tokenizer), t.keep_last),
+        CheckpointHook(t.ckpt_every, checkpoint_saver(run, lambda: extra, saved_tokenizer), t.keep_last),
     ]
 
 
