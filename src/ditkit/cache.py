@@ -6,7 +6,9 @@
 * ``eval``: the feature classifier and reference statistics of ``ditkit eval`` and of periodic
   evaluation, keyed by a hash of the data and of the extractor (so every run on the same data
   shares one classifier);
-* ``latents``: VAE latents of a dataset (``--vae``), keyed by data, VAE, image size and flips.
+* ``latents``: VAE latents of a dataset (``--vae``), keyed by data, VAE, image size and flips;
+* ``captions``: a frozen text encoder's states per unique caption (``--text-encoder``), keyed by the
+  encoder's weights and the maximum caption length (``ditkit.data.captions``).
 
 Everything in it can be deleted at any time; it is rebuilt on the next use.
 """
