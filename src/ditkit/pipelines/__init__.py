@@ -12,7 +12,7 @@ through these classes (``ditkit.registry.PIPELINES``, keyed by ``Config.modality
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -31,9 +31,9 @@ from ditkit.builders import default_sampler  # noqa: F401  (re-exported for symm
 from ditkit.config import Config, ConfigError
 from ditkit.data.audio import MelSpec, logmel_to_waveform, mel_spec_of, spectrogram_pixels, write_wav
 from ditkit.media import save_png
-from ditkit.pipelines.base import GeneratorArg, resolve_generators
+from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
 from ditkit.pipelines.denoising import DenoisingPipeline
-from ditkit.pipelines.base import trajectory_indices
+from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
 __all__ = ["AudioPipeline", "AudioPipelineOutput", "spectrogram_strip", "trajectory_picture"]
@@ -221,6 +221,7 @@ class AudioPipeline(DenoisingPipeline):
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
         traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
+        announce_total(progress, steps * math.ceil(n / batch_size))
         recorded: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch: (x0_pred, x_t) per step
         logmels = self._draw(labels, generators, n, self.num_frames(duration), sampler=sampler, steps=steps,
                              scale=scale, spacing=spacing, options=options, batch_size=batch_size, progress=progress,
@@ -273,18 +274,13 @@ class AudioPipeline(DenoisingPipeline):
         cls.add_trajectory_arguments(parser)  # trajectory.png of spectrograms
 
     def cli_call(self, args: Any, distributed: bool = False) -> AudioPipelineOutput:
-        from ditkit.progress import progress_bar
-
-        _, n = self.resolve_labels(args.class_labels, args.num_samples)
-        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale,
-                                            getattr(args, "timestep_spacing", None))
-        with progress_bar(steps * math.ceil(n / args.batch_size), "sampling") as bar:
+        with sampling_progress() as progress:
             return self(
                 class_labels=args.class_labels, num_samples=args.num_samples, duration=args.duration,
                 sampler=args.sampler, num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
                 eta=getattr(args, "ddim_eta", None), timestep_spacing=getattr(args, "timestep_spacing", None),
                 seed=args.seed, batch_size=args.batch_size, griffin_lim_iters=args.griffin_lim_iters or 32,
-                allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                allow_untrained_uncond=args.allow_untrained_uncond, progress=progress,
                 trajectory_points=self.trajectory_points_of(args),
             )
 

@@ -30,6 +30,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators, trajectory_indices
+from ditkit.progress import announce_total, sampling_progress
 from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
@@ -344,6 +345,7 @@ class ImagePipeline(DenoisingPipeline):
         n = len(labels) if labels is not None else (len(generators) if isinstance(generators, list) else None)
         if n is None:
             raise ConfigError("an unconditional model sampled with one shared generator needs num_samples")
+        announce_total(progress, calls * math.ceil(n / batch_size))  # this process's network calls
         out_images, out_traj, out_xt, out_maps = [], [], [], []
         grid_args = objective.sampling_grid(steps, **grid)
         adapter = None
@@ -490,28 +492,18 @@ class ImagePipeline(DenoisingPipeline):
         return {**super().cli_extras(args), **({"vae": args.vae} if args.vae is not None else {})}
 
     def cli_call(self, args: Any, distributed: bool = False) -> ImagePipelineOutput:
-        from ditkit.progress import progress_bar
-
-        _, n = self.resolve_labels(args.class_labels, args.num_samples)
-        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-        jump_length = 1 if getattr(args, "jump_length", None) is None else args.jump_length
-        jump_n_sample = 1 if getattr(args, "jump_n_sample", None) is None else args.jump_n_sample
-        strength = args.strength
-        if strength is None and args.init_image is not None and args.mask is None and args.extend is None:
-            strength = DEFAULT_STRENGTH
-        if args.init_image is not None or (jump_length, jump_n_sample) != (1, 1):  # calls with SDEdit's cut and jumps
-            check_jumps(jump_length, jump_n_sample)
-            steps = network_calls(steps, strength, jump_length, jump_n_sample)
-        with progress_bar(steps * math.ceil(n / args.batch_size), "sampling") as bar:
+        with sampling_progress() as progress:
             return self(
                 class_labels=args.class_labels, num_samples=args.num_samples, sampler=args.sampler,
                 num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
                 guide_channels=args.guide_channels, eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size,
                 trajectory_points=self.trajectory_points_of(args),
                 timestep_spacing=args.timestep_spacing, allow_untrained_uncond=args.allow_untrained_uncond,
-                distributed=distributed, progress=bar.update, cache=getattr(args, "cache", None),
+                distributed=distributed, progress=progress, cache=getattr(args, "cache", None),
                 image=args.init_image, mask_image=args.mask, strength=args.strength, extend=args.extend,
-                guidance_map=args.guidance_map, strict=args.strict, jump_length=jump_length, jump_n_sample=jump_n_sample,
+                guidance_map=args.guidance_map, strict=args.strict,
+                jump_length=1 if args.jump_length is None else args.jump_length,
+                jump_n_sample=1 if args.jump_n_sample is None else args.jump_n_sample,
             )
 
     def cli_save(self, output: ImagePipelineOutput, args: Any, out_dir: Path) -> list[Path]:

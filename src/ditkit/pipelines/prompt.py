@@ -41,6 +41,7 @@ from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
+from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES, SAMPLERS
 
 __all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip", "load_frozen_encoder", "FrozenPromptTokenizer"]
@@ -99,7 +100,6 @@ class PromptPipelineOutput(ImagePipelineOutput):
         the metadata), ``attention_NN.png`` strips when maps were asked for."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        scale = display_scale(self.tensors.shape[-1])
         pixels = to_uint8(self.tensors)
         written = []
         for i in range(len(pixels)):
@@ -289,6 +289,7 @@ class PromptPipeline(ImagePipeline):
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
         layers = self.model.cross_attention_modules() if attention_maps else []
+        announce_total(progress, steps * math.ceil(n / batch_size))
         tensors, maps = self._draw_prompts(ids, neg_ids, generators, sampler=sampler, steps=steps, scale=scale,
                                            spacing=spacing, options=options, batch_size=batch_size, layers=layers,
                                            progress=progress)
@@ -420,20 +421,16 @@ class PromptPipeline(ImagePipeline):
         return spans
 
     def cli_call(self, args: Any, distributed: bool = False) -> PromptPipelineOutput:
-        from ditkit.progress import progress_bar
-
         if args.prompt is None and args.prompt_file is None:
             raise ConfigError("a text-to-image checkpoint needs --prompt \"...\" or --prompt-file FILE")
         prompts = ([args.prompt] if args.prompt is not None else []) + (
             read_prompt_file(args.prompt_file) if args.prompt_file else [])
-        k = args.num_images_per_prompt or 4
-        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-        with progress_bar(steps * math.ceil(len(prompts) * k / args.batch_size), "sampling") as bar:
+        with sampling_progress() as progress:
             return self(prompts, num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
-                        negative_prompt=args.negative_prompt, num_images_per_prompt=k, seed=args.seed,
-                        sampler=args.sampler, eta=args.ddim_eta, timestep_spacing=args.timestep_spacing,
+                        negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt or 4,
+                        seed=args.seed, sampler=args.sampler, eta=args.ddim_eta, timestep_spacing=args.timestep_spacing,
                         batch_size=args.batch_size, attention_maps=args.attention_maps, strict=args.strict,
-                        allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update)
+                        allow_untrained_uncond=args.allow_untrained_uncond, progress=progress)
 
     def cli_save(self, output: PromptPipelineOutput, args: Any, out_dir: Path) -> list[Path]:
         return output.save(out_dir, npz=args.npz)

@@ -22,11 +22,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ditkit.checkpoint_io import Checkpoint
 from ditkit.config import Config, ConfigError
 from ditkit.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from ditkit.models.caching import attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
+from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 from ditkit.samplers.masked import canvas
@@ -195,6 +195,7 @@ class _Request:
     stride: Optional[int]
     kv_cache: bool = True  # block and autoregressive models: reuse the keys/values of finished tokens
     remdm_eta: float = 0.0  # masked / block models: ReMDM remasking strength (0: off)
+    planned: int = 0  # sampler steps of one batch (``_planned_steps``): trajectory plans, progress totals
 
 
 @PIPELINES.register("text")
@@ -269,7 +270,9 @@ class TextPipeline(Pipeline):
             stride = seq_len // 2 if stride is None else stride
             if not 0 < stride <= seq_len:
                 raise ConfigError(f"--stride {stride}: use 1..{seq_len} (the training window)")
-        return _Request(kind, steps, temperature, top_k, remasking, start, length, prefix, tail, template, stride)
+        req = _Request(kind, steps, temperature, top_k, remasking, start, length, prefix, tail, template, stride)
+        req.planned = _planned_steps(req, seq_len, getattr(tok, "mask_id", None), getattr(self.objective, "block_size", None))
+        return req
 
     @torch.no_grad()
     def __call__(
@@ -351,6 +354,7 @@ class TextPipeline(Pipeline):
                 progress(1)
                 return inner(x, t, y)
 
+        announce_total(progress, req.planned * math.ceil(n / batch_size))
         outputs, trajectories, trajectory_steps = [], [], []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
@@ -419,13 +423,11 @@ class TextPipeline(Pipeline):
         cls.add_trajectory_arguments(parser)  # trajectory.txt
 
     def cli_call(self, args: Any, distributed: bool = False) -> TextPipelineOutput:
-        from ditkit.progress import progress_bar
-
         if distributed:
             raise ConfigError("text sampling runs in one process: drop torchrun")
         if args.sampler not in (None, "auto", self.sampler_name):
             raise ConfigError(f"--sampler {args.sampler} does not fit this {self.cfg.objective.kind} text model: use {self.sampler_name}")
-        with progress_bar(None, "network calls") as bar:
+        with sampling_progress("network calls") as progress:
             return self(
                 args.prompt, args.num_sampling_steps, args.cfg_scale, num_samples=args.num_samples or 16,
                 class_labels=args.class_labels, suffix=args.suffix, infill=args.infill, mask_char=args.mask_char or "_",
@@ -433,7 +435,7 @@ class TextPipeline(Pipeline):
                 stride=args.stride, at_document_start=not args.no_document_start,
                 kv_cache=not getattr(args, "no_kv_cache", False), remdm_eta=getattr(args, "remdm_eta", None),
                 seed=args.seed,
-                batch_size=args.batch_size, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                batch_size=args.batch_size, allow_untrained_uncond=args.allow_untrained_uncond, progress=progress,
                 cache=getattr(args, "cache", None), trajectory_points=self.trajectory_points_of(args),
             )
 
@@ -478,8 +480,9 @@ def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, 
     if req.remdm_eta > 0:  # only then, so that the plain call stays the recorded one
         options["remdm_eta"] = req.remdm_eta
     one_window = req.template is not None or req.length <= seq_len
+    if trajectory is not None:
+        trajectory.plan(req.planned)  # window after window: the steps count over all of them
     if trajectory is not None and one_window:
-        trajectory.plan(req.steps)
         options["callback"] = lambda i, x, _x0: trajectory.record(i, x)
     if req.template is not None:
         x = torch.tensor(req.template, dtype=torch.long, device=device).expand(batch, -1).clone()
@@ -488,13 +491,7 @@ def _drive_masked(pipe: TextPipeline, net: Callable, req: _Request, batch: int, 
         x = canvas(req.length, mask_id, batch, prefix=torch.tensor(req.prefix, dtype=torch.long) if req.prefix else None,
                    suffix=torch.tensor(req.tail, dtype=torch.long) if req.tail else None, device=device)
         return ancestral(denoiser, x, req.steps, mask_id=mask_id, **options)
-    if trajectory is not None:  # window after window: the steps count over all of them
-        windows, length = 0, len(req.prefix)
-        while length < req.length:  # the windows semi_autoregressive will run
-            keep = length if length < seq_len else seq_len - req.stride
-            length += min(seq_len - keep, req.length - length)
-            windows += 1
-        trajectory.plan(windows * req.steps)
+    if trajectory is not None:
         options["step_callback"] = trajectory.record
     prefix = torch.tensor(req.prefix, dtype=torch.long, device=device).expand(batch, -1)
     return semi_autoregressive(denoiser, prefix, req.length, window=seq_len, stride=req.stride, num_steps=req.steps,
@@ -510,7 +507,7 @@ def _drive_autoregressive(pipe: TextPipeline, net: Callable, req: _Request, batc
     sampler = SAMPLERS.get("autoregressive", family="autoregressive").obj
     options: dict[str, Any] = dict(temperature=req.temperature, top_k=req.top_k, generator=generators)
     if trajectory is not None:  # the prefix growing one token per step
-        trajectory.plan(req.length - prefix.shape[1])
+        trajectory.plan(req.planned)
         options["callback"] = trajectory.record
     if not (req.kv_cache and hasattr(pipe.model, "use_kv_cache")):
         next_token = pipe.objective.denoiser(net, pipe.cfg.data.seq_len)
@@ -530,10 +527,7 @@ def _drive_block(pipe: TextPipeline, net: Callable, req: _Request, batch: int, g
     sampler = SAMPLERS.get("block", family="block").obj
     step_callback = None
     if trajectory is not None:  # blocks fill in turn; planned over every block (fewer if it stops early)
-        masked = (prefix[0] == mask_id).nonzero()
-        first = int(masked[0]) if len(masked) else prefix.shape[1]
-        blocks = math.ceil((req.length - (first - first % objective.block_size)) / objective.block_size)
-        trajectory.plan(blocks * req.steps)
+        trajectory.plan(req.planned)
         step_callback = trajectory.record
     with pipe.model.use_kv_cache(KVCache(objective.block_size)) as cache:
         denoiser = objective.denoiser(net, cache, context_len=pipe.cfg.data.seq_len, use_cache=req.kv_cache)
@@ -541,6 +535,27 @@ def _drive_block(pipe: TextPipeline, net: Callable, req: _Request, batch: int, g
                        num_steps=req.steps, mask_id=mask_id, remasking=req.remasking, temperature=req.temperature,
                        remdm_eta=req.remdm_eta, cache=not getattr(pipe.model, "time_conditioning", True),
                        generator=generators, step_callback=step_callback)
+
+
+def _planned_steps(req: _Request, seq_len: int, mask_id: int, block_size: Optional[int]) -> int:
+    """Sampler steps of one batch of ``req``: masked, ``steps`` per window (semi-autoregressive runs
+    count every window ``semi_autoregressive`` will run); block diffusion, ``steps`` per block from
+    the first to fill; autoregressive, one per generated token. Network calls are at most this many
+    (masked models without time conditioning skip calls that would change nothing)."""
+    if req.kind == "autoregressive":
+        return req.length - len(req.prefix)
+    if req.kind == "block":
+        start = req.template if req.template is not None else req.prefix
+        first = start.index(mask_id) if mask_id in start else len(start)
+        return math.ceil((req.length - (first - first % block_size)) / block_size) * req.steps
+    if req.template is not None or req.length <= seq_len:
+        return req.steps
+    windows, length = 0, len(req.prefix)
+    while length < req.length:  # the windows semi_autoregressive will run
+        keep = length if length < seq_len else seq_len - req.stride
+        length += min(seq_len - keep, req.length - length)
+        windows += 1
+    return windows * req.steps
 
 
 _DRIVERS: dict[str, Callable[..., Tensor]] = {

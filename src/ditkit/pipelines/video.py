@@ -26,11 +26,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
+from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
 from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
 from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
 __all__ = ["VideoPipeline", "VideoPipelineOutput", "DEFAULT_FPS"]
@@ -190,6 +191,7 @@ class VideoPipeline(DenoisingPipeline):
         seeds, generators = resolve_generators(n, seed, generator)
         options = self._sampler_options(sampler, eta)
         traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
+        announce_total(progress, frames * steps * math.ceil(n / batch_size))  # a bar over frames x steps
         recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0_pred, x_t) per recorded step, batch after batch
         clips = self._draw(labels, generators, n, frames, sampler=sampler, steps=steps, scale=scale, spacing=spacing,
                            options=options, batch_size=batch_size, progress=progress, trajectory_steps=traj_idx,
@@ -239,18 +241,13 @@ class VideoPipeline(DenoisingPipeline):
         cls.add_trajectory_arguments(parser)
 
     def cli_call(self, args: Any, distributed: bool = False) -> VideoPipelineOutput:
-        from ditkit.progress import progress_bar
-
-        _, n = self.resolve_labels(args.class_labels, args.num_samples)
-        frames = self.check_num_frames(args.num_frames)
-        _, steps, _, _ = self.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-        batch = min(args.batch_size, 16)  # a clip is F images: 64 clips of 16 frames would be 1,024 images a call
-        with progress_bar(frames * steps * math.ceil(n / batch), f"sampling ({frames} frames x {steps} steps)") as bar:
+        with sampling_progress("sampling (frames x steps)") as progress:
             return self(
-                class_labels=args.class_labels, num_samples=args.num_samples, num_frames=frames, sampler=args.sampler,
+                class_labels=args.class_labels, num_samples=args.num_samples, num_frames=args.num_frames, sampler=args.sampler,
                 num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale, eta=args.ddim_eta,
-                timestep_spacing=args.timestep_spacing, seed=args.seed, batch_size=batch,
-                fps=args.fps or DEFAULT_FPS, allow_untrained_uncond=args.allow_untrained_uncond, progress=bar.update,
+                timestep_spacing=args.timestep_spacing, seed=args.seed,
+                batch_size=min(args.batch_size, 16),  # a clip is F images: 64 clips of 16 frames would be 1,024 images a call
+                fps=args.fps or DEFAULT_FPS, allow_untrained_uncond=args.allow_untrained_uncond, progress=progress,
                 trajectory_points=self.trajectory_points_of(args),
             )
 

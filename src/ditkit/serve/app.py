@@ -391,7 +391,7 @@ def create_app(
                            steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed, lora=body.lora,
                            prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image,
                            mask_image=body.mask_image, strength=body.strength)
-        job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
+        job = Job(model.runner(spec), request_id=body.request_id)
         result = await state.run(model, job)
         return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
 
@@ -405,7 +405,7 @@ def create_app(
         state.screen(body.prompt, "prompt")
         state.screen(body.template, "template")
         spec = model.check(limits, body.model_dump(exclude={"model", "request_id"}))
-        job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
+        job = Job(model.runner(spec), request_id=body.request_id)
         result = await state.run(model, job)
         for sample in result.get("samples", []):  # generated text is screened too
             state.screen(sample.get("text"), "generated text")
@@ -421,7 +421,7 @@ def create_app(
         spec = model.check_audio(limits, class_labels=body.class_labels, num_samples=body.num_samples,
                                  duration=body.duration, sampler=body.sampler, steps=body.steps,
                                  cfg_scale=body.cfg_scale, seed=body.seed)
-        job = Job(model.runner(spec), total=model.total_steps(spec), request_id=body.request_id)
+        job = Job(model.runner(spec), request_id=body.request_id)
         result = await state.run(model, job)
         return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
 

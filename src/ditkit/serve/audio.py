@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -81,10 +80,6 @@ class AudioModel(ImageModel):
         spec = self.check(limits, class_labels=class_labels, num_images=num_samples, sampler=sampler, steps=steps,
                           cfg_scale=cfg_scale, seed=seed)
         return AudioJobSpec(spec.labels, spec.num_images, float(duration), spec.sampler, spec.steps, spec.cfg_scale, spec.seed)
-
-    def total_steps(self, spec: Any) -> int:
-        n = spec.num_samples if isinstance(spec, AudioJobSpec) else spec.num_images
-        return spec.steps * math.ceil(n / BATCH_SIZE)
 
     def runner(self, spec: Any) -> Callable[[Callable[[int], None]], dict[str, Any]]:
         """The job body: sample, vocode and encode (all on the worker thread)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -330,10 +329,6 @@ class ImageModel:
             except ConfigError:  # over the limit (DataError)
                 raise _unprocessable(f"{field_name} is longer than model {self.name!r}'s limit of {limit} tokens "
                                      "(max_prompt_tokens): shorten it") from None
-
-    def total_steps(self, spec: ImageJobSpec) -> int:
-        """``step(1)`` calls a job makes: one per sampler step and batch."""
-        return spec.steps * math.ceil(spec.num_images / BATCH_SIZE)
 
     def runner(self, spec: ImageJobSpec) -> Callable[[Callable[[int], None]], dict[str, Any]]:
         """The job body: sample and encode the PNGs (all on the worker thread)."""

@@ -36,7 +36,6 @@ class TextJobSpec:
     temperature: float
     cfg_scale: float
     seed: int
-    forwards: int  # network calls a full run makes (progress total)
 
 
 class TextModel:
@@ -150,21 +149,13 @@ class TextModel:
             length = min(max(cfg.data.seq_len - prompt_tokens, 1), limits.max_text_length)
         # sample_text counts the prompt in num_tokens; the API's length counts generated tokens only
         num_tokens = None if template is not None else prompt_tokens + length
-        if self.masked:
-            windows = 1 if num_tokens is None or num_tokens <= cfg.data.seq_len else -(-num_tokens // max(cfg.data.seq_len // 2, 1))
-            forwards = steps * windows
-        else:
-            forwards = num_tokens or cfg.data.seq_len
         return TextJobSpec(
             prompt=prompt, template=template, mask_char=mask_char, num_tokens=num_tokens, label=label,
             num_samples=num_samples, steps=steps,
             temperature=s.temperature if temperature is None else temperature,
             cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-            seed=s.seed if seed is None else seed, forwards=forwards,
+            seed=s.seed if seed is None else seed,
         )
-
-    def total_steps(self, spec: TextJobSpec) -> int:
-        return spec.forwards
 
     def runner(self, spec: TextJobSpec) -> Callable[[Callable[[int], None]], dict[str, Any]]:
         """The job body: sample, decode, and describe (on the worker thread). ``step`` is called

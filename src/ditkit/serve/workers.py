@@ -41,11 +41,13 @@ class JobCancelled(RuntimeError):
 
 @dataclass
 class Job:
-    """One request's work. ``run(step)`` executes on the worker thread; ``total`` is the number of
-    ``step(1)`` calls a full run makes (for the progress fraction)."""
+    """One request's work. ``run(job)`` executes on the worker thread and calls ``job(k)`` after
+    ``k`` units of work; ``total`` (the units of a full run, for the progress fraction) is what the
+    pipeline announces through ``job.set_total`` when it starts (``ditkit.progress.announce_total``),
+    0 until then."""
 
     run: Callable[[Callable[[int], None]], Any]
-    total: int
+    total: int = 0
     request_id: Optional[str] = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     state: str = "queued"  # queued -> running -> done | failed | cancelled
@@ -69,6 +71,12 @@ class Job:
         if self._cancel.is_set():
             raise JobCancelled("the request was cancelled (timed out or the server is stopping)")
         self.done += k
+
+    __call__ = step  # the job is the pipeline's ``progress`` callback
+
+    def set_total(self, total: int) -> None:
+        """The units of work the run will report (announced by the pipeline before it starts)."""
+        self.total = int(total)
 
 
 class ModelWorker:
@@ -176,7 +184,7 @@ class ModelWorker:
             if job.cancelled:
                 raise JobCancelled("the request was cancelled before it started")
             with torch.inference_mode():
-                result = job.run(job.step)
+                result = job.run(job)
         except BaseException as err:  # noqa: BLE001 -- any failure belongs to this job, not the thread
             error = err
         # Book-keeping first, then wake the client: whoever reads the answer sees the worker free.

@@ -308,7 +308,7 @@ class MetricsLogger:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         step = metrics["step"]
-        scalars = {k: v for k, v in metrics.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+        scalars = {k: v for k, v in metrics.items() if k not in ("step", "epoch", "train_s") and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"eval/{k}", v, step)
@@ -431,7 +431,7 @@ class EvalHook(Hook):
             ema_model = run.ctx.full_model(state.ema.model)
             if self.evaluator is not None and ema_model is not None:
                 metrics = self.evaluator(ema_model)
-                self.logger.write_eval({"step": state.step, "epoch": state.sampler.epoch, **metrics})
+                self.logger.write_eval({"step": state.step, "epoch": state.sampler.epoch, "train_s": state.elapsed_s, **metrics})
                 scored = _best_metric(metrics) if self.keep_best else None
                 if scored is not None and (run.best is None or scored[1] < run.best["value"]):
                     run.candidate = {"step": state.step, "metric": scored[0], "value": scored[1]}
@@ -468,7 +468,8 @@ class CheckpointHook(Hook):
             self.save_now(state, run)
 
     def save_now(self, state: TrainState, run: Run) -> Path:
-        run.last_ckpt = self.save(state)
+        with run.paused():  # writing files is not training: it does not spend the time budget
+            run.last_ckpt = self.save(state)
         if run.ctx.is_main:
             if run.candidate is not None:  # the checkpoint exists, then the record naming it
                 run.best, run.candidate = {**run.candidate, "checkpoint": run.last_ckpt.name}, None
