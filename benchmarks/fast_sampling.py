@@ -17,6 +17,12 @@ Writes ``OUT/results.json``, ``OUT/results.csv``, ``OUT/table.md`` (every point 
 per image, marked where FD is within 10% of 50-step DDPM's, and the headline speed-ups) and
 ``OUT/curve.png`` (FD against computes per image; a CSV only without matplotlib). ``--quick``: 50
 samples and a handful of points, a smoke test in about a minute.
+
+``--distilled DIR [DIR ...]`` adds few-step students of ``ditkit distill`` (a distillation folder: every
+round's student at its own step count, and the last one also at ``--distilled-steps``, default 1 2 4;
+or one round's run directory): the same measures through the same pipeline (ddim, the student's cfg
+1), and ``OUT/distilled.md`` comparing each FD with the teacher's (``--run``) DDPM-50 FD against the
+issue's target, within 25%. ``--distilled-only`` skips the other points (the DDPM-50 reference stays).
 """
 
 from __future__ import annotations
@@ -156,6 +162,63 @@ def run_text(run: str, num_samples: int, out: Path) -> str:
     return text
 
 
+def distilled_students(path: str, extra_steps: list[int]) -> list[tuple[Path, int]]:
+    """``(run directory, steps)`` to score for ``path``: a ``ditkit distill`` folder gives every done
+    round's student at its own steps and the last one also at ``extra_steps``; a run gives itself at
+    its recorded ``sample.num_sampling_steps`` and ``extra_steps``."""
+    from ditkit.cli.distill import PLAN_FILE
+
+    folder = Path(path)
+    if (folder / PLAN_FILE).is_file():
+        plan = json.loads((folder / PLAN_FILE).read_text())
+        done = [r for r in plan["rounds"] if r.get("done")]
+        if not done:
+            raise SystemExit(f"--distilled {path}: no finished round yet (continue it with ditkit distill --resume {path})")
+        pairs = [(Path(r["run"]), int(r["student_steps"])) for r in done]
+    else:
+        from ditkit.checkpoint_io import Checkpoint
+
+        pairs = [(folder, Checkpoint.open(folder).config.sample.num_sampling_steps)]
+    last = pairs[-1][0]
+    pairs += [(last, k) for k in extra_steps if (last, k) not in pairs]
+    return pairs
+
+
+def run_distilled(paths: list[str], extra_steps: list[int], evaluator: Any, n: int, reference: Optional[dict[str, Any]],
+                  out: Path) -> list[dict[str, Any]]:
+    """Score the students of ``paths`` (``distilled_students``) through the pipeline at their step
+    counts; write ``OUT/distilled.md`` against the teacher's DDPM-50 FD (``reference``, a row)."""
+    import ditkit
+
+    rows = []
+    for path in paths:
+        for run, steps in distilled_students(path, extra_steps):
+            pipe = ditkit.load(run, device="cpu", precision="fp32")
+            pipe(num_samples=n, num_inference_steps=1, seed=0, batch_size=n)  # warm-up, as for the teacher
+            row = run_point({"fp32": pipe}, evaluator, Point("ddim", steps), n)
+            trained = pipe.cfg.sample.num_sampling_steps
+            label = f"{run.parent.name}/{run.name}" if run.name.startswith("round_") else run.name
+            row.update(name=f"distilled {label} @{steps}", student=label, distilled=str(run), trained_steps=trained,
+                       distilled_cfg_scale=pipe.cfg.objective.teacher_cfg_scale)
+            rows.append(row)
+            print(f"{row['name']:28s} calls {row['calls_per_image']:3d} img/s cpu {row['images_per_s_cpu']:7.1f} "
+                  f"FD {row['fd_classifier']:.3f} acc {row['conditional_accuracy']:.3f}", flush=True)
+    lines = ["| student | trained for | sampled at | calls/img | img/s (cpu) | FD (classifier) | cond. acc. | FD / teacher DDPM-50 | within 25% |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = reference["fd_classifier"] if reference else None
+    for r in rows:
+        ratio = f"{r['fd_classifier'] / base:.2f}" if base else "-"
+        ok = "yes" if base and r["fd_classifier"] <= 1.25 * base else ""
+        lines.append(f"| {r['student']} | {r['trained_steps']} steps | {r['steps']} steps | {r['calls_per_image']} | "
+                     f"{r['images_per_s_cpu']:.1f} | {r['fd_classifier']:.3f} | {r['conditional_accuracy']:.3f} | {ratio} | {ok} |")
+    head = (f"Teacher DDPM-50 FD {base:.3f} (cfg {reference['cfg_scale']:g}); target: a 4-step student within 25%, "
+            f"FD <= {1.25 * base:.3f}." if base else "No DDPM-50 reference in this run (add the ddpm-50 point).")
+    text = head + "\n\n" + "\n".join(lines) + "\n"
+    (out / "distilled.md").write_text(text)
+    print(text)
+    return rows
+
+
 def write_table(rows: list[dict[str, Any]], path: Path) -> str:
     """Markdown: every point by computes per image, with the 10%-of-DDPM-50 mark and the headlines."""
     base = next((r for r in rows if r["name"] == "ddpm-50"), None)
@@ -244,6 +307,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--text-run", help="also a masked text run: tokens/s and validity with the cache off and on")
     parser.add_argument("--text-samples", type=int, default=256)
     parser.add_argument("--text-only", action="store_true", help="only the text part")
+    parser.add_argument("--distilled", nargs="+", metavar="DIR",
+                        help="also score ditkit distill students (a distillation folder or a round's run) against --run's DDPM-50")
+    parser.add_argument("--distilled-steps", nargs="+", type=int, default=[1, 2, 4], metavar="N",
+                        help="step counts to sample the last student at besides its own (default 1 2 4)")
+    parser.add_argument("--distilled-only", action="store_true", help="with --distilled: only ddpm-50 and the students")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                         help="no sampling: merge the rows of earlier runs (e.g. two --only halves run side by side)")
     args = parser.parse_args(argv)
@@ -267,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     evaluator = build_evaluator(pipes["fp32"].cfg, device="cpu")
     for pipe in pipes.values():  # warm-up at the full batch: first-call and first-touch memory costs stay out
         pipe(num_samples=n, num_inference_steps=2, sampler="ddim", seed=0, batch_size=n, allow_untrained_uncond=True)
-    points = default_points(args.quick, args.full)
+    points = [Point("ddpm", 50)] if args.distilled_only else default_points(args.quick, args.full)
     if args.only:
         unknown = set(args.only) - {p.name for p in points}
         if unknown:
@@ -280,6 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{row['name']:28s} calls {row['calls_per_image']:3d} computes {row['computes_per_image']:3d} "
               f"img/s cpu {row['images_per_s_cpu']:7.1f} wall {row['images_per_s_wall']:7.1f} "
               f"FD {row['fd_classifier']:.3f} acc {row['conditional_accuracy']:.3f}", flush=True)
+    if args.distilled:
+        reference = next((r for r in rows if r["name"] == "ddpm-50"), None)
+        rows += run_distilled(args.distilled, args.distilled_steps, evaluator, n, reference, out)
     meta = {"run": str(args.run), "checkpoint": str(pipes["fp32"].checkpoint.dir), "step": pipes["fp32"].step, "num_samples": n,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     finish(rows, meta, out)

@@ -97,7 +97,7 @@ class ObjectiveConfig:
     * ``autoregressive`` (text): next-token baseline on the same backbone (causal attention).
     """
 
-    kind: str = "gaussian"  # a name in ditkit.registry.OBJECTIVES (gaussian, flow, edm, masked, autoregressive)
+    kind: str = "gaussian"  # a name in ditkit.registry.OBJECTIVES (gaussian, flow, edm, distill, masked, block, autoregressive)
     prediction: Literal["eps", "v", "x0"] = "eps"
     schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = 1000
@@ -125,8 +125,8 @@ class ObjectiveConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     # progressive distillation (kind "distill", Salimans & Ho 2022; `ditkit distill`, docs/fast_sampling.md):
-    # the teacher run or checkpoint of this round, its DDIM steps (even: the student learns half as
-    # many), and the guidance scale of the original teacher, baked into the student (sampled at cfg 1)
+    # the teacher run or checkpoint of this round, its DDIM steps (a power of two: the student learns
+    # half as many), and the guidance scale of the original teacher, baked into the student (sampled at cfg 1)
     teacher: Optional[str] = None
     teacher_steps: Optional[int] = None
     teacher_cfg_scale: float = 1.0

@@ -103,8 +103,14 @@ def cmd_info(args: argparse.Namespace) -> int:
              else f"{cfg.data.image_size}x{cfg.data.image_size}x{cfg.data.channels}")
     names = f" ({', '.join(cfg.data.class_names)})" if cfg.data.class_names else ""
     print(f"data         {cfg.data.dataset}: {shape}, {cfg.data.num_classes or 'no'} classes{names}")
-    print(f"objective    {cfg.objective.kind}" + (f" ({cfg.objective.prediction}, {cfg.objective.schedule}, "
-          f"learn_sigma={cfg.objective.learn_sigma})" if cfg.objective.kind == "gaussian" else f" ({cfg.objective.time_sampling})"))
+    o = cfg.objective
+    if o.kind == "distill":  # progressive distillation: what the student learned from
+        print(f"objective    distill ({o.prediction}, {o.schedule}): a student of {o.teacher} "
+              f"({o.teacher_steps} DDIM steps -> {(o.teacher_steps or 0) // 2}), guidance {o.teacher_cfg_scale:g} "
+              "baked in: sample at cfg 1")
+    else:
+        print(f"objective    {o.kind}" + (f" ({o.prediction}, {o.schedule}, learn_sigma={o.learn_sigma})"
+                                           if o.kind == "gaussian" else f" ({o.time_sampling})"))
     print(f"unconditional branch: {facts['unconditional_branch']['text']}")
     print(f"checkpoints  {', '.join(facts['checkpoints']) or '-'}")
     print("config:")

@@ -232,9 +232,12 @@ class Pipeline:
             "step": str(self.step),
             "weights": self.weights,
             "dataset": cfg.data.dataset,
-            "objective": cfg.objective.kind + (f"/{cfg.objective.prediction}" if cfg.objective.kind == "gaussian" else ""),
+            "objective": cfg.objective.kind + (f"/{cfg.objective.prediction}" if cfg.objective.kind in ("gaussian", "distill") else ""),
             "precision": str(self.dtype).removeprefix("torch."),
         }
+        if cfg.objective.kind == "distill":  # a progressive-distillation student: its teacher and baked-in guidance
+            meta["distilled_from"] = str(cfg.objective.teacher)
+            meta["distilled_cfg_scale"] = f"{cfg.objective.teacher_cfg_scale:g}"
         if any(info.scale != 0 for info in adapters_of(self.model).values()):
             meta["lora"] = self._lora_provenance()
         return meta

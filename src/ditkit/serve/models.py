@@ -170,7 +170,7 @@ class ImageModel:
         """The public facts of the model (no file paths): for ``GET /v1/models`` and the page."""
         cfg, gen = self.cfg, self.pipeline
         max_steps = limits.max_steps
-        if cfg.objective.kind == "gaussian":
+        if getattr(self.pipeline.objective, "family", None) == "gaussian":  # gaussian and its distilled students
             max_steps = min(max_steps, cfg.objective.num_timesteps)
         return {
             "name": self.name,
