@@ -303,3 +303,53 @@ def test_evaluate_video_scores_a_run_with_tiny_judges(trained, tmp_path):
 def test_eval_cli_refuses_image_flags_for_a_video_run(trained, tmp_path, capsys):
     rc = main(["eval", "--ckpt", str(trained.run_dir), "--vae", str(tmp_path), "--num-samples", "10"])
     assert rc != 0 and "--vae is not an option of video evaluation" in capsys.readouterr().err
+
+
+# ---- serving ---------------------------------------------------------------------------------------
+
+
+def test_serve_answers_gifs_on_v1_videos(trained):
+    """``POST /v1/videos``: looping GIFs of the asked frames and a contact sheet per clip; the
+    frame count checked by the pipeline (422 naming num_frames), the wrong endpoint refused."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+    import base64
+    import io
+
+    from ditkit.serve.app import create_app
+    from ditkit.serve.launch import load_models
+    from ditkit.serve.models import ServeLimits
+
+    models = load_models([f"clips={trained.run_dir}"], device="cpu")
+    app = create_app(models, ServeLimits(max_queue=2, request_timeout_s=60))
+
+    async def talk():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            listed = (await client.get("/v1/models")).json()["models"][0]
+            ok = await client.post("/v1/videos", json={"model": "clips", "class_labels": ["3 up"], "num_samples": 2,
+                                                        "num_frames": 4, "steps": 2, "fps": 5.0, "request_id": "v-1"})
+            progress = await client.get("/v1/progress/v-1")
+            odd = await client.post("/v1/videos", json={"model": "clips", "num_frames": 1})
+            too_many = await client.post("/v1/videos", json={"model": "clips", "num_frames": 64})
+            wrong_door = await client.post("/v1/images", json={"model": "clips"})
+        return listed, ok, progress, odd, too_many, wrong_door
+
+    try:
+        listed, ok, progress, odd, too_many, wrong_door = asyncio.run(talk())
+    finally:
+        app.state.ditkit.close()
+    assert listed["modality"] == "video" and listed["trained_frames"] == 8 and listed["defaults"]["num_frames"] == 8
+    assert ok.status_code == 200, ok.text
+    clips = ok.json()["clips"]
+    assert [c["class_name"] for c in clips] == ["3 up", "3 up"] and [c["seed"] for c in clips] == [0, 1]
+    with Image.open(io.BytesIO(base64.b64decode(clips[0]["gif_base64"]))) as gif:
+        assert gif.format == "GIF" and gif.size == (64, 64) and 2 <= gif.n_frames <= 4  # 16 px at 4x; still frames merge
+        assert gif.info["duration"] == 200  # 5 frames a second
+    with Image.open(io.BytesIO(base64.b64decode(clips[0]["contact_sheet_png_base64"]))) as sheet:
+        assert sheet.size == (4 * (4 * 18 + 2), 4 * 20) and sheet.text["fps"] == "5"
+    assert progress.json()["total"] == progress.json()["done"] == 4 * 2  # frames x steps, one batch
+    assert odd.status_code == 422 and "num_frames 1" in odd.json()["detail"]
+    assert too_many.status_code == 422 and "max_frames" in too_many.json()["detail"]
+    assert wrong_door.status_code == 422 and "/v1/videos" in wrong_door.text

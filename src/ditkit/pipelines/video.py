@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
-from ditkit.data.video import save_contact_sheet, save_gif, save_mp4, tile_clips
+from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
 from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
 from ditkit.pipelines.denoising import DenoisingPipeline
@@ -79,6 +79,25 @@ class VideoPipelineOutput:
         else:
             meta["label"] = "none (unconditional)"
         return meta
+
+    def gif_bytes(self, index: int, scale: Optional[int] = None) -> bytes:
+        """Clip ``index`` as a looping GIF file at ``fps`` (in memory), ``scale`` times larger
+        (default: at least 64 px wide)."""
+        import io
+
+        scale = scale or display_scale(self.tensors.shape[-1])
+        frames = clip_to_frames(self.tensors[index], scale)  # (F, H', W', C) uint8
+        pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+        buffer = io.BytesIO()
+        pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=round(1000 / self.fps),
+                         loop=0)
+        return buffer.getvalue()
+
+    def contact_sheet(self, index: int, scale: Optional[int] = None) -> Any:
+        """Clip ``index``'s frames in a row, 2 px of mid-gray apart: ``(H', W', C)`` uint8."""
+        scale = scale or display_scale(self.tensors.shape[-1])
+        clip = self.tensors[index]  # (C, F, H, W) -> F one-frame clips in a row
+        return clip_to_frames(tile_clips(clip.transpose(0, 1)[:, :, None], nrow=clip.shape[1], pad_value=0.5), scale)[0]
 
     def save(self, out_dir: str | Path, *, fps: Optional[float] = None, scale: Optional[int] = None,
              mp4: bool = True) -> list[Path]:

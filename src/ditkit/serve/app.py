@@ -9,6 +9,7 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, browsable at ``/docs``):
                               with ``image`` (+ ``mask_image``, ``strength``): image-to-image / inpainting
 * ``POST /v1/text``           generate text with a text model (prompt, or an infill template)
 * ``POST /v1/audio``          generate sounds with an audio model -> WAVs and spectrogram PNGs (base64)
+* ``POST /v1/videos``         generate clips with a video model -> looping GIFs and contact-sheet PNGs (base64)
 * ``GET /v1/progress/{id}``   progress of a request sent with ``request_id`` (polled by the page)
 
 Load and bad input: each model has one worker thread and a bounded queue (``workers.py``); a full
@@ -36,6 +37,7 @@ import ditkit
 from ditkit.config import ConfigError
 from ditkit.safety import Blocklist, Refused
 from ditkit.serve.audio import AudioModel
+from ditkit.serve.video import VideoModel
 from ditkit.serve.models import ImageModel, RequestError, ServeLimits
 from ditkit.serve.text import TextModel
 from ditkit.serve.workers import Job, JobCancelled, ModelWorker, ProgressBoard, QueueFullError
@@ -182,8 +184,46 @@ class AudioResponse(BaseModel):
 # ---- state ---------------------------------------------------------------------------------------
 
 
-ServedModel = Union[ImageModel, TextModel, AudioModel]
-ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio"}  # where each modality is asked
+ServedModel = Union[ImageModel, TextModel, AudioModel, VideoModel]
+ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio", "video": "/v1/videos"}  # where each modality is asked
+
+
+class VideoRequest(BaseModel):
+    """``POST /v1/videos``. Unset options take the checkpoint's ``sample`` defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(max_length=200, description="a name from GET /v1/models (modality video)")
+    class_labels: Optional[list[Union[int, str]]] = Field(
+        None, description="labels or class names, repeated to num_samples; null: the classes in turn"
+    )
+    num_samples: int = Field(1, description="clips to draw (at most limits.max_images_per_request)")
+    num_frames: Optional[int] = Field(None, description="frames per clip (at most limits.max_frames); null: the trained length")
+    fps: Optional[float] = Field(None, allow_inf_nan=False, description="playback rate of the GIFs (default 8)")
+    sampler: Optional[str] = Field(None, max_length=32)
+    steps: Optional[int] = Field(None, description="sampling steps (at most limits.max_steps)")
+    cfg_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale; 1 = none")
+    seed: Optional[int] = Field(None, description="clip i uses seed + i (0..2**31-1)")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
+
+
+class GeneratedVideo(BaseModel):
+    index: int
+    seed: int
+    label: Optional[int]
+    class_name: Optional[str]
+    num_frames: int
+    fps: float
+    gif_base64: str = Field(description="the clip as a looping GIF, base64")
+    contact_sheet_png_base64: str = Field(description="its frames in a row as a PNG carrying `metadata`")
+    metadata: dict[str, str]
+
+
+class VideoResponse(BaseModel):
+    model: str
+    elapsed_s: float
+    metadata: dict[str, str]
+    clips: list[GeneratedVideo]
 
 
 class ServeState:
@@ -420,6 +460,20 @@ def create_app(
         assert isinstance(model, AudioModel)
         spec = model.check_audio(limits, class_labels=body.class_labels, num_samples=body.num_samples,
                                  duration=body.duration, sampler=body.sampler, steps=body.steps,
+                                 cfg_scale=body.cfg_scale, seed=body.seed)
+        job = Job(model.runner(spec), request_id=body.request_id)
+        result = await state.run(model, job)
+        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+
+    @app.post("/v1/videos", response_model=VideoResponse, summary="Generate clips (video models)",
+              responses={404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
+                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+    async def videos(body: VideoRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        model = state.get(body.model, "video")
+        assert isinstance(model, VideoModel)
+        spec = model.check_video(limits, class_labels=body.class_labels, num_samples=body.num_samples,
+                                 num_frames=body.num_frames, fps=body.fps, sampler=body.sampler, steps=body.steps,
                                  cfg_scale=body.cfg_scale, seed=body.seed)
         job = Job(model.runner(spec), request_id=body.request_id)
         result = await state.run(model, job)

@@ -36,8 +36,9 @@ def load_models(
         if names.count(name) > 1:
             raise ConfigError(f"two checkpoints would be served as {name!r}: name them with --ckpt NAME=PATH")
     from ditkit.serve.audio import AudioModel
+    from ditkit.serve.video import VideoModel
 
-    adapters = {"image": ImageModel, "text": TextModel, "audio": AudioModel}  # what each modality's pipeline is served as
+    adapters = {"image": ImageModel, "text": TextModel, "audio": AudioModel, "video": VideoModel}  # what each modality's pipeline is served as
     models: list[ImageModel | TextModel] = []
     for name, checkpoint in plan:
         modality = checkpoint.config.modality

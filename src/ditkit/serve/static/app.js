@@ -84,7 +84,8 @@ function selectModel() {
     $("prompt").maxLength = lim.max_prompt_chars;
     $("template").maxLength = lim.max_prompt_chars;
   } else {
-    const shape = m.modality === "audio" ? `${m.trained_duration} s at ${m.sample_rate} Hz` : `${m.image_size}×${m.image_size}`;
+    const shape = m.modality === "audio" ? `${m.trained_duration} s at ${m.sample_rate} Hz`
+      : m.modality === "video" ? `${m.trained_frames} frames of ${m.image_size}×${m.image_size}` : `${m.image_size}×${m.image_size}`;
     $("model-info").textContent =
       `${m.architecture} · ${m.objective} · trained ${m.step} steps · ${shape}` +
       (m.conditional ? ` · ${m.num_classes} classes` : " · unconditional");
@@ -131,7 +132,7 @@ function buildRequest(m, requestId) {
     return ["/v1/text", body];
   }
   const count = intOrNull("num-images") ?? 1;
-  if (m.modality === "audio") body.num_samples = count;
+  if (m.modality === "audio" || m.modality === "video") body.num_samples = count;
   else body.num_images = count;
   body.sampler = $("sampler").value || null;
   if (m.prompts) {
@@ -150,7 +151,7 @@ function buildRequest(m, requestId) {
     if (mask) body.mask_image = mask;
     if ($("use-strength").checked) body.strength = Number.parseFloat($("strength").value);
   }
-  return [m.modality === "audio" ? "/v1/audio" : "/v1/images", body];
+  return [{ audio: "/v1/audio", video: "/v1/videos" }[m.modality] || "/v1/images", body];
 }
 
 function setBusy(on, text = "") {
@@ -225,6 +226,24 @@ function addAudioCard(modelName, body) {
   prepend(card);
 }
 
+function addVideoCard(modelName, body) {
+  const card = el("article", { class: "card" });
+  const grid = el("div", { class: "images" });
+  for (const clip of body.clips) {
+    const caption = (clip.class_name ? `${clip.class_name} · ` : "") + `seed ${clip.seed} · ${clip.num_frames} frames`;
+    const gif = `data:image/gif;base64,${clip.gif_base64}`;
+    grid.appendChild(el("figure", {}, [
+      el("a", { href: gif, download: `${modelName}-seed${clip.seed}.gif`, title: "download GIF" }, [
+        el("img", { src: gif, alt: caption, width: "128", height: "128", class: "sample" }),
+      ]),
+      el("figcaption", { text: caption }),
+    ]));
+  }
+  card.appendChild(grid);
+  card.appendChild(el("p", { class: "settings", text: `${modelName} · ${settingsLine(body.metadata)} · ${body.elapsed_s} s` }));
+  prepend(card);
+}
+
 function addTextCard(modelName, body) {
   const card = el("article", { class: "card" });
   for (const sample of body.samples) {
@@ -273,6 +292,7 @@ async function generate(event) {
     }
     if (m.modality === "text") addTextCard(m.name, reply);
     else if (m.modality === "audio") addAudioCard(m.name, reply);
+    else if (m.modality === "video") addVideoCard(m.name, reply);
     else addImageCard(m.name, reply);
   } catch (err) {
     showError(`request failed: ${err}`);
