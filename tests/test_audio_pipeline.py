@@ -296,3 +296,15 @@ def test_builder_warns_when_a_token_is_wider_than_the_model(tones, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_kwargs(cfg)
+
+
+def test_the_cli_trains_other_durations_than_the_square_spectrogram(tmp_path, tones):
+    """``ditkit train --data sounds/ --duration 2.0`` (the issue's command): 2 s clips are 128 frames of
+    64 mel bins, not data.image_size square; the checkpoint samples 2 s by default."""
+    rc = main(["train", "--recipe", "spoken_digits", "--data", str(tones), "--duration", "2.0", "--max-steps", "2",
+               "--global-batch-size", "4", "--results-dir", str(tmp_path), "--run-name", "two_s",
+               "--set", "train.time_budget=none", "--set", "train.sample_every=0", "--set", "train.precision=fp32"])
+    assert rc in (0, None)
+    pipe = ditkit.load(tmp_path / "two_s", device="cpu")
+    out = pipe(class_labels=[0], num_inference_steps=2)
+    assert pipe.cfg.data.duration == 2.0 and out.logmels.shape == (1, 64, 128) and out.waveforms.shape == (1, 32000)
