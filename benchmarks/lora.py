@@ -56,6 +56,7 @@ VARIANTS = {v.name: v for v in [
     Variant("lora64", True, 64, lr=3e-3),
     Variant("lora16_attn_mlp", True, 16, targets="attn,mlp", lr=3e-3),
     Variant("lora16_labels", True, 16, lr=3e-3, train_modules="labels"),
+    Variant("lora16_attn_mlp_labels", True, 16, targets="attn,mlp", lr=3e-3, train_modules="labels"),
     Variant("scratch", False),
 ]}
 
