@@ -144,17 +144,17 @@ class TextResponse(BaseModel):
     samples: list[GeneratedText]
 
 
-class AudioRequest(BaseModel):
-    """``POST /v1/audio``. Unset options take the checkpoint's ``sample`` defaults."""
+class ClipRequest(BaseModel):
+    """What ``POST /v1/audio`` and ``POST /v1/videos`` share. Unset options take the checkpoint's
+    ``sample`` defaults."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = Field(max_length=200, description="a name from GET /v1/models (modality audio)")
+    model: str = Field(max_length=200, description="a name from GET /v1/models (of the endpoint's modality)")
     class_labels: Optional[list[Union[int, str]]] = Field(
         None, description="labels or class names, repeated to num_samples; null: the classes in turn"
     )
     num_samples: int = Field(1, description="clips to draw (at most limits.max_images_per_request)")
-    duration: Optional[float] = Field(None, allow_inf_nan=False, description="seconds per clip; null: the trained length")
     sampler: Optional[str] = Field(None, max_length=32)
     steps: Optional[int] = Field(None, description="sampling steps (at most limits.max_steps)")
     cfg_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale; 1 = none")
@@ -162,16 +162,39 @@ class AudioRequest(BaseModel):
     request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
 
 
-class GeneratedClip(BaseModel):
+class AudioRequest(ClipRequest):
+    """``POST /v1/audio``."""
+
+    duration: Optional[float] = Field(None, allow_inf_nan=False, description="seconds per clip; null: the trained length")
+
+
+class VideoRequest(ClipRequest):
+    """``POST /v1/videos``."""
+
+    num_frames: Optional[int] = Field(None, description="frames per clip (at most limits.max_frames); null: the trained length")
+    fps: Optional[float] = Field(None, allow_inf_nan=False, description="playback rate of the GIFs (default 8)")
+
+
+class GeneratedClipBase(BaseModel):
     index: int
     seed: int
     label: Optional[int]
     class_name: Optional[str]
+    metadata: dict[str, str]
+
+
+class GeneratedClip(GeneratedClipBase):
     sample_rate: int
     seconds: float
     wav_base64: str = Field(description="the WAV file (16-bit PCM, mono), base64")
     spectrogram_png_base64: str = Field(description="its log-mel spectrogram as a PNG carrying `metadata`")
-    metadata: dict[str, str]
+
+
+class GeneratedVideo(GeneratedClipBase):
+    num_frames: int
+    fps: float
+    gif_base64: str = Field(description="the clip as a looping GIF, base64")
+    contact_sheet_png_base64: str = Field(description="its frames in a row as a PNG carrying `metadata`")
 
 
 class AudioResponse(BaseModel):
@@ -181,49 +204,18 @@ class AudioResponse(BaseModel):
     clips: list[GeneratedClip]
 
 
-# ---- state ---------------------------------------------------------------------------------------
-
-
-ServedModel = Union[ImageModel, TextModel, AudioModel, VideoModel]
-ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio", "video": "/v1/videos"}  # where each modality is asked
-
-
-class VideoRequest(BaseModel):
-    """``POST /v1/videos``. Unset options take the checkpoint's ``sample`` defaults."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str = Field(max_length=200, description="a name from GET /v1/models (modality video)")
-    class_labels: Optional[list[Union[int, str]]] = Field(
-        None, description="labels or class names, repeated to num_samples; null: the classes in turn"
-    )
-    num_samples: int = Field(1, description="clips to draw (at most limits.max_images_per_request)")
-    num_frames: Optional[int] = Field(None, description="frames per clip (at most limits.max_frames); null: the trained length")
-    fps: Optional[float] = Field(None, allow_inf_nan=False, description="playback rate of the GIFs (default 8)")
-    sampler: Optional[str] = Field(None, max_length=32)
-    steps: Optional[int] = Field(None, description="sampling steps (at most limits.max_steps)")
-    cfg_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale; 1 = none")
-    seed: Optional[int] = Field(None, description="clip i uses seed + i (0..2**31-1)")
-    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
-
-
-class GeneratedVideo(BaseModel):
-    index: int
-    seed: int
-    label: Optional[int]
-    class_name: Optional[str]
-    num_frames: int
-    fps: float
-    gif_base64: str = Field(description="the clip as a looping GIF, base64")
-    contact_sheet_png_base64: str = Field(description="its frames in a row as a PNG carrying `metadata`")
-    metadata: dict[str, str]
-
-
 class VideoResponse(BaseModel):
     model: str
     elapsed_s: float
     metadata: dict[str, str]
     clips: list[GeneratedVideo]
+
+
+# ---- state ---------------------------------------------------------------------------------------
+
+
+ServedModel = Union[ImageModel, TextModel, AudioModel, VideoModel]
+ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio", "video": "/v1/videos"}  # where each modality is asked
 
 
 class ServeState:
