@@ -213,6 +213,12 @@ class VideoResponse(BaseModel):
 
 # ---- state ---------------------------------------------------------------------------------------
 
+# The error answers every generating endpoint documents in the OpenAPI schema.
+GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
+    503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"},
+}
+
 
 ServedModel = Union[ImageModel, TextModel, AudioModel, VideoModel]
 ENDPOINTS = {"image": "/v1/images", "text": "/v1/text", "audio": "/v1/audio", "video": "/v1/videos"}  # where each modality is asked
@@ -409,10 +415,13 @@ def create_app(
             data.append(entry)
         return {"models": data, "limits": limits.to_dict()}
 
+    async def answer(model: ServedModel, spec: Any, request_id: Optional[str], started: float) -> dict[str, Any]:
+        """Queue ``model``'s job for a checked request and wait for it: the reply every endpoint sends."""
+        result = await state.run(model, Job(model.runner(spec), request_id=request_id))
+        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+
     @app.post("/v1/images", response_model=ImageResponse, summary="Generate images",
-              responses={404: {"description": "unknown model"}, 413: {"description": "body too large"},
-                         422: {"description": "invalid or over a limit"}, 503: {"description": "queue full (Retry-After)"},
-                         504: {"description": "timed out"}})
+              responses={**GENERATE_ERRORS, 413: {"description": "body too large"}})
     async def images(body: ImageRequest) -> dict[str, Any]:
         started = time.monotonic()
         model = state.get(body.model, "image")
@@ -423,13 +432,10 @@ def create_app(
                            steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed, lora=body.lora,
                            prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image,
                            mask_image=body.mask_image, strength=body.strength)
-        job = Job(model.runner(spec), request_id=body.request_id)
-        result = await state.run(model, job)
-        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+        return await answer(model, spec, body.request_id, started)
 
     @app.post("/v1/text", response_model=TextResponse, summary="Generate text (text models)",
-              responses={404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
-                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+              responses=GENERATE_ERRORS)
     async def text(body: TextRequest) -> dict[str, Any]:
         started = time.monotonic()
         model = state.get(body.model, "text")
@@ -437,15 +443,13 @@ def create_app(
         state.screen(body.prompt, "prompt")
         state.screen(body.template, "template")
         spec = model.check(limits, body.model_dump(exclude={"model", "request_id"}))
-        job = Job(model.runner(spec), request_id=body.request_id)
-        result = await state.run(model, job)
-        for sample in result.get("samples", []):  # generated text is screened too
+        reply = await answer(model, spec, body.request_id, started)
+        for sample in reply.get("samples", []):  # generated text is screened too
             state.screen(sample.get("text"), "generated text")
-        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+        return reply
 
     @app.post("/v1/audio", response_model=AudioResponse, summary="Generate sounds (audio models)",
-              responses={404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
-                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+              responses=GENERATE_ERRORS)
     async def audio(body: AudioRequest) -> dict[str, Any]:
         started = time.monotonic()
         model = state.get(body.model, "audio")
@@ -453,13 +457,10 @@ def create_app(
         spec = model.check_audio(limits, class_labels=body.class_labels, num_samples=body.num_samples,
                                  duration=body.duration, sampler=body.sampler, steps=body.steps,
                                  cfg_scale=body.cfg_scale, seed=body.seed)
-        job = Job(model.runner(spec), request_id=body.request_id)
-        result = await state.run(model, job)
-        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+        return await answer(model, spec, body.request_id, started)
 
     @app.post("/v1/videos", response_model=VideoResponse, summary="Generate clips (video models)",
-              responses={404: {"description": "unknown model"}, 422: {"description": "invalid or over a limit"},
-                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+              responses=GENERATE_ERRORS)
     async def videos(body: VideoRequest) -> dict[str, Any]:
         started = time.monotonic()
         model = state.get(body.model, "video")
@@ -467,9 +468,7 @@ def create_app(
         spec = model.check_video(limits, class_labels=body.class_labels, num_samples=body.num_samples,
                                  num_frames=body.num_frames, fps=body.fps, sampler=body.sampler, steps=body.steps,
                                  cfg_scale=body.cfg_scale, seed=body.seed)
-        job = Job(model.runner(spec), request_id=body.request_id)
-        result = await state.run(model, job)
-        return {"model": model.name, "elapsed_s": round(time.monotonic() - started, 3), **result}
+        return await answer(model, spec, body.request_id, started)
 
     @app.get("/v1/progress/{request_id}", summary="Progress of a request sent with request_id")
     async def progress(request_id: str) -> dict[str, Any]:
