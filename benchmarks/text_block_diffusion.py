@@ -137,7 +137,7 @@ def part_likelihood(args: argparse.Namespace, log: Callable[[str], None]) -> dic
         val, chars = val[: args.max_val], chars[: args.max_val]
     preset = {"name": cfg.model.name, "time_conditioning": False}
     rows, speed = [], []
-    for kind, bs in [("block", b) for b in args.block_sizes] + [("ar", 0)]:
+    for kind, bs in [("block", b) for b in args.block_sizes] + ([] if args.no_ar else [("ar", 0)]):
         label = "AR" if kind == "ar" else ("MDLM (block = L)" if bs == L else f"BD3-LM block {bs}")
         log(f"{label}: training {args.steps} steps")
         model, objective = make(kind, V, L, bs or L, cfg.objective.mask_eps, dict(preset))
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-likelihood", action="store_true")
     p.add_argument("--skip-sums", action="store_true")
+    p.add_argument("--no-ar", action="store_true",
+                   help="leave out the AR baseline of part 1 (to split the block sizes over processes)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
