@@ -17,8 +17,8 @@ unprompted samples and infill accuracy (``SEP a+b= _ SEP`` templates; AR: the pr
 for MDLM, MDLM + ReMDM remasking, BD3-LM (``--sums-block``) and AR.
 
 Every model is trained by the plain loop below (AdamW, warm-up then cosine, gradient clipping, EMA
-with warm-up: the shared trainer's settings from the recipes) because the config has no
-``objective.block_size`` field yet; the trainer trains block diffusion only at its default block.
+with warm-up: the shared trainer's settings from the recipes), so that the models of every block
+size and the AR baseline see the same batches in the same order from the same seed.
 
     OMP_NUM_THREADS=1 python benchmarks/text_block_diffusion.py --data ../shared/data/tinyshakespeare.txt \\
         --steps 6000 --out text_block_diffusion.json
