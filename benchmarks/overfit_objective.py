@@ -22,7 +22,7 @@ from PIL import Image
 
 from ditkit.data.captions import shapes_captions
 from ditkit.diffusion.gaussian import GaussianDiffusion
-from ditkit.diffusion.schedules import make_schedule, space_timesteps
+from ditkit.diffusion.schedules import make_schedule
 from ditkit.models.dit import DIT_PRESETS, DiT
 from ditkit.samplers.gaussian import ddim
 
@@ -45,9 +45,8 @@ def run(model_name: str, prediction: str, schedule: str, steps: int, size: int, 
         opt.step()
     model.eval()
     with torch.no_grad():
-        den = objective.denoiser(lambda x, t: model(x, t, y))
         noise = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        samples = ddim(den, noise, objective.alphas_cumprod, space_timesteps(objective.num_timesteps, 50)).clamp(-1, 1)
+        samples = objective.sample(ddim, lambda x, t: model(x, t, y), noise, 50).clamp(-1, 1)
     return float((samples - x0).pow(2).mean()), x0, samples
 
 
