@@ -157,7 +157,10 @@ def test_a_trial_killed_mid_run_is_retried_from_its_checkpoint(tmp_path, monkeyp
     worker.kill()  # SIGKILL in the middle of trial 0: no checkpoint on the way out, the trial stays "running"
     worker.wait()
     assert killed_at.is_dir(), "the worker did not reach step 20"
-    time.sleep(2.5)  # past the (shortened) grace period: its heartbeat is stale
+    # Past the (shortened) 2 s grace period: Optuna compares SQLite CURRENT_TIMESTAMPs, which keep
+    # whole seconds, so "more than 2 s" needs up to 3 s of real time (2.5 s failed when the heartbeat
+    # was written early in its second).
+    time.sleep(3.5)
     monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
     monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
     assert main([*args[:args.index("--trials") + 1], "1", *args[args.index("--trials") + 2:], "--resume"]) == 0
