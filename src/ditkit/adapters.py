@@ -647,13 +647,18 @@ def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.
             if (".lora_" in n and f".{name}." in n + ".") or f".modules_to_save.{name}." in n]
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: nn.Module, name: str = "default", state_dict: Optional[Mapping[str, torch.Tensor]] = None
+) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under peft's keys without the adapter name
     (``blocks.0.attn.qkv.lora_A.weight``; a copy of a whole module under the module's own keys,
-    ``y_embedder.embedding_table.weight``), detached CPU copies."""
+    ``y_embedder.embedding_table.weight``), detached CPU copies. ``state_dict``: take the tensors
+    from this full state dict of ``model`` instead of ``model.state_dict()`` (an FSDP2-sharded
+    model's weights gathered with ``get_model_state_dict(..., full_state_dict=True)``)."""
     if name not in adapters_of(model):
         raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
-    state = _peft().get_peft_model_state_dict(model, adapter_name=name)
+    state = _peft().get_peft_model_state_dict(model, state_dict=None if state_dict is None else dict(state_dict),
+                                              adapter_name=name)
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
 
 
@@ -667,13 +672,29 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
             f"adapter weights do not fit adapter {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             "use the same --lora-rank/--lora-targets as the run that wrote them"
         )
+    targets = {key: _adapter_tensor(model, key, name) for key in state}
     for key, value in state.items():
-        mine = _adapter_tensor(model, key, name)
-        if mine.shape != value.shape:
-            raise ConfigError(f"adapter tensor {key}: shape {tuple(value.shape)} does not fit {tuple(mine.shape)}")
+        if targets[key].shape != value.shape:  # a DTensor's shape is the whole tensor's
+            raise ConfigError(f"adapter tensor {key}: shape {tuple(value.shape)} does not fit {tuple(targets[key].shape)}")
+    if any(_is_dtensor(t) for t in targets.values()):
+        # FSDP2-sharded (every rank calls this with the whole tensors): each rank keeps its shard.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        full = {names[id(targets[key])]: value for key, value in state.items()}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for key, value in state.items():
-            _adapter_tensor(model, key, name).copy_(value)
+            targets[key].copy_(value)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _adapter_tensor(model: nn.Module, key: str, name: str) -> torch.Tensor:
@@ -697,9 +718,12 @@ def _adapter_tensor(model: nn.Module, key: str, name: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, folder: str | Path, name: str = "default", state_dict: Optional[Mapping[str, torch.Tensor]] = None
+) -> Path:
     """Write adapter ``name`` of ``model`` to ``folder``: ``adapter_model.safetensors`` (the adapter
-    tensors, and the config JSON in the header) and ``adapter_config.json``. Returns ``folder``."""
+    tensors, and the config JSON in the header) and ``adapter_config.json``. Returns ``folder``.
+    ``state_dict``: the model's full state dict to take the tensors from (see ``adapter_state_dict``)."""
     from safetensors.torch import save_file
 
     info = adapters_of(model).get(name)
@@ -709,7 +733,7 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
     folder.mkdir(parents=True, exist_ok=True)
     config = json.dumps(info.to_json(), indent=2) + "\n"
     tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt", _META_KEY: config})
+    save_file(adapter_state_dict(model, name, state_dict), str(tmp), metadata={"format": "pt", _META_KEY: config})
     tmp.replace(folder / ADAPTER_WEIGHTS)
     (folder / ADAPTER_CONFIG).write_text(config)
     return folder

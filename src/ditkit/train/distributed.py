@@ -322,6 +322,30 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
     }
 
 
+def _optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer, by_name: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``_optimizer_state_by_name``: a state keyed by parameter name (what
+    ``get_optimizer_state_dict`` returns) numbered in param-group order, as one process's
+    ``optimizer.state_dict()`` is, so ``optimizer.load_state_dict`` of any layout takes it."""
+    names = {param: name for name, param in model.named_parameters()}
+    index = {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    return {
+        "state": {index[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]],
+    }
+
+
+def load_adapter_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A LoRA checkpoint's optimiser (``state["optimizer"]``, numbered as one process numbers it) into
+    an FSDP2-sharded ``model``'s optimiser: each rank takes its shards. The adapters themselves are
+    restored by ``ditkit.adapters.restore_adapter``, which handles sharded parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if "optimizer" not in state:
+        raise ConfigError(f"{ckpt}: state.pt holds no optimiser state, so this LoRA run cannot be resumed from it")
+    by_name = _optimizer_state_by_name(model, optimizer, state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def load_training_checkpoint(
     ckpt: str | Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
@@ -561,6 +585,27 @@ class DistContext:
         return ema_model if self.is_main else None
 
     # ---- checkpoints
+    def gather_adapter_state(
+        self, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Optional[tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]]:
+        """FSDP2 LoRA run: ``(model state, EMA state, optimiser state)`` gathered whole onto rank 0's
+        CPU (``None`` on the other ranks; every rank must call this), the optimiser numbered as one
+        process numbers it (``_optimizer_state_by_index``), so the checkpoint is the one-process
+        layout. The frozen base is gathered too: a checkpoint-time cost of one all-gather."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=full)
+        ema_state = get_model_state_dict(ema_model, options=full)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=full)
+        if not self.is_main:
+            return None
+        return model_state, ema_state, _optimizer_state_by_index(model, optimizer, optim_state)
+
     def save_checkpoint(
         self,
         run_dir: Path,

@@ -479,16 +479,19 @@ class CheckpointHook(Hook):
 
 
 def save_adapter_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, cfg: Config, training_state: dict[str, Any]
+    run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, cfg: Config, training_state: dict[str, Any],
+    model_state: Optional[dict[str, torch.Tensor]] = None, ema_state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """A LoRA run's ``RUN/checkpoints/step_N``: ``adapter/`` and ``ema_adapter/`` (``save_adapter``:
     the adapter tensors only, a few percent of the model), ``config.json`` and ``state.pt``, staged
-    and published by one atomic rename as ``save_checkpoint`` does (the base is ``train.init_from``)."""
+    and published by one atomic rename as ``save_checkpoint`` does (the base is ``train.init_from``).
+    ``model_state`` / ``ema_state``: full state dicts to take the adapter tensors from (FSDP2: the
+    gathered weights; default: the modules' own ``state_dict()``)."""
     root = Path(run_dir) / "checkpoints"
     staged = staging_dir(run_dir, step)
     try:
-        save_adapter(model, staged / ADAPTER_DIR)
-        save_adapter(ema_model, staged / EMA_ADAPTER_DIR)
+        save_adapter(model, staged / ADAPTER_DIR, state_dict=model_state)
+        save_adapter(ema_model, staged / EMA_ADAPTER_DIR, state_dict=ema_state)
         atomic_write_bytes(staged / CONFIG_FILE, cfg.to_json().encode())
         buffer = io.BytesIO()
         torch.save(training_state, buffer)
@@ -512,10 +515,17 @@ def checkpoint_saver(run: Run, state_extra: Callable[[], dict[str, Any]], tokeni
 
         if adapters_of(state.model):  # a LoRA run: adapter/ and ema_adapter/ instead of the model files
             ckpt = run.run_dir / "checkpoints" / step_dir_name(state.step)
+            # FSDP2: every rank takes part in gathering the weights and optimiser; rank 0 then
+            # writes the one-process layout, which resumes on any number of processes.
+            gathered = run.ctx.gather_adapter_state(state.model, state.ema.model, state.optimizer) if run.ctx.fsdp else None
             if run.ctx.is_main:
-                ckpt = save_adapter_checkpoint(run.run_dir, state.step, state.model, state.ema.model, run.cfg, training_state())
+                saved, model_state, ema_state = training_state(), None, None
+                if gathered is not None:
+                    model_state, ema_state, saved["optimizer"] = gathered
+                ckpt = save_adapter_checkpoint(run.run_dir, state.step, state.model, state.ema.model, run.cfg, saved,
+                                               model_state, ema_state)
             if run.ctx.active:
-                run.ctx.barrier()  # DDP: every rank returns once the checkpoint is complete
+                run.ctx.barrier()  # every rank returns once the checkpoint is complete
         elif run.ctx.active:  # rank 0 writes (FSDP: every rank its shards); all ranks wait until it is complete
             ckpt = run.ctx.save_checkpoint(run.run_dir, state.step, state.model, state.ema, state.optimizer, run.cfg, training_state)
         else:

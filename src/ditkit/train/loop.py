@@ -472,8 +472,6 @@ def _setup(
 def _lora_base_dtype(cfg: Config, ctx: Any) -> Optional[torch.dtype]:
     """The dtype to keep a LoRA run's frozen base in (None: as loaded); refuses what cannot run."""
     t = cfg.train
-    if ctx.active and ctx.fsdp:
-        raise ConfigError("LoRA runs do not support train.parallel=fsdp yet: use --set train.parallel=ddp")
     base_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(t.lora_base_dtype or "")
     if base_dtype is torch.bfloat16 and resolve_precision(t.precision, ctx.device) != torch.bfloat16:
         raise ConfigError("train.lora_base_dtype=bf16 needs bf16 autocast: add --precision bf16 (or drop lora_base_dtype)")

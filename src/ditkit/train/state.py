@@ -170,8 +170,13 @@ class TrainState:
         into the adapters ``apply_lora`` made; the base came from ``--init-from``."""
         state = load_training_state(ckpt)
         if adapters_of(self.model):  # a LoRA run: the checkpoint holds the adapters, --init-from the base
-            restore_adapter(self.model, Path(ckpt) / ADAPTER_DIR)
+            restore_adapter(self.model, Path(ckpt) / ADAPTER_DIR)  # FSDP2: each rank keeps its shards
             restore_adapter(self.ema.model, Path(ckpt) / EMA_ADAPTER_DIR)
+            if _is_sharded(self.model):  # the optimiser of one process's numbering, into this rank's shards
+                from ditkit.train.distributed import load_adapter_training_state
+
+                load_adapter_training_state(ckpt, self.model, self.optimizer, state)
+                state = {k: v for k, v in state.items() if k != "optimizer"}
         elif distributed:
             from ditkit.train.distributed import load_training_checkpoint
 
@@ -181,6 +186,15 @@ class TrainState:
             self.model.load_state_dict(load_weights(ckpt, "model"))
             self.ema.model.load_state_dict(load_weights(ckpt, "ema"))
         self.load_state_dict(state)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded by FSDP2's ``fully_shard``."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 # ---- one step ----------------------------------------------------------------------------------
