@@ -31,8 +31,8 @@ from ditkit.builders import default_sampler  # noqa: F401  (re-exported for symm
 from ditkit.config import Config, ConfigError
 from ditkit.data.audio import MelSpec, logmel_to_waveform, mel_spec_of, spectrogram_pixels, write_wav
 from ditkit.media import save_png
-from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
-from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.pipelines.base import GeneratorArg
+from ditkit.pipelines.denoising import DenoisingPipeline, TrajectoryRecorder
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
@@ -208,58 +208,44 @@ class AudioPipeline(DenoisingPipeline):
                 f"--duration {duration:g}: use a length in seconds between {self.spec.hop_length / self.spec.sample_rate:g} "
                 f"and {self.max_seconds:g} (this model trained on {cfg.data.duration:g} s clips)"
             )
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-        if trajectory_points < 0:
-            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
         if griffin_lim_iters < 1:
             raise ConfigError(f"griffin_lim_iters={griffin_lim_iters}: use at least 1 (32 is the default)")
-        labels, n = self.resolve_labels(class_labels, num_samples)
-        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
-        self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
-        seed = cfg.sample.seed if seed is None else seed
-        seeds, generators = resolve_generators(n, seed, generator)
-        options = self._sampler_options(sampler, eta)
-        traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
-        announce_total(progress, steps * math.ceil(n / batch_size))
-        recorded: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch: (x0_pred, x_t) per step
-        logmels = self._draw(labels, generators, n, self.num_frames(duration), sampler=sampler, steps=steps,
-                             scale=scale, spacing=spacing, options=options, batch_size=batch_size, progress=progress,
-                             trajectory_steps=traj_idx, recorded=recorded)
+        plan = self.plan(class_labels, num_samples, sampler=sampler, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, timestep_spacing=timestep_spacing, eta=eta, seed=seed,
+                         generator=generator, batch_size=batch_size, allow_untrained_uncond=allow_untrained_uncond,
+                         trajectory_points=trajectory_points)
+        announce_total(progress, plan.steps * math.ceil(plan.n / batch_size))
+        recorder = TrajectoryRecorder(plan.trajectory_steps)
+        logmels = self._draw(plan.labels, plan.generators, plan.n, self.num_frames(duration), batch_size=batch_size,
+                             progress=progress, recorder=recorder, **plan.sampling)
+        seeds = plan.seeds
         num_samples_out = int(round(duration * self.spec.sample_rate))
         waves = np.stack([
             logmel_to_waveform(m, self.spec, n_iter=griffin_lim_iters, seed=seeds[i] if seeds is not None else i)[:num_samples_out]
             for i, m in enumerate(logmels)
         ])
-        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
-                                          options=options, spacing=spacing, labels=labels)
+        metadata = self.sampling_metadata(plan)
         metadata.update({
             "duration_seconds": f"{duration:g}", "sample_rate": str(self.spec.sample_rate),
             "vocoder": f"librosa mel inversion + Griffin-Lim, {griffin_lim_iters} iterations",
             "mel": json.dumps(self.spec.to_dict()),
         })
-        trajectory = trajectory_xt = None
-        if recorded:  # (N, K, n_mels, T)
-            trajectory = torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in recorded])
-            trajectory_xt = torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in recorded])
-            metadata["trajectory_steps"] = " ".join(map(str, traj_idx))
-        return AudioPipelineOutput(waves.astype(np.float32), self.spec.sample_rate, logmels, labels, seeds, metadata,
-                                   list(self.class_names), trajectory, trajectory_xt, traj_idx)
+        trajectory, trajectory_xt = recorder.stack()  # (N, K, n_mels, T)
+        if trajectory is not None:
+            metadata["trajectory_steps"] = " ".join(map(str, plan.trajectory_steps))
+        return AudioPipelineOutput(waves.astype(np.float32), self.spec.sample_rate, logmels, plan.labels, seeds, metadata,
+                                   list(self.class_names), trajectory, trajectory_xt, plan.trajectory_steps)
 
     def _draw(
         self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
-        trajectory_steps: Sequence[int] = (), recorded: Optional[list[list[tuple[torch.Tensor, torch.Tensor]]]] = None,
-        **sampling: Any,
+        recorder: Optional[TrajectoryRecorder] = None, **sampling: Any,
     ) -> torch.Tensor:
-        """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU. At
-        each of ``trajectory_steps`` appends ``(x0_pred, x_t)`` (CPU, float32) to ``recorded[-1]``,
-        a new list per batch (a batch's first recorded step opens it)."""
+        """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU;
+        ``recorder`` keeps the trajectory."""
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-            if recorded is not None and i in trajectory_steps:
-                if i == trajectory_steps[0]:
-                    recorded.append([])
-                recorded[-1].append((x0_pred.float().clamp(-1, 1).cpu(), x.float().cpu()))
+            if recorder is not None:
+                recorder(i, x, x0_pred)
             if progress is not None:
                 progress(1)
 

@@ -6,17 +6,18 @@ sampling record. Each modality adds its shapes, outputs and files (``image.py``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ditkit.builders import build_objective, default_sampler
 from ditkit.config import Config, ConfigError
-from ditkit.pipelines.base import Pipeline, generator_slice
+from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators, trajectory_indices
 from ditkit.registry import SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 
-__all__ = ["DenoisingPipeline", "sampling_clip_x0"]
+__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "sampling_clip_x0"]
 
 
 def sampling_clip_x0(cfg: Config) -> Optional[float]:
@@ -28,8 +29,99 @@ def sampling_clip_x0(cfg: Config) -> Optional[float]:
     return clip or None
 
 
+@dataclass
+class SamplingPlan:
+    """One pipeline call's checked settings (``DenoisingPipeline.plan``): ``labels`` (one per
+    sample, or None), ``n`` samples, the sampler and its ``steps`` / guidance ``scale`` /
+    timestep ``spacing`` / ``options``, ``seed`` with the per-sample ``seeds`` (None when the
+    caller gave generators) and ``generators``, and the sampler steps to record
+    (``trajectory_steps``, empty for none)."""
+
+    labels: Optional[list[int]]
+    n: int
+    sampler: str
+    steps: int
+    scale: float
+    spacing: Optional[str]
+    options: dict[str, Any]
+    seed: int
+    seeds: Optional[list[int]]
+    generators: Any
+    trajectory_steps: list[int]
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The keyword arguments of ``DenoisingPipeline.sample_batches`` the plan fixes."""
+        return {"sampler": self.sampler, "steps": self.steps, "scale": self.scale, "spacing": self.spacing,
+                "options": self.options}
+
+
+class TrajectoryRecorder:
+    """A sampler callback's recording half: at each of ``steps`` (sampler step indices) it keeps
+    ``(x0_pred, x_t)`` as float32 CPU tensors, ``x0_pred`` clamped to [-1, 1] (``x_t`` too with
+    ``clamp_xt``), one row per batch (a batch's first recorded step opens it). ``stack()`` gives
+    ``(trajectory, trajectory_xt)``, each ``(N, K, *sample shape)``, or ``(None, None)``."""
+
+    def __init__(self, steps: Sequence[int], clamp_xt: bool = False) -> None:
+        self.steps, self.clamp_xt = list(steps), clamp_xt
+        self.batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def __call__(self, i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if i not in self.steps:
+            return
+        if i == self.steps[0]:
+            self.batches.append([])
+        x_t = x.float().clamp(-1, 1) if self.clamp_xt else x.float()
+        self.batches[-1].append((x0_pred.float().clamp(-1, 1).cpu(), x_t.cpu()))
+
+    def stack(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if not self.batches:
+            return None, None
+        return (torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in self.batches]),
+                torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in self.batches]))
+
+
 class DenoisingPipeline(Pipeline):
     """Base of the pipelines whose objective denoises continuous tensors (see the module docstring)."""
+
+    def plan(
+        self,
+        class_labels: Optional[Sequence[int | str]] = None,
+        num_samples: Optional[int] = None,
+        *,
+        sampler: Optional[str],
+        num_inference_steps: Optional[int],
+        guidance_scale: Optional[float],
+        timestep_spacing: Optional[str] = None,
+        eta: Optional[float] = None,
+        seed: Optional[int] = None,
+        generator: GeneratorArg = None,
+        batch_size: int = 1,
+        allow_untrained_uncond: bool = False,
+        trajectory_points: int = 0,
+        count: Optional[int] = None,
+    ) -> SamplingPlan:
+        """What every ``__call__`` checks and resolves before drawing, in one place: batch size and
+        trajectory count, the labels (``resolve_labels``; or ``count`` samples without labels when
+        the caller conditions otherwise, e.g. on prompts), sampler / steps / guidance / spacing
+        (``check_options``), the guidance check (``check_plan_guidance``), the seeds and
+        generators (``resolve_generators``: sample ``i`` from ``seed + i`` unless ``generator``)
+        and the sampler options (``eta``). ``ConfigError`` says what to change."""
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+        if trajectory_points < 0:
+            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
+        labels, n = self.resolve_labels(class_labels, num_samples) if count is None else (None, count)
+        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
+        self.check_plan_guidance(scale, labels, allow_untrained_uncond)
+        seed = self.cfg.sample.seed if seed is None else seed
+        seeds, generators = resolve_generators(n, seed, generator)
+        return SamplingPlan(labels, n, sampler, steps, scale, spacing, self._sampler_options(sampler, eta), seed, seeds,
+                            generators, trajectory_indices(steps, trajectory_points) if trajectory_points else [])
+
+    def check_plan_guidance(self, scale: float, labels: Optional[list[int]], allow_untrained_uncond: bool) -> None:
+        """The guidance check of ``plan``: against the null class when sampling with labels."""
+        self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
 
     def build_objective(self) -> Any:
         return build_objective(self.cfg, clip_x0=sampling_clip_x0(self.cfg))
@@ -114,18 +206,16 @@ class DenoisingPipeline(Pipeline):
             out.append(x0.float().clamp(-1, 1).cpu())
         return torch.cat(out)
 
-    def sampling_metadata(
-        self, *, sampler: str, steps: int, scale: float, seed: int, seeds: Optional[list[int]],
-        options: dict[str, Any], spacing: Optional[str], labels: Optional[list[int]],
-    ) -> dict[str, str]:
-        """The provenance entries plus the sampling record every output carries."""
+    def sampling_metadata(self, plan: SamplingPlan, *, labels: bool = True) -> dict[str, str]:
+        """The provenance entries plus the sampling record every output carries (the plan's
+        labels too, unless ``labels=False``)."""
         metadata = self.provenance()
-        metadata.update({"sampler": sampler, "num_sampling_steps": str(steps), "cfg_scale": str(scale)})
-        metadata["seed"] = str(seed) if seeds is not None else "caller's generator"
-        for key, value in options.items():
+        metadata.update({"sampler": plan.sampler, "num_sampling_steps": str(plan.steps), "cfg_scale": str(plan.scale)})
+        metadata["seed"] = str(plan.seed) if plan.seeds is not None else "caller's generator"
+        for key, value in plan.options.items():
             metadata[key] = str(value)
-        if spacing is not None:
-            metadata["timestep_spacing"] = spacing
-        if labels is not None:
-            metadata["labels"] = " ".join(map(str, labels))
+        if plan.spacing is not None:
+            metadata["timestep_spacing"] = plan.spacing
+        if labels and plan.labels is not None:
+            metadata["labels"] = " ".join(map(str, plan.labels))
         return metadata

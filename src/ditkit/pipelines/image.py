@@ -29,7 +29,7 @@ from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
-from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators, trajectory_indices
+from ditkit.pipelines.base import GeneratorArg, generator_slice, trajectory_indices
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
@@ -242,26 +242,22 @@ class ImagePipeline(DenoisingPipeline):
         ``allow_untrained_uncond``: a warning), and bad steps / scales / batch sizes.
         """
         cfg = self.cfg
-        labels, n = self.resolve_labels(class_labels, num_samples)
-        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
-        self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-        seed = cfg.sample.seed if seed is None else seed
-        seeds, generators = resolve_generators(n, seed, generator)
-        options = self._sampler_options(sampler, eta)
+        # the trajectory is over network calls, which control changes: _draw picks its steps
+        plan = self.plan(class_labels, num_samples, sampler=sampler, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, timestep_spacing=timestep_spacing, eta=eta, seed=seed,
+                         generator=generator, batch_size=batch_size, allow_untrained_uncond=allow_untrained_uncond)
+        labels = plan.labels
         step_cache = make_step_cache(cache)
         attach_step_cache(self.model, step_cache)  # refuses a model without the hook before any work
-        control = self._control(n, image, mask_image, strength, extend, strict, jump_length, jump_n_sample)
+        control = self._control(plan.n, image, mask_image, strength, extend, strict, jump_length, jump_n_sample)
         draw = self._draw_distributed if distributed else self._draw
         tensors, trajectory, traj_idx, extras = draw(
-            labels, generators, sampler=sampler, steps=steps, scale=scale, spacing=spacing, options=options,
-            guide_channels=guide_channels, batch_size=batch_size, trajectory_points=trajectory_points, progress=progress,
-            step_cache=step_cache, control=control, guidance_map=guidance_map,
+            labels, plan.generators, guide_channels=guide_channels, batch_size=batch_size,
+            trajectory_points=trajectory_points, progress=progress, step_cache=step_cache, control=control,
+            guidance_map=guidance_map, **plan.sampling,
         )
         is_latent = bool(cfg.data.latent_channels) and self.vae is None
-        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
-                                          options=options, spacing=spacing, labels=None)
+        metadata = self.sampling_metadata(plan, labels=False)
         if step_cache is not None:
             metadata["cache"] = step_cache.spec
             metadata["cache_reuse"] = step_cache.summary()
@@ -274,7 +270,7 @@ class ImagePipeline(DenoisingPipeline):
         if control is not None:
             metadata["control"] = control.describe()
         images = [] if is_latent else to_pil(tensors)
-        return ImagePipelineOutput(images, tensors, labels, seeds, metadata, list(self.class_names), trajectory,
+        return ImagePipelineOutput(images, tensors, labels, plan.seeds, metadata, list(self.class_names), trajectory,
                                    traj_idx, is_latent, trajectory_xt=extras.get("xt"),
                                    guidance_maps=extras.get("guidance"))
 

@@ -39,7 +39,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict, word_spans
 from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
-from ditkit.pipelines.base import GeneratorArg, generator_slice, resolve_generators
+from ditkit.pipelines.base import GeneratorArg, generator_slice
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES, SAMPLERS
@@ -232,6 +232,10 @@ class PromptPipeline(ImagePipeline):
             raise ConfigError(message + "; --allow-untrained-uncond samples anyway")
         warnings.warn(message, stacklevel=3)
 
+    def check_plan_guidance(self, scale: float, labels: Optional[list[int]], allow_untrained_uncond: bool) -> None:
+        """A prompt model guides against the empty caption (``check_prompt_guidance``)."""
+        self.check_prompt_guidance(scale, allow_untrained_uncond)
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,
@@ -267,8 +271,6 @@ class PromptPipeline(ImagePipeline):
             raise ConfigError("no prompt given: pass a string or a list of strings")
         if num_images_per_prompt < 1:
             raise ConfigError(f"--num-images-per-prompt {num_images_per_prompt}: must be at least 1")
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         elif isinstance(negative_prompt, str):
@@ -277,24 +279,19 @@ class PromptPipeline(ImagePipeline):
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise ConfigError(f"negative_prompt: got {len(negatives)} for {len(prompts)} prompts; give one or one per prompt")
-        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
-        self.check_prompt_guidance(scale, allow_untrained_uncond)
         k = num_images_per_prompt
+        plan = self.plan(sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         timestep_spacing=timestep_spacing, eta=eta, seed=seed, generator=generator, batch_size=batch_size,
+                         allow_untrained_uncond=allow_untrained_uncond, count=len(prompts) * k)
         expanded = [p for p in prompts for _ in range(k)]
         expanded_neg = [q for q in negatives for _ in range(k)]
         ids = self.encode_prompts(expanded, strict)
         neg_ids = self.encode_prompts(expanded_neg, strict, what="negative prompt")
-        n = len(expanded)
-        seed = self.cfg.sample.seed if seed is None else seed
-        seeds, generators = resolve_generators(n, seed, generator)
-        options = self._sampler_options(sampler, eta)
         layers = self.model.cross_attention_modules() if attention_maps else []
-        announce_total(progress, steps * math.ceil(n / batch_size))
-        tensors, maps = self._draw_prompts(ids, neg_ids, generators, sampler=sampler, steps=steps, scale=scale,
-                                           spacing=spacing, options=options, batch_size=batch_size, layers=layers,
-                                           progress=progress)
-        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
-                                          options=options, spacing=spacing, labels=None)
+        announce_total(progress, plan.steps * math.ceil(plan.n / batch_size))
+        tensors, maps = self._draw_prompts(ids, neg_ids, plan.generators, batch_size=batch_size, layers=layers,
+                                           progress=progress, **plan.sampling)
+        metadata = self.sampling_metadata(plan)
         word_maps = None
         if maps is not None:
             size = tensors.shape[-1]
@@ -308,7 +305,7 @@ class PromptPipeline(ImagePipeline):
                     per_word.append((word, heat))
                 word_maps.append(per_word)
         images = to_pil(tensors) if not (self.cfg.data.latent_channels and self.vae is None) else []
-        return PromptPipelineOutput(images, tensors, None, seeds, metadata, [], prompts=expanded,
+        return PromptPipelineOutput(images, tensors, None, plan.seeds, metadata, [], prompts=expanded,
                                     negative_prompts=expanded_neg, num_images_per_prompt=k, attention_maps=word_maps)
 
     def _draw_prompts(

@@ -29,8 +29,8 @@ from PIL import Image
 from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
-from ditkit.pipelines.base import GeneratorArg, resolve_generators, trajectory_indices
-from ditkit.pipelines.denoising import DenoisingPipeline
+from ditkit.pipelines.base import GeneratorArg
+from ditkit.pipelines.denoising import DenoisingPipeline, TrajectoryRecorder
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
@@ -195,53 +195,37 @@ class VideoPipeline(DenoisingPipeline):
         guidance on a model whose unconditional branch was never trained (unless
         ``allow_untrained_uncond``: a warning).
         """
-        cfg = self.cfg
         frames = self.check_num_frames(num_frames)
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
         if fps <= 0:
             raise ConfigError(f"--fps {fps:g}: use a positive frame rate, e.g. 8")
-        if trajectory_points < 0:
-            raise ConfigError(f"--trajectory-points {trajectory_points}: use a count >= 1 (0: no trajectory)")
-        labels, n = self.resolve_labels(class_labels, num_samples)
-        sampler, steps, scale, spacing = self.check_options(sampler, num_inference_steps, guidance_scale, timestep_spacing)
-        self.check_guidance(scale if labels is not None else 1.0, allow_untrained_uncond)
-        seed = cfg.sample.seed if seed is None else seed
-        seeds, generators = resolve_generators(n, seed, generator)
-        options = self._sampler_options(sampler, eta)
-        traj_idx = trajectory_indices(steps, trajectory_points) if trajectory_points else []
-        announce_total(progress, frames * steps * math.ceil(n / batch_size))  # a bar over frames x steps
-        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0_pred, x_t) per recorded step, batch after batch
-        clips = self._draw(labels, generators, n, frames, sampler=sampler, steps=steps, scale=scale, spacing=spacing,
-                           options=options, batch_size=batch_size, progress=progress, trajectory_steps=traj_idx,
-                           recorded=recorded)
-        metadata = self.sampling_metadata(sampler=sampler, steps=steps, scale=scale, seed=seed, seeds=seeds,
-                                          options=options, spacing=spacing, labels=labels)
+        plan = self.plan(class_labels, num_samples, sampler=sampler, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, timestep_spacing=timestep_spacing, eta=eta, seed=seed,
+                         generator=generator, batch_size=batch_size, allow_untrained_uncond=allow_untrained_uncond,
+                         trajectory_points=trajectory_points)
+        announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
+        recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True)
+        clips = self._draw(plan.labels, plan.generators, plan.n, frames, batch_size=batch_size, progress=progress,
+                           recorder=recorder, **plan.sampling)
+        metadata = self.sampling_metadata(plan)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
-        trajectory = trajectory_xt = None
-        if recorded:  # K entries per batch, batches in order -> (N, K, C, F, H, W)
-            k = len(traj_idx)
-            batches = [recorded[b:b + k] for b in range(0, len(recorded), k)]
-            trajectory = torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in batches])
-            trajectory_xt = torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in batches])
-            metadata["trajectory_steps"] = " ".join(map(str, traj_idx))
+        trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
+        if trajectory is not None:
+            metadata["trajectory_steps"] = " ".join(map(str, plan.trajectory_steps))
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
-        return VideoPipelineOutput(clips, pil, labels, seeds, metadata, list(self.class_names), float(fps),
-                                   trajectory, trajectory_xt, traj_idx)
+        return VideoPipelineOutput(clips, pil, plan.labels, plan.seeds, metadata, list(self.class_names), float(fps),
+                                   trajectory, trajectory_xt, plan.trajectory_steps)
 
     def _draw(
         self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
-        trajectory_steps: Sequence[int] = (), recorded: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
-        **sampling: Any,
+        recorder: Optional[TrajectoryRecorder] = None, **sampling: Any,
     ) -> torch.Tensor:
         """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU; progress
-        counts frames x steps. At each of ``trajectory_steps`` appends ``(x0_pred, x_t)`` (CPU,
-        float32, clamped to [-1, 1]) to ``recorded``."""
+        counts frames x steps; ``recorder`` keeps the trajectory."""
         channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
 
         def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-            if recorded is not None and i in trajectory_steps:
-                recorded.append((x0_pred.float().clamp(-1, 1).cpu(), x.float().clamp(-1, 1).cpu()))
+            if recorder is not None:
+                recorder(i, x, x0_pred)
             if progress is not None:
                 progress(frames)
 
