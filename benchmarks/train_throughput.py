@@ -8,7 +8,9 @@ fused AdamW, EMA update. Achieved FLOP/s use the analytic count 6 x forward MACs
 
 A case is a precision (fp32 or bf16) with optional '+' suffixes: '+compile' (torch.compile of the
 model), '+official' (the official DiT train.py's step on ditkit's model: see
-_official_style_step) and '+devnoise' (draw the diffusion noise and times with a generator on the device; the
+_official_style_step), '+bf16weights' (a low-precision copy of the weights for forward and
+backward with float32 master weights in the optimiser, instead of autocast's casts: see
+_bf16_weights_step) and '+devnoise' (draw the diffusion noise and times with a generator on the device; the
 training loop draws them on the CPU so a seed gives the same run on any device). On CUDA, fp32
 means TF32 matmuls, as in the training loop.
 
@@ -68,6 +70,41 @@ def _official_style_step(model, objective, x, y, dtype, noise):
     return step
 
 
+def _bf16_weights_step(model, objective, x, y, dtype, noise, params):
+    """The training step with a low-precision copy of the weights for forward and backward, the
+    float32 weights kept as the optimiser's master copy (classic mixed precision, Micikevicius et
+    al. 2018) instead of autocast casting every weight at every step. Per step: the copy's
+    gradients are cast to the master's ``.grad`` in one ``_foreach_copy_``, AdamW updates the
+    master, and the master is cast back into the copy in one ``_foreach_copy_``. Autocast stays
+    on for the ops it keeps in float32 (norms, softmax); it has no weights left to cast."""
+    from ditkit.train.ema import EMA
+    from ditkit.train.precision import autocast
+
+    low = copy.deepcopy(model).to(dtype)
+    low_params = [p for p in low.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    ema = EMA(model, 0.9999)
+    device = x.device
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = objective.loss(low, x, y, generator=noise).mean()
+        loss.backward()
+        for p in params:  # first step: float32 gradient buffers to cast into
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        torch._foreach_copy_([p.grad for p in params], [p.grad for p in low_params])
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        for p in low_params:
+            p.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(low_params, params)
+        ema.update(model)
+
+    return step
+
+
 def run_case(args: argparse.Namespace, case: str) -> dict:
     """Time one case in this process: 'fp32' or 'bf16' with optional suffixes (module docstring)."""
     from ditkit.diffusion import GaussianDiffusion, make_schedule
@@ -76,7 +113,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
     from ditkit.train.precision import autocast
 
     precision, *extras = case.split("+")
-    unknown = set(extras) - {"compile", "official", "devnoise"}
+    unknown = set(extras) - {"compile", "official", "devnoise", "bf16weights"}
     if unknown or {"compile", "official"} <= set(extras):  # the official-style step is never compiled
         raise SystemExit(f"case {case!r}: use fp32|bf16 with +compile, +official or +devnoise ({sorted(unknown)} unknown)")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
@@ -106,6 +143,8 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
     noise = torch.Generator(device if "devnoise" in extras else "cpu").manual_seed(0)
     if "official" in extras:
         step = _official_style_step(model, objective, x, y, dtype, noise)
+    elif "bf16weights" in extras:
+        step = _bf16_weights_step(model, objective, x, y, dtype, noise, params)
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
         ema = EMA(model, 0.9999)
