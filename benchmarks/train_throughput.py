@@ -114,8 +114,10 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
 
     precision, *extras = case.split("+")
     unknown = set(extras) - {"compile", "official", "devnoise", "bf16weights"}
-    if unknown or {"compile", "official"} <= set(extras):  # the official-style step is never compiled
-        raise SystemExit(f"case {case!r}: use fp32|bf16 with +compile, +official or +devnoise ({sorted(unknown)} unknown)")
+    # the official-style step is never compiled; the bf16-weights step is neither compiled nor official
+    if unknown or {"compile", "official"} <= set(extras) or ("bf16weights" in extras and {"compile", "official"} & set(extras)):
+        raise SystemExit(f"case {case!r}: use fp32|bf16 with +compile, +official, +bf16weights or +devnoise "
+                         f"(+official and +bf16weights alone; {sorted(unknown)} unknown)")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     device = torch.device(args.device)
     if device.type == "cuda":  # as the training loop: TF32 for fp32 matmuls and convolutions

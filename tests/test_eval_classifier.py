@@ -3,6 +3,7 @@ conditional accuracy, and the shapes it accepts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -96,3 +97,63 @@ def test_rejects_bad_inputs(digits, trained):
         get_classifier(train_x[:10], torch.zeros(10, dtype=torch.int64), cache)
     with pytest.raises(ValueError, match="multiple of 8"):
         ClassifierConfig(width=12)
+
+
+def _tiny_data():
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    return images, torch.arange(40) % 4
+
+
+def test_a_classifier_that_did_not_learn_is_trained_again_at_a_lower_rate(tmp_path, monkeypatch):
+    # What happened on the 28x28 MNIST subset at lr 3e-3: every ReLU of the feature layer dead,
+    # held-out accuracy 0.07, FD 0 for any samples. Stand-in: the first training "fails".
+    import ditkit.eval.classifier as module
+
+    real, rates = module.train_classifier, []
+
+    def train(images, labels, num_classes, config, device):
+        rates.append(config.learning_rate)
+        model, _ = real(images, labels, num_classes, dataclasses.replace(config, epochs=1), device)
+        return model, 0.07 if len(rates) == 1 else 0.9
+
+    monkeypatch.setattr(module, "train_classifier", train)
+    images, labels = _tiny_data()
+    config = ClassifierConfig(width=8, feature_dim=16)
+    classifier, _ = get_classifier(images, labels, tmp_path, config)
+    assert rates == [config.learning_rate, config.learning_rate / 3]
+    assert classifier.info["holdout_accuracy"] == 0.9
+    assert classifier.info["trained_with"]["learning_rate"] == config.learning_rate / 3
+    assert "0.070" in classifier.info["trained_with"]["why"]
+    saved = json.loads(next(tmp_path.glob("classifier-*/classifier.json")).read_text())
+    assert saved["trained_with"] == classifier.info["trained_with"]
+
+
+def test_a_classifier_that_never_learns_is_an_error_and_a_dead_cached_one_is_retrained(tmp_path, monkeypatch):
+    import ditkit.eval.classifier as module
+
+    real, calls = module.train_classifier, []
+
+    def dead(images, labels, num_classes, config, device):
+        calls.append(config.learning_rate)
+        return real(images, labels, num_classes, dataclasses.replace(config, epochs=1), device)[0], 0.25
+
+    monkeypatch.setattr(module, "train_classifier", dead)
+    images, labels = _tiny_data()
+    config = ClassifierConfig(width=8, feature_dim=16)
+    with pytest.raises(RuntimeError, match=r"did not learn this data \(held-out accuracy 0.250 .* chance is 0.250"):
+        get_classifier(images, labels, tmp_path, config)
+    assert len(calls) == 2 and not list(tmp_path.glob("classifier-*"))  # nothing cached
+
+    # a dead classifier cached by an earlier version is not used: it is trained again
+    def good(images, labels, num_classes, config, device):
+        calls.append(config.learning_rate)
+        return real(images, labels, num_classes, dataclasses.replace(config, epochs=1), device)[0], 0.95
+
+    monkeypatch.setattr(module, "train_classifier", good)
+    first, _ = get_classifier(images, labels, tmp_path, config)
+    info_file = next(tmp_path.glob("classifier-*/classifier.json"))
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "holdout_accuracy": 0.07}))
+    calls.clear()
+    again, _ = get_classifier(images, labels, tmp_path, config)
+    assert calls == [config.learning_rate] and again.info["holdout_accuracy"] == 0.95
+    assert json.loads(info_file.read_text())["holdout_accuracy"] == 0.95

@@ -119,7 +119,7 @@ def test_fsdp_lora_trains_the_adapter_of_one_process_and_resumes_on_any_number_o
     one_state, fsdp_state = load_training_state(one.checkpoint), load_training_state(fsdp_ckpt)
     assert fsdp_state["optimizer"]["param_groups"] == one_state["optimizer"]["param_groups"]
     for index, moments in one_state["optimizer"]["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(fsdp_state["optimizer"]["state"][index][key], moments[key], rtol=0, atol=ATOL)
     _assert_same_adapters(fsdp_ckpt, one.checkpoint)
     trained = load_file(str(fsdp_ckpt / "adapter" / "adapter_model.safetensors"))

@@ -665,7 +665,9 @@ def adapter_state_dict(
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
     """Copy ``state`` (from ``adapter_state_dict``) into adapter ``name``; a missing or unexpected
     adapter key is a ConfigError (e.g. resuming with other --lora-targets)."""
-    expected = set(adapter_state_dict(model, name))
+    if name not in adapters_of(model):
+        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    expected = set(_peft().get_peft_model_state_dict(model, adapter_name=name))  # the keys; no copies
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ConfigError(

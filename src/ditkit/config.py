@@ -235,7 +235,8 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept (the final one is always kept)
     seed: int = 0  # the official scripts call it --global-seed
     # several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2) and saves
-    # sharded checkpoints; one process without torchrun ignores "ddp" (see ditkit.train.distributed)
+    # sharded checkpoints (a LoRA run: the one-process adapter checkpoint); one process without
+    # torchrun ignores "ddp" (see ditkit.train.distributed)
     parallel: Literal["ddp", "fsdp"] = "ddp"
     # torch.compile the network the loss calls (applied from outside the model). "auto": on for
     # CUDA runs of at least COMPILE_AUTO_MIN_STEPS steps, off on the CPU. Measured (docs/benchmarks.md):

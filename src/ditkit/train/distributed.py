@@ -36,7 +36,9 @@ ranks. A checkpoint then holds ``sharded/`` (``torch.distributed.checkpoint``: m
 optimiser, written by every rank, resharded on load to any number of processes, or into an
 unsharded model) next to ``model.safetensors`` / ``ema.safetensors`` gathered on rank 0 (so
 ``ditkit sample``, ``info`` and the interop tools read it like any other checkpoint) and a
-``state.pt`` without the optimiser. Sample grids and evaluation gather the EMA weights onto rank 0.
+``state.pt`` without the optimiser. A LoRA run is the exception: its checkpoint is the
+one-process LoRA layout (adapters and ``state.pt`` with the optimiser), gathered onto rank 0
+(``DistContext.gather_adapter_state``), so it resumes on any number of processes in either mode. Sample grids and evaluation gather the EMA weights onto rank 0.
 
 Only rank 0 writes logs, grids and checkpoints; every rank waits at a barrier until a checkpoint
 is complete. Loss and gradient norm are averaged over the ranks when they are logged (the only
@@ -403,11 +405,15 @@ class NullLogger:
 
 
 def _rebind_ema(ema: EMA, model: nn.Module) -> None:
-    """Point ``ema``'s (averaged, copied) pairs at the sharded parameters, as ``EMA.__init__`` pairs
-    them (``fully_shard`` replaces every parameter object of the modules it shards)."""
+    """Point ``ema``'s averaged pairs at the sharded parameters, as ``EMA.__init__`` pairs them
+    (``fully_shard`` replaces every parameter object of the modules it shards). Frozen parameters
+    (the fixed position table; a LoRA run's whole base) are equal in both at this point and no
+    step changes them, so they are not copied at every update: sharding gave model and EMA separate
+    storage (the tensors a LoRA run's EMA shared with the model in one process), and the copy
+    would be a pass over the whole base shard per step. Buffers are still copied."""
     pairs = list(zip(ema.model.parameters(), model.parameters()))
     ema._avg = [(e, p) for e, p in pairs if p.requires_grad]
-    ema._copy = [(e, p) for e, p in pairs if not p.requires_grad] + list(zip(ema.model.buffers(), model.buffers()))
+    ema._copy = list(zip(ema.model.buffers(), model.buffers()))
 
 
 @dataclass
@@ -588,10 +594,12 @@ class DistContext:
     def gather_adapter_state(
         self, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> Optional[tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]]:
-        """FSDP2 LoRA run: ``(model state, EMA state, optimiser state)`` gathered whole onto rank 0's
-        CPU (``None`` on the other ranks; every rank must call this), the optimiser numbered as one
+        """FSDP2 LoRA run: ``(model state, EMA state, optimiser state)`` gathered onto rank 0's CPU
+        (``None`` on the other ranks; every rank must call this), the optimiser numbered as one
         process numbers it (``_optimizer_state_by_index``), so the checkpoint is the one-process
-        layout. The frozen base is gathered too: a checkpoint-time cost of one all-gather."""
+        layout. The model's frozen base is left out (``ignore_frozen_params``); the EMA copy has no
+        trainable parameters to tell the adapters by, so it is gathered whole, base included: a
+        checkpoint-time all-gather of one model's weights."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -599,7 +607,8 @@ class DistContext:
         )
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=full)
+        trained = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_state = get_model_state_dict(model, options=trained)  # the adapters (and trained copies)
         ema_state = get_model_state_dict(ema_model, options=full)
         optim_state = get_optimizer_state_dict(model, optimizer, options=full)
         if not self.is_main:

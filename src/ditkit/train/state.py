@@ -172,11 +172,12 @@ class TrainState:
         if adapters_of(self.model):  # a LoRA run: the checkpoint holds the adapters, --init-from the base
             restore_adapter(self.model, Path(ckpt) / ADAPTER_DIR)  # FSDP2: each rank keeps its shards
             restore_adapter(self.ema.model, Path(ckpt) / EMA_ADAPTER_DIR)
-            if _is_sharded(self.model):  # the optimiser of one process's numbering, into this rank's shards
-                from ditkit.train.distributed import load_adapter_training_state
+            if distributed:
+                from ditkit.train.distributed import _is_fsdp, load_adapter_training_state
 
-                load_adapter_training_state(ckpt, self.model, self.optimizer, state)
-                state = {k: v for k, v in state.items() if k != "optimizer"}
+                if _is_fsdp(self.model):  # the optimiser of one process's numbering, into this rank's shards
+                    load_adapter_training_state(ckpt, self.model, self.optimizer, state)
+                    state = {k: v for k, v in state.items() if k != "optimizer"}
         elif distributed:
             from ditkit.train.distributed import load_training_checkpoint
 
@@ -186,15 +187,6 @@ class TrainState:
             self.model.load_state_dict(load_weights(ckpt, "model"))
             self.ema.model.load_state_dict(load_weights(ckpt, "ema"))
         self.load_state_dict(state)
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """True for a model sharded by FSDP2's ``fully_shard``."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 # ---- one step ----------------------------------------------------------------------------------
