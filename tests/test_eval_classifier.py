@@ -99,9 +99,21 @@ def test_rejects_bad_inputs(digits, trained):
         ClassifierConfig(width=12)
 
 
-def _tiny_data():
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    return images, torch.arange(40) % 4
+def _tiny_data(n: int = 500):
+    # 500 images hold out 50, the fewest the check judges by
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
+    return images, torch.arange(n) % 4
+
+
+def test_a_small_held_out_set_is_not_judged(tmp_path, monkeypatch):
+    import ditkit.eval.classifier as module
+
+    real = module.train_classifier
+    monkeypatch.setattr(module, "train_classifier", lambda images, labels, k, config, device: (
+        real(images, labels, k, dataclasses.replace(config, epochs=1), device)[0], 0.25))
+    images, labels = _tiny_data(40)  # 4 held-out images: 0.25 says little
+    classifier, _ = get_classifier(images, labels, tmp_path, ClassifierConfig(width=8, feature_dim=16))
+    assert classifier.info["holdout_accuracy"] == 0.25 and "trained_with" not in classifier.info
 
 
 def test_a_classifier_that_did_not_learn_is_trained_again_at_a_lower_rate(tmp_path, monkeypatch):
