@@ -165,7 +165,13 @@ def test_a_classifier_that_never_learns_is_an_error_and_a_dead_cached_one_is_ret
     first, _ = get_classifier(images, labels, tmp_path, config)
     info_file = next(tmp_path.glob("classifier-*/classifier.json"))
     info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "holdout_accuracy": 0.07}))
+    # reference statistics the dead one left (ditkit.eval.evaluator caches them by classifier hash)
+    stale = tmp_path / f"reference-{first.hash}-0123456789abcdef.safetensors"
+    stale.write_bytes(b"features of the dead classifier")
+    other = tmp_path / "reference-ffffffffffffffff-0123456789abcdef.safetensors"
+    other.write_bytes(b"another extractor's")
     calls.clear()
     again, _ = get_classifier(images, labels, tmp_path, config)
     assert calls == [config.learning_rate] and again.info["holdout_accuracy"] == 0.95
     assert json.loads(info_file.read_text())["holdout_accuracy"] == 0.95
+    assert not stale.exists() and other.exists()

@@ -369,6 +369,10 @@ def get_classifier(
                                 "why": f"held-out accuracy {first:.3f} at learning rate {config.learning_rate:g}"}
     if verbose:
         print(f"trained feature classifier {classifier_hash} in {seconds:.1f}s, held-out accuracy {accuracy:.4f}")
+    # Reference statistics are cached by classifier hash (ditkit.eval.evaluator); any left by an
+    # earlier classifier of this hash (one that never learned) describe other features.
+    for stale in cache_dir.glob(f"reference-{classifier_hash}-*.safetensors"):
+        stale.unlink(missing_ok=True)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".classifier-{classifier_hash}-"))
     try:
