@@ -638,6 +638,14 @@ def _activate(model: nn.Module, trainable: Optional[str] = None) -> None:
             copy.requires_grad_(n == trainable and n in active)
 
 
+def _adapter_info(model: nn.Module, name: str) -> AdapterInfo:
+    """Adapter ``name`` of ``model``; a ConfigError naming the adapters it has when there is none."""
+    info = adapters_of(model).get(name)
+    if info is None:
+        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    return info
+
+
 def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
     """The parameters of adapter ``name`` (default: all trainable ones), in model order: what the
     optimiser gets. The base has none. An adapter's copies of whole modules count."""
@@ -655,8 +663,7 @@ def adapter_state_dict(
     ``y_embedder.embedding_table.weight``), detached CPU copies. ``state_dict``: take the tensors
     from this full state dict of ``model`` instead of ``model.state_dict()`` (an FSDP2-sharded
     model's weights gathered with ``get_model_state_dict(..., full_state_dict=True)``)."""
-    if name not in adapters_of(model):
-        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    _adapter_info(model, name)
     state = _peft().get_peft_model_state_dict(model, state_dict=None if state_dict is None else dict(state_dict),
                                               adapter_name=name)
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
@@ -665,8 +672,7 @@ def adapter_state_dict(
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
     """Copy ``state`` (from ``adapter_state_dict``) into adapter ``name``; a missing or unexpected
     adapter key is a ConfigError (e.g. resuming with other --lora-targets)."""
-    if name not in adapters_of(model):
-        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    _adapter_info(model, name)
     expected = set(_peft().get_peft_model_state_dict(model, adapter_name=name))  # the keys; no copies
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -728,9 +734,7 @@ def save_adapter(
     ``state_dict``: the model's full state dict to take the tensors from (see ``adapter_state_dict``)."""
     from safetensors.torch import save_file
 
-    info = adapters_of(model).get(name)
-    if info is None:
-        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    info = _adapter_info(model, name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = json.dumps(info.to_json(), indent=2) + "\n"
@@ -1079,9 +1083,7 @@ def export_lora_diffusers(model: nn.Module, folder: str | Path, name: str = "def
     ``B`` (and magnitude) split by rows, which is exact. Returns the file."""
     from safetensors.torch import save_file
 
-    info = adapters_of(model).get(name)
-    if info is None:
-        raise ConfigError(f"no adapter named {name!r} in this model (have: {', '.join(adapters_of(model)) or 'none'})")
+    info = _adapter_info(model, name)
     if info.modules_to_save:
         raise ConfigError(
             f"adapter {name!r} also trains {', '.join(info.modules_to_save)} whole (--lora-train-modules "

@@ -38,7 +38,8 @@ unsharded model) next to ``model.safetensors`` / ``ema.safetensors`` gathered on
 ``ditkit sample``, ``info`` and the interop tools read it like any other checkpoint) and a
 ``state.pt`` without the optimiser. A LoRA run is the exception: its checkpoint is the
 one-process LoRA layout (adapters and ``state.pt`` with the optimiser), gathered onto rank 0
-(``DistContext.gather_adapter_state``), so it resumes on any number of processes in either mode. Sample grids and evaluation gather the EMA weights onto rank 0.
+(``DistContext.gather_adapter_state``), so it resumes on any number of processes in either mode.
+Sample grids and evaluation gather the EMA weights onto rank 0.
 
 Only rank 0 writes logs, grids and checkpoints; every rank waits at a barrier until a checkpoint
 is complete. Loss and gradient norm are averaged over the ranks when they are logged (the only
@@ -336,14 +337,15 @@ def _optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer
     }
 
 
-def load_adapter_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """A LoRA checkpoint's optimiser (``state["optimizer"]``, numbered as one process numbers it) into
-    an FSDP2-sharded ``model``'s optimiser: each rank takes its shards. The adapters themselves are
-    restored by ``ditkit.adapters.restore_adapter``, which handles sharded parameters."""
+def load_one_process_optimizer(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A one-process checkpoint's optimiser (``state["optimizer"]``, numbered as one process numbers
+    it: a plain or DDP run, or any LoRA run) into an FSDP2-sharded ``model``'s optimiser: each rank
+    takes its shards. (A LoRA run's adapters are restored by ``ditkit.adapters.restore_adapter``,
+    which handles sharded parameters.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if "optimizer" not in state:
-        raise ConfigError(f"{ckpt}: state.pt holds no optimiser state, so this LoRA run cannot be resumed from it")
+        raise ConfigError(f"{ckpt}: state.pt holds no optimiser state, so the run cannot be resumed from it")
     by_name = _optimizer_state_by_name(model, optimizer, state["optimizer"])
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
@@ -386,8 +388,7 @@ def load_training_checkpoint(
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, load_weights(ckpt, "model"), options=full)
         set_model_state_dict(ema_model, load_weights(ckpt, "ema"), options=full)
-        by_name = _optimizer_state_by_name(model, optimizer, state["optimizer"])
-        set_optimizer_state_dict(model, optimizer, by_name, options=full)
+        load_one_process_optimizer(ckpt, model, optimizer, state)
     else:
         model.load_state_dict(load_weights(ckpt, "model"))
         ema_model.load_state_dict(load_weights(ckpt, "ema"))

@@ -173,10 +173,10 @@ class TrainState:
             restore_adapter(self.model, Path(ckpt) / ADAPTER_DIR)  # FSDP2: each rank keeps its shards
             restore_adapter(self.ema.model, Path(ckpt) / EMA_ADAPTER_DIR)
             if distributed:
-                from ditkit.train.distributed import _is_fsdp, load_adapter_training_state
+                from ditkit.train.distributed import _is_fsdp, load_one_process_optimizer
 
                 if _is_fsdp(self.model):  # the optimiser of one process's numbering, into this rank's shards
-                    load_adapter_training_state(ckpt, self.model, self.optimizer, state)
+                    load_one_process_optimizer(ckpt, self.model, self.optimizer, state)
                     state = {k: v for k, v in state.items() if k != "optimizer"}
         elif distributed:
             from ditkit.train.distributed import load_training_checkpoint
