@@ -242,13 +242,7 @@ class AudioPipeline(DenoisingPipeline):
     ) -> torch.Tensor:
         """The sampling loop: ``(n, n_mels, frames)`` float32 log-mels in [-1, 1] on the CPU;
         ``recorder`` keeps the trajectory."""
-
-        def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-            if recorder is not None:
-                recorder(i, x, x0_pred)
-            if progress is not None:
-                progress(1)
-
+        callback = (recorder or TrajectoryRecorder(())).callback(progress)
         return self.sample_batches(labels, generators, n, (self.spec.n_mels, frames), guide_channels=self.spec.n_mels,
                                    callback=callback, **sampling)
 

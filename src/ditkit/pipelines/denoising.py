@@ -74,6 +74,16 @@ class TrajectoryRecorder:
         x_t = x.float().clamp(-1, 1) if self.clamp_xt else x.float()
         self.batches[-1].append((x0_pred.float().clamp(-1, 1).cpu(), x_t.cpu()))
 
+    def callback(self, progress: Optional[Callable[[int], None]], units: int = 1) -> Callable[..., None]:
+        """The sampler's per-step ``callback(i, x_t, x0_pred)``: record, then ``progress(units)``."""
+
+        def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            self(i, x, x0_pred)
+            if progress is not None:
+                progress(units)
+
+        return callback
+
     def stack(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if not self.batches:
             return None, None

@@ -222,13 +222,7 @@ class VideoPipeline(DenoisingPipeline):
         """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU; progress
         counts frames x steps; ``recorder`` keeps the trajectory."""
         channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
-
-        def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-            if recorder is not None:
-                recorder(i, x, x0_pred)
-            if progress is not None:
-                progress(frames)
-
+        callback = (recorder or TrajectoryRecorder(())).callback(progress, frames)
         return self.sample_batches(labels, generators, n, (channels, frames, size, size), guide_channels=channels,
                                    callback=callback, **sampling)
 
