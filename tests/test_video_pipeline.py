@@ -274,7 +274,7 @@ def test_sample_cli_refuses_video_flags_for_image_checkpoints(tmp_path, capsys):
     cfg.run = RunConfig(results_dir=str(tmp_path), run_name="img", tensorboard=False)
     run = train(cfg, log=quiet)
     rc = main(["sample", "--ckpt", str(run.run_dir), "--num-frames", "8", "--out-dir", str(tmp_path / "o")])
-    assert rc != 0 and "--num-frames is for video models" in capsys.readouterr().err
+    assert rc != 0 and "--num-frames is for text-to-video and video models" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

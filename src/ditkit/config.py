@@ -522,6 +522,12 @@ def _validate_video(cfg: Config) -> None:
         raise ConfigError(f"model.attention={m.attention!r}: choose interleaved or full")
     if m.tubelet_size is not None and (m.tubelet_size < 1 or (d.num_frames or DEFAULT_NUM_FRAMES) % m.tubelet_size):
         raise ConfigError(f"model.tubelet_size={m.tubelet_size}: use a divisor of data.num_frames={d.num_frames or DEFAULT_NUM_FRAMES}")
+    prompt = m.name.startswith("T2V-")  # text-to-video (models/prompt_dit.PROMPT_LATTE_PRESETS)
+    if prompt and not d.captioned:
+        raise ConfigError(f"--model {m.name} trains on captioned clips: add --set data.captioned=true (moving_digits "
+                          "captions every clip; a folder needs a .txt beside each clip)")
+    if d.captioned and not prompt:
+        raise ConfigError(f"data.captioned=true trains a text-to-video model: use --model T2V-{m.name} or drop it")
 
 
 def _validate_modality(cfg: Config) -> None:

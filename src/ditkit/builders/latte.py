@@ -1,4 +1,5 @@
-"""Constructor arguments of Latte, the video DiT (``models/latte.py``), from a config."""
+"""Constructor arguments of Latte, the video DiT (``models/latte.py``), and of its prompt variant
+(``T2V-Latte-*``: ``models/prompt_dit.PromptDiT`` with a Latte backbone) from a config."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from typing import Any
 
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.models.latte import LATTE_PRESETS
+from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS, PROMPT_VOCAB_SIZE
 from ditkit.registry import MODEL_BUILDERS
 
-__all__ = ["latte_kwargs"]
+__all__ = ["latte_kwargs", "prompt_latte_kwargs"]
 
 # ModelConfig fields a Latte takes (pos_embed and time_conditioning are image- or text-only).
 _LATTE_MODEL_FIELDS = (
@@ -25,8 +27,42 @@ def latte_kwargs(cfg: Config) -> dict[str, Any]:
     count and size are nominal: the position tables are computed per call. Raises ``ConfigError``
     when the frame size is not a whole number of patches, the frames not of tubelets, or the
     widths do not divide."""
+    if cfg.data.channels is None or cfg.data.num_classes is None:
+        raise ConfigError("data.channels and data.num_classes must be known to build the model (set by training)")
+    kwargs = _clip_kwargs(cfg, dict(LATTE_PRESETS[cfg.model.name]))
+    kwargs["num_classes"] = cfg.data.num_classes
+    return kwargs
+
+
+@MODEL_BUILDERS.register("prompt_latte")
+def prompt_latte_kwargs(cfg: Config) -> dict[str, Any]:
+    """``PromptDiT(backbone="latte", **kwargs)`` for a text-to-video config: Latte's arguments as
+    ``latte_kwargs`` (no class labels), then the caption side as ``builders/prompt.py``: the joint
+    encoder's vocabulary, ``data.max_caption_length`` and ``data.caption_dropout``, or with a frozen
+    encoder (``data.text_encoder``) its width instead of an encoder. ConfigError as ``latte_kwargs``,
+    and for a dropout outside [0, 1] or a caption limit under 2 tokens."""
+    d = cfg.data
+    if d.channels is None:
+        raise ConfigError("data.channels must be known to build the model (set by training)")
+    preset = dict(PROMPT_LATTE_PRESETS[cfg.model.name])
+    kwargs = _clip_kwargs(cfg, preset)
+    kwargs.pop("class_dropout_prob", None)  # captions drop to the empty one instead (data.caption_dropout)
+    if not 0.0 <= d.caption_dropout <= 1.0:
+        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
+    if d.max_caption_length < 2:
+        raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
+    kwargs.update(vocab_size=PROMPT_VOCAB_SIZE, max_caption_length=d.max_caption_length, caption_dropout=d.caption_dropout)
+    if d.text_encoder:  # a frozen encoder outside the model: the Latte reads its states
+        from ditkit.data.captions import frozen_encoder_width
+
+        kwargs.update(text_encoder=None, caption_channels=d.text_encoder_dim or frozen_encoder_width(d.text_encoder))
+    return kwargs
+
+
+def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A Latte preset's arguments updated with non-None ``cfg.model`` fields and the sizes the data
+    and objective decide (all but the classes); ConfigError for sizes that do not divide."""
     m, d = cfg.model, cfg.data
-    kwargs = dict(LATTE_PRESETS[m.name])
     kwargs.update({k: getattr(m, k) for k in _LATTE_MODEL_FIELDS if getattr(m, k) is not None})
     for name in ("pos_embed", "time_conditioning"):
         if getattr(m, name) is not None:
@@ -47,13 +83,10 @@ def latte_kwargs(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"model.depth={kwargs['depth']}: interleaved attention pairs spatial and temporal blocks, use an even depth")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
-    if d.channels is None or d.num_classes is None:
-        raise ConfigError("data.channels and data.num_classes must be known to build the model (set by training)")
     kwargs.update(
         input_size=d.image_size,
         num_frames=frames,
         in_channels=d.channels,
-        num_classes=d.num_classes,
         learn_sigma=cfg.objective.kind == "gaussian" and cfg.objective.learn_sigma,
     )
     return kwargs

@@ -149,7 +149,7 @@ def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
     pipe = pipeline_class(checkpoint.config).from_checkpoint(checkpoint, use_ema=not args.no_ema, device=args.device,
                                                              precision=args.precision)
     sampler, steps, cfg_scale, _ = pipe.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
-    pipe.check_guidance(cfg_scale, args.allow_untrained_uncond)
+    pipe.check_plan_guidance(cfg_scale, [0] if pipe.num_classes else None, args.allow_untrained_uncond)  # before the judges train
     seed = pipe.cfg.sample.seed if args.seed is None else args.seed
     if modality == "video":
         from ditkit.eval.video import evaluate_video as evaluate
@@ -270,4 +270,5 @@ EVALUATIONS = {
     "text_to_image": _cmd_eval_text_to_image,
     "audio": lambda args: _cmd_eval_clips(args, "audio"),
     "video": lambda args: _cmd_eval_clips(args, "video"),
+    "text_to_video": lambda args: _cmd_eval_clips(args, "video"),
 }

@@ -218,10 +218,12 @@ def train_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
             cfg = get_recipe(args.recipe or ("shapes_captions" if prompts else "digits"))
             if prompts and hasattr(args, "data") and Path(args.data).is_dir():
                 overrides.setdefault("data.captioned", True)  # a folder of captioned images
+            if str(overrides.get("model.name", "")).startswith("T2V-"):
+                overrides.setdefault("data.captioned", True)  # a text-to-video model trains on captioned clips
     cfg = apply_overrides(cfg, overrides)
-    if cfg.data.text_encoder and not cfg.model.name.startswith("T2I-"):
-        raise ConfigError(f"--text-encoder conditions text-to-image models (T2I-*), not {cfg.model.name}: "
-                          "use --recipe shapes_captions or a --model T2I-... preset")
+    if cfg.data.text_encoder and not cfg.model.name.startswith(("T2I-", "T2V-")):
+        raise ConfigError(f"--text-encoder conditions prompt models (T2I-*, T2V-*), not {cfg.model.name}: "
+                          "use --recipe shapes_captions, --recipe moving_digits_captions or a --model T2I-... preset")
     return cfg, ckpt
 
 

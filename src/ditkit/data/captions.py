@@ -1034,7 +1034,7 @@ def word_spans(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
 class CaptionTrainingSet:
     """What the trainer reads for a prompt model: one row per (image, caption) pair.
 
-    images: (M, C, H, W) uint8; labels: (M, L) int64 caption token ids padded with the tokenizer's
+    images: (M, C, H, W) uint8 (clips (M, C, F, H, W) for a text-to-video model); labels: (M, L) int64 caption token ids padded with the tokenizer's
     pad id (the prompt model encodes them and drops them to the empty caption at the caption dropout
     rate); texts: the M captions; captions: the ``CaptionDataset`` it came from. ``num_classes`` is 0
     (no class labels)."""
@@ -1069,6 +1069,8 @@ class CaptionTrainingSet:
         n = len(self.dataset)
         side = self.images.shape[-1]
         where = f"{n} images {side}x{side}x{self.images.shape[1]}, {len(self)} image-caption pairs"
+        if self.images.ndim == 5:  # clips (M, C, F, H, W) of a text-to-video model
+            where = f"{n} clips of {self.images.shape[2]} frames {side}x{side}x{self.images.shape[1]}, {len(self)} clip-caption pairs"
         if self.conditions is not None:
             c = self.conditions
             return (f"{self.source}: {where}, {len(c)} unique captions through a frozen encoder "
@@ -1102,8 +1104,12 @@ def load_caption_training_set(data: Any) -> CaptionTrainingSet:
     states (``frozen_caption_pairs``)."""
     if getattr(data, "text_encoder", None):
         text_encoder_folder(data.text_encoder)  # a bad --text-encoder fails before the images load
+    from ditkit.data.video import captioned_clips, is_video_source
+
     if data.dataset == "shapes_captions":
         scenes = shapes_captions(data.num_items, seed=0, split="train", image_size=data.image_size)
+    elif is_video_source(data):  # text-to-video: clips (N, C, F, H, W) with their captions
+        scenes = captioned_clips(data, allow_uncaptioned=bool(getattr(data, "allow_uncaptioned", False)))
     else:
         scenes = load_captioned_folder(data.dataset, data.image_size, data.channels,
                                        allow_uncaptioned=bool(getattr(data, "allow_uncaptioned", False)))

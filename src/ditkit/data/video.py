@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ __all__ = [
     "MOVING_DIGITS_LABELS",
     "make_moving_digits",
     "direction_names",
+    "moving_digit_caption",
+    "training_prompts",
+    "captioned_clips",
     "load_video_folder",
     "read_clip_frames",
     "clip_to_frames",
@@ -110,6 +113,27 @@ def direction_names(num_directions: int) -> tuple[str, ...]:
     if num_directions not in (4, 8):
         raise DataError(f"moving_digits num_directions {num_directions}: choose 4 or 8")
     return DIRECTION_NAMES[:: 8 // num_directions]
+
+
+def moving_digit_caption(digit: int, direction: str) -> str:
+    """The caption ``moving_digits`` gives one digit: ``"a 3 moving up-left"`` (``"an 8 ..."``)."""
+    return f"{'an' if digit == 8 else 'a'} {digit} moving {direction}"
+
+
+def training_prompts(cfg: DataConfig, count: int = 4) -> list[str]:
+    """Prompts for a text-to-video run's sample grids: ``count`` captions of the ``moving_digits``
+    grammar (digits and directions in turn), or the first captions of a folder's clips."""
+    if cfg.dataset == "moving_digits":
+        names = direction_names(cfg.num_directions)
+        return [moving_digit_caption((3 * i) % 10, names[i % len(names)]) for i in range(count)]
+    found = []
+    for path in sorted(Path(cfg.dataset).rglob("*.txt"), key=_natural_key):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if text and text not in found:
+            found.append(text)
+        if len(found) == count:
+            break
+    return found or ["a clip"]
 
 
 def _mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +243,8 @@ def make_moving_digits(
     digits = pool_labels[torch.as_tensor(which)].to(torch.int64)  # (n, k)
     directions = torch.as_tensor(direction, dtype=torch.int64)
 
-    def phrase(d: int, direction: int) -> str:
-        return f"{'an' if d == 8 else 'a'} {d} moving {names[direction]}"
-
-    captions = [" and ".join(phrase(int(digits[i, j]), int(directions[i, j])) for j in range(k)) for i in range(n)]
+    captions = [" and ".join(moving_digit_caption(int(digits[i, j]), names[int(directions[i, j])]) for j in range(k))
+                for i in range(n)]
     if label == "digit_direction":
         labels = digits[:, 0] * num_directions + directions[:, 0]
         class_names = [f"{d} {name}" for d in range(10) for name in names]
@@ -509,6 +531,27 @@ def load_video_dataset(cfg: DataConfig) -> VideoDataset:
         names += [str(i) for i in range(len(names), num_classes)]
     attributes = {k: v[: len(clips)] for k, v in ds.attributes.items()}
     return VideoDataset(clips.contiguous(), labels, num_classes, names, ds.source, captions, attributes)
+
+
+def captioned_clips(cfg: DataConfig, allow_uncaptioned: bool = False) -> Any:
+    """The clips of ``cfg`` (``load_video_dataset``) with their captions, as a
+    ``ditkit.data.captions.CaptionDataset`` whose ``images`` are the clips (N, C, F, H, W) uint8:
+    what a text-to-video model (``T2V-Latte-*``) trains on. ``moving_digits`` captions every clip
+    ("a 3 moving up-left"); a folder reads each clip's sidecar ``.txt``. Raises ``DataError`` when no
+    clip has a caption, or some lack one and ``allow_uncaptioned`` is off (then they train with the
+    empty prompt)."""
+    from ditkit.data.captions import CaptionDataset
+
+    ds = load_video_dataset(cfg)
+    captions = ds.captions or [""] * len(ds)
+    missing = sum(not c.strip() for c in captions)
+    if missing == len(ds):
+        raise DataError(f"{ds.source}: no clip has a caption; a text-to-video model needs one per clip "
+                        "(a .txt beside each clip with the same name), or train a class model (Latte-*)")
+    if missing and not allow_uncaptioned:
+        raise DataError(f"{ds.source}: {missing} of {len(ds)} clip(s) have no caption: add a .txt beside each, or "
+                        "--set data.allow_uncaptioned=true to train them with the empty prompt")
+    return CaptionDataset(ds.clips, [[c.strip()] for c in captions], ds.source, stats={"missing": missing})
 
 
 # ---- writers ---------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ditkit.data.video import make_moving_digits
+from ditkit.data.video import direction_names, make_moving_digits, moving_digit_caption
 from ditkit.eval.classifier import ClassifierConfig, SmallCNN, train_classifier
 from ditkit.eval.frechet import feature_stats, frechet_distance
 
@@ -395,8 +395,10 @@ def evaluate_video(
     allow_untrained_uncond: bool = False,
     judge_config: Optional[VideoJudgeConfig] = None,
 ) -> dict[str, Any]:
-    """Score ``num_samples`` clips of a ``moving_digits`` checkpoint (a ``VideoPipeline``) with the
-    video judges. Labels cycle over the classes (balanced); clips have the trained length.
+    """Score ``num_samples`` clips of a ``moving_digits`` checkpoint (a ``VideoPipeline``, or a
+    ``TextToVideoPipeline``) with the video judges. Labels cycle over the classes (balanced); a
+    text-to-video model gets the caption of every (digit, direction) in turn ("a 3 moving up");
+    clips have the trained length.
 
     Returns a JSON-ready dict: ``metrics`` (``frame_accuracy``, ``identity_consistency``,
     ``direction_accuracy`` where the labels ask for them, ``fd_clip_judge`` against real clips of
@@ -425,13 +427,21 @@ def evaluate_video(
         raise ConfigError(f"judge_config is for {judge_config.image_size} px and {judge_config.num_directions} directions; "
                           f"the run has {d.image_size} px and {d.num_directions}")
     judges = get_video_judges(cache_dir, judge_config)
-    k = pipe.num_classes
-    labels = [i % k for i in range(num_samples)] if k else None
-    out = pipe(class_labels=labels, num_samples=num_samples, num_frames=frames, sampler=sampler,
-               num_inference_steps=num_sampling_steps, guidance_scale=cfg_scale, seed=seed, batch_size=batch_size,
-               progress=progress, allow_untrained_uncond=allow_untrained_uncond)
+    options = dict(num_frames=frames, sampler=sampler, num_inference_steps=num_sampling_steps, guidance_scale=cfg_scale,
+                   seed=seed, batch_size=batch_size, progress=progress, allow_untrained_uncond=allow_untrained_uncond)
+    prompts = None
+    if getattr(pipe, "modality", "") == "text_to_video":  # prompts of the training grammar, every (digit, direction) in turn
+        pairs = [(i % (10 * d.num_directions)) for i in range(num_samples)]
+        digits, directions = (torch.tensor(pairs) // d.num_directions, torch.tensor(pairs) % d.num_directions)
+        names = direction_names(d.num_directions)
+        prompts = [moving_digit_caption(int(g), names[int(r)]) for g, r in zip(digits, directions)]
+        out = pipe(prompts, **options)
+    else:
+        k = pipe.num_classes
+        labels = [i % k for i in range(num_samples)] if k else None
+        out = pipe(class_labels=labels, num_samples=num_samples, **options)
+        digits, directions = requested_attributes(labels, d.video_label, d.num_directions) if labels else (None, None)
     sample_seconds = time.perf_counter() - start
-    digits, directions = requested_attributes(labels, d.video_label, d.num_directions) if labels else (None, None)
     metrics = score_clips(judges, out.tensors, digits, directions)
     common = dict(image_size=d.image_size, num_frames=frames, num_directions=d.num_directions, label="digit_direction",
                   split="test")
@@ -449,6 +459,8 @@ def evaluate_video(
         "weights": meta["weights"],
         "num_samples": num_samples,
         "num_frames": frames,
+        "conditioning": "prompts (\"a 3 moving up\", every digit and direction in turn)" if prompts else (
+            f"class labels ({d.video_label}, cycling)" if pipe.num_classes else "none (unconditional)"),
         "metrics": {key: round(value, 4) for key, value in metrics.items()},
         "real": {key: round(value, 4) for key, value in real.items()},
         "targets": {"frame_accuracy": 0.8, "identity_consistency": 0.9, "direction_accuracy": 0.7},

@@ -36,8 +36,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditkit.models.cross_dit import CaptionProjection
 from ditkit.models.dit import DIT_PRESETS, PatchEmbed, sincos_1d
-from ditkit.models.layers import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, init_adaln_zero, modulate
+from ditkit.models.layers import (
+    CrossAttention,
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    init_adaln_zero,
+    modulate,
+)
+from ditkit.models.text_encoder import PromptCondition
 from ditkit.registry import MODEL_FAMILIES
 
 ATTENTION_KINDS = ("interleaved", "full")
@@ -74,15 +84,34 @@ class SpaceTimeBlock(DiTBlock):
     Spatial attention: tokens ordered (frame, patch), G = F. Temporal: ordered (patch, frame),
     G = N. Full 3-D: G = 1, the plain DiT block. The conditioning ``c`` is ``(B, D)``, one
     modulation per clip, which Latte computes once per frame or per patch instead (same values).
+
+    ``cross_attention=True`` (prompt models) adds, after the self-attention, cross-attention from
+    every token to the caption states ``context`` (B, L, D) with padding mask ``context_mask``
+    (B, L) bool, ungated and unnormalised as in PixArt-alpha's block (whose text-to-video Latte
+    variant puts it in the spatial blocks); its output projection starts at zero, so a new block
+    is still the identity.
     """
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: int = 1) -> torch.Tensor:  # type: ignore[override]
-        if groups == 1:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, cross_attention: bool = False,
+                 **options: Any):
+        super().__init__(hidden_size, num_heads, mlp_ratio, **options)
+        self.cross_attn = (CrossAttention(hidden_size, num_heads, qk_norm=options.get("qk_norm", False),
+                                          norm=options.get("norm", "layernorm")) if cross_attention else None)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, c: torch.Tensor, groups: int = 1, context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if groups == 1 and self.cross_attn is None:
             return super().forward(x, c)
         B, T, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(B * groups, T // groups, D)
         x = x + gate_msa.unsqueeze(1) * self.attn(h).reshape(B, T, D)
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this block cross-attends to a caption: pass its states (context)")
+            x = x + self.cross_attn(x, context, context_mask)  # (B, T, D): every token reads the caption
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -92,13 +121,17 @@ class SpaceTimeBlock(DiTBlock):
 
 
 class Latte(nn.Module):
-    """Video diffusion transformer with adaLN-Zero conditioning on timestep and class.
+    """Video diffusion transformer with adaLN-Zero conditioning on timestep and class (or prompt).
 
     forward(x (B, C, F, H, W), t (B,) float timestep on the 0..1000 scale, y (B,) int64 or None)
     -> (B, out_channels, F, H, W), out_channels = 2C with ``learn_sigma`` ([mean prediction, v]).
     ``num_classes = 0`` builds an unconditional model (y must be None); the label ``num_classes``
     is the null class of classifier-free guidance, and in ``train()`` mode labels drop to it with
-    probability ``class_dropout_prob`` (as DiT). ``input_size`` and ``num_frames`` are the nominal
+    probability ``class_dropout_prob`` (as DiT). ``caption_channels = D_text`` builds a prompt
+    model instead (Latte's text-to-video variant; ``num_classes`` must be 0): ``y`` is a
+    ``PromptCondition`` (encoder states (B, L, D_text) and padding mask), projected as PixArt-alpha
+    does and read by cross-attention in the spatial blocks (every block with full attention);
+    the text encoder and caption dropout live outside (``models/prompt_dit.PromptDiT``). ``input_size`` and ``num_frames`` are the nominal
     size (recorded, used by ``forward_macs``); any F divisible by ``tubelet_size`` and any H, W
     divisible by ``patch_size`` are accepted. Raises ``ValueError`` for other shapes.
     """
@@ -123,8 +156,11 @@ class Latte(nn.Module):
         mlp: str = "gelu",
         grad_checkpointing: bool = False,
         timestep_freq_shift: float = 0.0,
+        caption_channels: int | None = None,
     ):
         super().__init__()
+        if caption_channels and num_classes:
+            raise ValueError(f"a prompt Latte (caption_channels={caption_channels}) takes no class labels: num_classes=0")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={attention!r}: choose one of {', '.join(ATTENTION_KINDS)}")
         if attention == "interleaved" and depth % 2:
@@ -144,9 +180,12 @@ class Latte(nn.Module):
             self.x_embedder = TubeletEmbed(tubelet_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.caption_channels = caption_channels
+        self.caption_projection = CaptionProjection(caption_channels, hidden_size) if caption_channels else None
+        reads_caption = [bool(caption_channels) and (attention == "full" or i % 2 == 0) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            SpaceTimeBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, norm=norm, mlp=mlp)
-            for _ in range(depth)
+            SpaceTimeBlock(hidden_size, num_heads, mlp_ratio, cross_attention=cross, qk_norm=qk_norm, norm=norm, mlp=mlp)
+            for cross in reads_caption
         )
         out_per_token = tubelet_size * patch_size * patch_size * self.out_channels
         self.final_layer = FinalLayer(hidden_size, out_per_token, norm=norm)
@@ -163,6 +202,13 @@ class Latte(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.caption_projection is not None:  # PixArt-alpha: N(0, 0.02) caption projection
+            nn.init.normal_(self.caption_projection.fc1.weight, std=0.02)
+            nn.init.normal_(self.caption_projection.fc2.weight, std=0.02)
+        for block in self.blocks:  # cross-attention adds nothing at first (the block stays the identity)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
 
     def position_tables(
         self, frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype
@@ -207,7 +253,7 @@ class Latte(nn.Module):
         x = torch.einsum("bfhwkpqc->bcfkhpwq", x)
         return x.reshape(B, c, frames * k, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | PromptCondition | None = None) -> torch.Tensor:
         self.check_input(x)
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.embed(x)  # (B, F', N, D)
@@ -218,7 +264,13 @@ class Latte(nn.Module):
             tokens = tokens + temporal_pos
 
         c = self.t_embedder(t)  # (B, D)
-        if self.y_embedder is not None:
+        context = context_mask = None
+        if self.caption_projection is not None:
+            if not isinstance(y, PromptCondition):
+                raise ValueError("this Latte reads prompts: pass y as a PromptCondition (encoder states and mask)")
+            context = self.caption_projection(y.encoder_hidden_states.to(tokens.dtype))  # (B, L, D)
+            context_mask = y.mask()
+        elif self.y_embedder is not None:
             if y is None:
                 raise ValueError("this Latte is class-conditional: pass labels y (use num_classes for the null class)")
             c = c + self.y_embedder(y)
@@ -226,27 +278,31 @@ class Latte(nn.Module):
             raise ValueError("this Latte is unconditional (num_classes=0): pass y=None")
 
         if self.attention == "full":
-            out = self._run(0, tokens.reshape(B, frames * N, D), c, groups=1)
-            for i in range(1, len(self.blocks)):
-                out = self._run(i, out, c, groups=1)
+            out = tokens.reshape(B, frames * N, D)
+            for i in range(len(self.blocks)):
+                out = self._run(i, out, c, 1, context, context_mask)
         else:
             out = tokens.reshape(B, frames * N, D)  # (frame, patch) order
             for i in range(0, len(self.blocks), 2):
-                out = self._run(i, out, c, groups=frames)  # spatial: within each frame
+                out = self._run(i, out, c, frames, context, context_mask)  # spatial: within each frame
                 out = out.view(B, frames, N, D).transpose(1, 2)  # (B, N, F', D): (patch, frame) order
                 if i == 0:
                     out = out + temporal_pos.transpose(1, 2)  # (1, 1, F', D): Latte adds it here once
-                out = self._run(i + 1, out.reshape(B, N * frames, D), c, groups=N)  # temporal
+                out = self._run(i + 1, out.reshape(B, N * frames, D), c, N)  # temporal
                 out = out.view(B, N, frames, D).transpose(1, 2).reshape(B, frames * N, D)
         out = self.final_layer(out, c)  # (B, F' * N, k*p*p*C_out)
         return self.unpatchify(out, frames, h, w)
 
-    def _run(self, index: int, x: torch.Tensor, c: torch.Tensor, groups: int) -> torch.Tensor:
-        """Block ``index`` on x (B, T, D), with activation checkpointing when asked (training only)."""
+    def _run(self, index: int, x: torch.Tensor, c: torch.Tensor, groups: int, context: torch.Tensor | None = None,
+             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``index`` on x (B, T, D), with activation checkpointing when asked (training only);
+        ``context`` / ``context_mask``: the projected caption, for the blocks that read it."""
         block = self.blocks[index]
+        if block.cross_attn is None:
+            context = context_mask = None
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, groups, use_reentrant=False)
-        return block(x, c, groups)
+            return checkpoint(block, x, c, groups, context, context_mask, use_reentrant=False)
+        return block(x, c, groups, context, context_mask)
 
 
 class TubeletEmbed(nn.Module):

@@ -14,7 +14,9 @@ prompt of guidance is therefore the encoded empty caption, and a negative prompt
 
 The backbone is the cross-attention DiT (PixArt-alpha, ``cross_dit.py``) or the joint-attention
 MMDiT (SD3, ``mmdit.py``); presets ``T2I-<backbone preset>`` pair each backbone size with a text
-encoder size.
+encoder size. For video the backbone is Latte with cross-attention in its spatial blocks
+(``latte.py``, Latte's text-to-video variant): presets ``T2V-Latte-<size>/<patch>``, clips
+``(B, C, F, H, W)`` in and out, the family ``prompt_latte`` (modality video).
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ from torch import nn
 
 from ditkit.errors import ConfigError
 from ditkit.models.cross_dit import CROSS_DIT_PRESETS, CrossDiT
+from ditkit.models.latte import LATTE_PRESETS, Latte
 from ditkit.models.mmdit import MMDIT_PRESETS, MMDiT
 from ditkit.models.text_encoder import TEXT_ENCODER_PRESETS, PromptCondition, TextEncoder
 from ditkit.registry import MODEL_FAMILIES
 
-__all__ = ["PromptDiT", "PROMPT_DIT_PRESETS", "BACKBONES", "PROMPT_VOCAB_SIZE"]
+__all__ = ["PromptDiT", "PROMPT_DIT_PRESETS", "PROMPT_LATTE_PRESETS", "BACKBONES", "PROMPT_VOCAB_SIZE"]
 
 # Token ids of the caption tokenizers (``ditkit.data.captions``): [PAD] 0, [UNK] 1, [BOS] 2, then
 # 256 bytes or at most 256 words; the encoder's embedding table has PROMPT_VOCAB_SIZE rows.
 PROMPT_VOCAB_SIZE = 259
 
-BACKBONES: dict[str, type[nn.Module]] = {"cross_dit": CrossDiT, "mmdit": MMDiT}
+BACKBONES: dict[str, type[nn.Module]] = {"cross_dit": CrossDiT, "mmdit": MMDiT, "latte": Latte}
 _BACKBONE_PRESETS = {"cross_dit": CROSS_DIT_PRESETS, "mmdit": MMDIT_PRESETS}
 # the backbone arguments a preset or the config may set (the rest come from the data / tokenizer)
 BACKBONE_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "qk_norm", "norm", "mlp",
@@ -47,7 +50,7 @@ class PromptDiT(nn.Module):
     """Text encoder + prompt-conditioned DiT (see the module docstring).
 
     Args:
-        backbone: "cross_dit" (PixArt-alpha) or "mmdit" (SD3).
+        backbone: "cross_dit" (PixArt-alpha), "mmdit" (SD3) or "latte" (video: clips (B, C, F, H, W)).
         input_size, in_channels, learn_sigma: as the DiT (from the data and objective).
         backbone_kwargs: further backbone constructor arguments (patch_size, hidden_size, depth, ...).
         vocab_size, pad_id, bos_id, max_caption_length: the caption tokenizer's ids and limit.
@@ -95,6 +98,8 @@ class PromptDiT(nn.Module):
                       caption_channels=caption_channels, **backbone_kwargs)
         if backbone == "mmdit":
             kwargs["pooled_channels"] = None  # the masked mean of the encoder states
+        if backbone == "latte":
+            kwargs["num_classes"] = 0  # the caption conditions it, not a label
         self.dit = BACKBONES[backbone](**kwargs)
         self.in_channels, self.out_channels = self.dit.in_channels, self.dit.out_channels
         self.input_size = input_size
@@ -147,3 +152,10 @@ PROMPT_DIT_PRESETS: dict[str, dict[str, Any]] = {
     for name, dims in presets.items()
 }
 MODEL_FAMILIES.register("prompt_dit", presets=PROMPT_DIT_PRESETS, modality="image", pipeline="text_to_image")(PromptDiT)
+
+PROMPT_LATTE_PRESETS: dict[str, dict[str, Any]] = {
+    f"T2V-{name}": dict(backbone="latte", text_encoder=_encoder_for(dims["hidden_size"]), **dims)
+    for name, dims in LATTE_PRESETS.items()
+}
+MODEL_FAMILIES.register("prompt_latte", presets=PROMPT_LATTE_PRESETS, modality="video", pipeline="text_to_video",
+                        summary="Latte with cross-attention to a prompt (text-to-video)")(PromptDiT)

@@ -17,7 +17,7 @@ from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resol
 from ditkit.registry import SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 
-__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "sampling_clip_x0"]
+__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "sampling_clip_x0", "condition_rows"]
 
 
 def sampling_clip_x0(cfg: Config) -> Optional[float]:
@@ -196,10 +196,13 @@ class DenoisingPipeline(Pipeline):
         self, labels: Optional[list[int]], generators: Any, n: int, shape: Sequence[int], *, sampler: str, steps: int,
         scale: float, spacing: Optional[str], options: dict[str, Any], batch_size: int, guide_channels: int,
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+        conditions: Optional[tuple[Any, Any]] = None,
     ) -> torch.Tensor:
         """``n`` samples of ``shape`` (one sample, e.g. ``(C, F, H, W)``) drawn ``batch_size`` at a
         time from the objective's prior with ``sampler``, guided on the first ``guide_channels``
-        output channels when ``scale != 1``: ``(n, *shape)`` float32 clamped to [-1, 1] on the CPU."""
+        output channels when ``scale != 1``: ``(n, *shape)`` float32 clamped to [-1, 1] on the CPU.
+        ``conditions = (cond, null)`` replaces the labels for prompt models: ``n`` rows each (caption
+        ids (n, L) or ``PromptCondition``), guided against ``null`` (the empty or negative prompt)."""
         objective, device = self.objective, self.device
         sampler_fn, grid, forward = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing), self.forward_fn()
         out = []
@@ -208,7 +211,11 @@ class DenoisingPipeline(Pipeline):
             gens = generator_slice(generators, lo, hi)
             x_T = objective.prior((hi - lo, *shape), gens, device)
             y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
-            if y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
+            if conditions is not None:
+                y, y_null = (condition_rows(c, lo, hi) for c in conditions)
+                net = (classifier_free_guidance(forward, y, scale, guide_channels=guide_channels, y_null=y_null)
+                       if scale != 1.0 else lambda x, t, y=y: forward(x, t, y))
+            elif y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
                 net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels)
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
@@ -229,3 +236,11 @@ class DenoisingPipeline(Pipeline):
         if labels and plan.labels is not None:
             metadata["labels"] = " ".join(map(str, plan.labels))
         return metadata
+
+
+def condition_rows(cond: Any, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of a batch of conditions: a tensor, or a ``PromptCondition`` (states, mask, pooled)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[lo:hi]
+    return type(cond)(cond.encoder_hidden_states[lo:hi], cond.mask()[lo:hi],
+                      None if cond.pooled is None else cond.pooled[lo:hi])

@@ -40,6 +40,7 @@ from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict,
 from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg, generator_slice
+from ditkit.pipelines.denoising import condition_rows
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES, SAMPLERS
@@ -147,12 +148,11 @@ class PromptPipelineOutput(ImagePipelineOutput):
         return np.asarray(strip)
 
 
-@PIPELINES.register("text_to_image")
-class PromptPipeline(ImagePipeline):
-    """Text-to-image DiT: prompts in, images out (see the module docstring)."""
-
-    modality = "text_to_image"
-    supports_distributed = False
+class PromptConditioning:
+    """What every prompt pipeline (text-to-image, text-to-video) shares, mixed in before its
+    modality's pipeline: the prompt model's tokenizer (or frozen encoder) loaded with the
+    checkpoint, prompt encoding with the limit named, the prompt/negative-prompt lists and the
+    guidance check against the empty caption."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, *, text_encoder: Optional[str | Path | Any] = None,
                  **kwargs: Any) -> None:
@@ -236,6 +236,72 @@ class PromptPipeline(ImagePipeline):
         """A prompt model guides against the empty caption (``check_prompt_guidance``)."""
         self.check_prompt_guidance(scale, allow_untrained_uncond)
 
+    @staticmethod
+    def prompt_lists(prompt: str | Sequence[str], negative_prompt: Optional[str | Sequence[str]],
+                     per_prompt: int, what: str = "images") -> tuple[list[str], list[str], list[str]]:
+        """``(prompts, expanded prompts, expanded negative prompts)``: each prompt repeated
+        ``per_prompt`` times (prompt-major), the negative prompt (default the empty caption) one
+        string or one per prompt. ConfigError for no prompt, a count under 1 or a list of negative
+        prompts of another length."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("no prompt given: pass a string or a list of strings")
+        if per_prompt < 1:
+            raise ConfigError(f"--num-{what}-per-prompt {per_prompt}: must be at least 1")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ConfigError(f"negative_prompt: got {len(negatives)} for {len(prompts)} prompts; give one or one per prompt")
+        return (prompts, [p for p in prompts for _ in range(per_prompt)],
+                [q for q in negatives for _ in range(per_prompt)])
+
+    def encode_prompt_pair(self, prompts: Sequence[str], negatives: Sequence[str], strict: bool = False) -> tuple[Any, Any]:
+        """``(prompts, negative prompts)`` encoded (``encode_prompts``); token ids are padded to one
+        length so the two halves of a guided batch concatenate."""
+        ids = self.encode_prompts(prompts, strict)
+        neg_ids = self.encode_prompts(negatives, strict, what="negative prompt")
+        if isinstance(ids, PromptCondition):
+            return ids, neg_ids
+        length = max(ids.shape[1], neg_ids.shape[1])
+        pad = self.tokenizer.pad_id
+        return (torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=pad),
+                torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=pad))
+
+    @classmethod
+    def add_prompt_arguments(cls, parser: Any) -> None:
+        """The ``ditkit sample`` flags of every prompt model."""
+        parser.add_argument("--prompt", help="prompt models: what to draw, e.g. \"a small red circle\"")
+        parser.add_argument("--prompt-file", metavar="FILE", help="prompt models: one prompt per line (UTF-8)")
+        parser.add_argument("--negative-prompt", help="prompt models: what to steer away from (replaces the empty prompt)")
+        parser.add_argument("--strict", action="store_true", help="refuse prompts over the token limit instead of truncating")
+        parser.add_argument("--text-encoder", metavar="DIR",
+                            help="prompt runs trained with a frozen encoder: where its folder is now (same weights)")
+
+    @staticmethod
+    def cli_prompts(args: Any) -> list[str]:
+        """``--prompt`` then the lines of ``--prompt-file``; ConfigError when neither is given."""
+        if args.prompt is None and args.prompt_file is None:
+            raise ConfigError("a prompt checkpoint needs --prompt \"...\" or --prompt-file FILE")
+        return ([args.prompt] if args.prompt is not None else []) + (
+            read_prompt_file(args.prompt_file) if args.prompt_file else [])
+
+    @classmethod
+    def cli_extras(cls, args: Any) -> dict[str, Any]:
+        path = getattr(args, "text_encoder", None)
+        return {"text_encoder": path} if path is not None else {}
+
+
+@PIPELINES.register("text_to_image")
+class PromptPipeline(PromptConditioning, ImagePipeline):
+    """Text-to-image DiT: prompts in, images out (see the module docstring)."""
+
+    modality = "text_to_image"
+    supports_distributed = False
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,
@@ -266,27 +332,12 @@ class PromptPipeline(ImagePipeline):
         maps (cross-attention models only). ``strict``: refuse prompts over the token limit instead
         of truncating them. Raises ConfigError for empty prompts and bad options.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ConfigError("no prompt given: pass a string or a list of strings")
-        if num_images_per_prompt < 1:
-            raise ConfigError(f"--num-images-per-prompt {num_images_per_prompt}: must be at least 1")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ConfigError(f"negative_prompt: got {len(negatives)} for {len(prompts)} prompts; give one or one per prompt")
         k = num_images_per_prompt
+        prompts, expanded, expanded_neg = self.prompt_lists(prompt, negative_prompt, k)
         plan = self.plan(sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          timestep_spacing=timestep_spacing, eta=eta, seed=seed, generator=generator, batch_size=batch_size,
                          allow_untrained_uncond=allow_untrained_uncond, count=len(prompts) * k)
-        expanded = [p for p in prompts for _ in range(k)]
-        expanded_neg = [q for q in negatives for _ in range(k)]
-        ids = self.encode_prompts(expanded, strict)
-        neg_ids = self.encode_prompts(expanded_neg, strict, what="negative prompt")
+        ids, neg_ids = self.encode_prompt_pair(expanded, expanded_neg, strict)
         layers = self.model.cross_attention_modules() if attention_maps else []
         announce_total(progress, plan.steps * math.ceil(plan.n / batch_size))
         tensors, maps = self._draw_prompts(ids, neg_ids, plan.generators, batch_size=batch_size, layers=layers,
@@ -326,16 +377,13 @@ class PromptPipeline(ImagePipeline):
             both_all = PromptCondition.cat([ids, neg_ids])
         else:
             n = ids.shape[0]
-            length = max(ids.shape[1], neg_ids.shape[1])
-            ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.tokenizer.pad_id)
-            neg_ids = torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=self.tokenizer.pad_id)
         out, out_maps = [], []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             gens = generator_slice(generators, lo, hi)
             x_T = objective.prior((hi - lo, channels, size, size), gens, device)
             if frozen:
-                y, y_neg = _condition_rows(both_all, lo, hi), _condition_rows(both_all, n + lo, n + hi)
+                y, y_neg = condition_rows(both_all, lo, hi), condition_rows(both_all, n + lo, n + hi)
             else:
                 y, y_neg = ids[lo:hi], neg_ids[lo:hi]
             acc: list[torch.Tensor] = []  # running sum of the maps (B, N, L), and the number of calls
@@ -379,24 +427,14 @@ class PromptPipeline(ImagePipeline):
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
     def add_cli_arguments(cls, parser: Any) -> None:
-        parser.add_argument("--prompt", help="text-to-image: what to draw, e.g. \"a small red circle\"")
-        parser.add_argument("--prompt-file", metavar="FILE", help="text-to-image: one prompt per line (UTF-8)")
-        parser.add_argument("--negative-prompt", help="text-to-image: what to steer away from (replaces the empty prompt)")
+        cls.add_prompt_arguments(parser)
         parser.add_argument("--num-images-per-prompt", type=int, help="text-to-image: images per prompt (default 4)")
         parser.add_argument("--attention-maps", action="store_true",
                             help="text-to-image: also write attention_NN.png, a cross-attention map per word (DAAM)")
-        parser.add_argument("--strict", action="store_true", help="refuse prompts over the token limit instead of truncating")
-        parser.add_argument("--text-encoder", metavar="DIR",
-                            help="text-to-image runs trained with a frozen encoder: where its folder is now (same weights)")
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
                             help="gaussian samplers (default: the checkpoint's)")
         parser.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NxHxWxC)")
-
-    @classmethod
-    def cli_extras(cls, args: Any) -> dict[str, Any]:
-        path = getattr(args, "text_encoder", None)
-        return {"text_encoder": path} if path is not None else {}
 
     def _word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
         """``[(word, token positions)]`` of ``prompt`` as the encoder sees it: the joint tokenizer's
@@ -418,10 +456,7 @@ class PromptPipeline(ImagePipeline):
         return spans
 
     def cli_call(self, args: Any, distributed: bool = False) -> PromptPipelineOutput:
-        if args.prompt is None and args.prompt_file is None:
-            raise ConfigError("a text-to-image checkpoint needs --prompt \"...\" or --prompt-file FILE")
-        prompts = ([args.prompt] if args.prompt is not None else []) + (
-            read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        prompts = self.cli_prompts(args)
         with sampling_progress() as progress:
             return self(prompts, num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale,
                         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt or 4,
@@ -471,12 +506,6 @@ class FrozenPromptTokenizer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["hf"], name)
-
-
-def _condition_rows(cond: PromptCondition, lo: int, hi: int) -> PromptCondition:
-    """Rows ``lo:hi`` of a batch of encoded prompts."""
-    return PromptCondition(cond.encoder_hidden_states[lo:hi], cond.mask()[lo:hi],
-                           None if cond.pooled is None else cond.pooled[lo:hi])
 
 
 def load_frozen_encoder(cfg: Config, path: Optional[str | Path], device: torch.device) -> Any:

@@ -30,7 +30,7 @@ from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
 from ditkit.pipelines.base import GeneratorArg
-from ditkit.pipelines.denoising import DenoisingPipeline, TrajectoryRecorder
+from ditkit.pipelines.denoising import DenoisingPipeline, SamplingPlan, TrajectoryRecorder
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
@@ -48,7 +48,8 @@ class VideoPipelineOutput:
     passed generators); metadata: entries that identify the run and the sampling (also written
     into ``metadata.json`` and the contact sheet); fps: playback rate of ``save``; trajectory /
     trajectory_xt: ``(N, K, C, F, H, W)`` the predicted clean clips and the noisy states at sampler
-    steps ``trajectory_steps`` (``trajectory_points=K``), or None."""
+    steps ``trajectory_steps`` (``trajectory_points=K``), or None; prompts / negative_prompts: one
+    per clip from a text-to-video model (labels None), else empty."""
 
     tensors: torch.Tensor
     frames: list[list[Image.Image]]
@@ -60,18 +61,23 @@ class VideoPipelineOutput:
     trajectory: Optional[torch.Tensor] = None
     trajectory_xt: Optional[torch.Tensor] = None
     trajectory_steps: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
         return self.tensors.shape[2]
 
     def sample_metadata(self, index: int) -> dict[str, str]:
-        """Metadata of clip ``index``: the shared entries plus its seed and label."""
+        """Metadata of clip ``index``: the shared entries plus its seed and label (or prompt)."""
         meta = dict(self.metadata)
         if self.seeds is not None:
             meta["seed"] = str(self.seeds[index])
         meta["sample_index"] = str(index)
-        if self.labels is not None:
+        if self.prompts:
+            meta["prompt"] = self.prompts[index]
+            meta["negative_prompt"] = self.negative_prompts[index] if self.negative_prompts else ""
+        elif self.labels is not None:
             label = self.labels[index]
             meta["label"] = str(label)
             if label < len(self.class_names):
@@ -202,10 +208,22 @@ class VideoPipeline(DenoisingPipeline):
                          guidance_scale=guidance_scale, timestep_spacing=timestep_spacing, eta=eta, seed=seed,
                          generator=generator, batch_size=batch_size, allow_untrained_uncond=allow_untrained_uncond,
                          trajectory_points=trajectory_points)
+        return self.draw_clips(plan, frames, fps=fps, batch_size=batch_size, progress=progress)
+
+    def draw_clips(
+        self, plan: SamplingPlan, frames: int, *, fps: float, batch_size: int, progress: Optional[Callable[[int], None]],
+        conditions: Optional[tuple[Any, Any]] = None,
+    ) -> VideoPipelineOutput:
+        """Draw the clips of a checked ``plan`` (``plan.labels``, or ``conditions`` = (prompts,
+        null prompts) encoded for a prompt model; see ``sample_batches``): ``(n, C, frames, S, S)``
+        float32 clips in [-1, 1] with their frames, metadata and trajectory. Progress counts
+        frames x steps."""
         announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
         recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True)
-        clips = self._draw(plan.labels, plan.generators, plan.n, frames, batch_size=batch_size, progress=progress,
-                           recorder=recorder, **plan.sampling)
+        channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
+        clips = self.sample_batches(plan.labels, plan.generators, plan.n, (channels, frames, size, size),
+                                    guide_channels=channels, callback=recorder.callback(progress, frames),
+                                    batch_size=batch_size, conditions=conditions, **plan.sampling)
         metadata = self.sampling_metadata(plan)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
         trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
@@ -214,17 +232,6 @@ class VideoPipeline(DenoisingPipeline):
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
         return VideoPipelineOutput(clips, pil, plan.labels, plan.seeds, metadata, list(self.class_names), float(fps),
                                    trajectory, trajectory_xt, plan.trajectory_steps)
-
-    def _draw(
-        self, labels: Optional[list[int]], generators: Any, n: int, frames: int, *, progress: Optional[Callable[[int], None]],
-        recorder: Optional[TrajectoryRecorder] = None, **sampling: Any,
-    ) -> torch.Tensor:
-        """The sampling loop: ``(n, C, frames, S, S)`` float32 clips in [-1, 1] on the CPU; progress
-        counts frames x steps; ``recorder`` keeps the trajectory."""
-        channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
-        callback = (recorder or TrajectoryRecorder(())).callback(progress, frames)
-        return self.sample_batches(labels, generators, n, (channels, frames, size, size), guide_channels=channels,
-                                   callback=callback, **sampling)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod

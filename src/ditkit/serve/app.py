@@ -173,6 +173,10 @@ class VideoRequest(ClipRequest):
 
     num_frames: Optional[int] = Field(None, description="frames per clip (at most limits.max_frames); null: the trained length")
     fps: Optional[float] = Field(None, allow_inf_nan=False, description="playback rate of the GIFs (default 8)")
+    prompt: Optional[str] = Field(None, max_length=2000, description="text-to-video models (prompts true in "
+                                  "GET /v1/models): what to draw; num_samples clips of it")
+    negative_prompt: Optional[str] = Field(None, max_length=2000, description="text-to-video: what to steer away "
+                                           "from (replaces the empty prompt of guidance)")
 
 
 class GeneratedClipBase(BaseModel):
@@ -465,9 +469,12 @@ def create_app(
         started = time.monotonic()
         model = state.get(body.model, "video")
         assert isinstance(model, VideoModel)
+        state.screen(body.prompt, "prompt")
+        state.screen(body.negative_prompt, "negative prompt")
         spec = model.check_video(limits, class_labels=body.class_labels, num_samples=body.num_samples,
                                  num_frames=body.num_frames, fps=body.fps, sampler=body.sampler, steps=body.steps,
-                                 cfg_scale=body.cfg_scale, seed=body.seed)
+                                 cfg_scale=body.cfg_scale, seed=body.seed, prompt=body.prompt,
+                                 negative_prompt=body.negative_prompt)
         return await answer(model, spec, body.request_id, started)
 
     @app.get("/v1/progress/{request_id}", summary="Progress of a request sent with request_id")

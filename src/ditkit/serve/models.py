@@ -312,15 +312,16 @@ class ImageModel:
 
     @property
     def takes_prompts(self) -> bool:
-        """Whether the served model is text-to-image (its pipeline encodes prompts)."""
+        """Whether the served model takes prompts (text-to-image or text-to-video: its pipeline encodes them)."""
         return hasattr(self.pipeline, "encode_prompts")
 
     def _check_prompts(self, prompt: Optional[str], negative_prompt: Optional[str], class_labels: Any) -> None:
         """422 for class labels, a missing or empty prompt, or a prompt over the token limit (named)."""
+        kind = self.pipeline.modality.replace("_", "-")  # text-to-image, text-to-video
         if class_labels:
-            raise _unprocessable(f"model {self.name!r} is text-to-image: send prompt, not class_labels")
+            raise _unprocessable(f"model {self.name!r} is {kind}: send prompt, not class_labels")
         if prompt is None or not prompt.strip():
-            raise _unprocessable(f"model {self.name!r} is text-to-image: send a non-empty prompt")
+            raise _unprocessable(f"model {self.name!r} is {kind}: send a non-empty prompt")
         limit = self.pipeline.max_prompt_tokens
         for field_name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             try:

@@ -1,5 +1,6 @@
-"""Serving video models: a video checkpoint loaded once as a ``VideoPipeline`` and called per
-request (``POST /v1/videos``), answering each clip as a looping GIF and a contact-sheet PNG (base64).
+"""Serving video models: a video checkpoint loaded once as a ``VideoPipeline`` (or a
+``TextToVideoPipeline``: requests send ``prompt`` instead of class labels) and called per request
+(``POST /v1/videos``), answering each clip as a looping GIF and a contact-sheet PNG (base64).
 
 The request checks (labels, steps, guidance, seed, how many clips) are the image adapter's, with
 ``num_frames`` (the pipeline's own check: a multiple of the tubelet, at least 2; at most
@@ -35,6 +36,8 @@ class VideoJobSpec:
     steps: int
     cfg_scale: float
     seed: int
+    prompt: Optional[str] = None  # text-to-video models: num_samples clips of this prompt
+    negative_prompt: Optional[str] = None
 
 
 class VideoModel(ImageModel):
@@ -52,7 +55,7 @@ class VideoModel(ImageModel):
         defaults["num_samples"] = defaults.pop("num_images")
         defaults["num_frames"] = min(self.pipeline.trained_frames, MAX_FRAMES)
         defaults["fps"] = DEFAULT_FPS
-        for key in ("loras", "takes_image", "prompts", "max_prompt_tokens"):
+        for key in ("loras", "takes_image"):
             facts.pop(key, None)
         facts.update({"modality": "video", "trained_frames": self.pipeline.trained_frames})
         facts["limits"].update({"max_frames": MAX_FRAMES, "max_fps": MAX_FPS})
@@ -61,9 +64,11 @@ class VideoModel(ImageModel):
     def check_video(
         self, limits: ServeLimits, *, class_labels: Optional[Sequence[int | str]], num_samples: int,
         num_frames: Optional[int], fps: Optional[float], sampler: Optional[str], steps: Optional[int],
-        cfg_scale: Optional[float], seed: Optional[int],
+        cfg_scale: Optional[float], seed: Optional[int], prompt: Optional[str] = None,
+        negative_prompt: Optional[str] = None,
     ) -> VideoJobSpec:
-        """Check a request; raises ``RequestError`` (422) naming the field and the limit."""
+        """Check a request; raises ``RequestError`` (422) naming the field and the limit. A
+        text-to-video model takes ``prompt`` (and ``negative_prompt``) instead of class labels."""
         from ditkit.serve.models import _unprocessable
 
         if num_frames is not None:
@@ -77,19 +82,21 @@ class VideoModel(ImageModel):
         if not 0 < fps <= MAX_FPS:
             raise _unprocessable(f"fps={fps:g}: use a frame rate in (0, {MAX_FPS:g}] (max_fps)")
         spec = self.check(limits, class_labels=class_labels, num_images=num_samples, sampler=sampler, steps=steps,
-                          cfg_scale=cfg_scale, seed=seed)
-        return VideoJobSpec(spec.labels, spec.num_images, frames, float(fps), spec.sampler, spec.steps, spec.cfg_scale,
-                            spec.seed)
+                          cfg_scale=cfg_scale, seed=seed, prompt=prompt, negative_prompt=negative_prompt)
+        return VideoJobSpec(None if self.takes_prompts else spec.labels, spec.num_images, frames, float(fps), spec.sampler,
+                            spec.steps, spec.cfg_scale, spec.seed, prompt, negative_prompt)
 
     def runner(self, spec: Any) -> Callable[[Callable[[int], None]], dict[str, Any]]:
         """The job body: sample and encode the clips (all on the worker thread)."""
 
         def run(step: Callable[[int], None]) -> dict[str, Any]:
-            result = self.pipeline(
-                class_labels=spec.labels, num_samples=spec.num_samples, num_frames=spec.num_frames, sampler=spec.sampler,
-                num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH,
-                fps=spec.fps, progress=step,
-            )
+            options = dict(num_frames=spec.num_frames, sampler=spec.sampler, num_inference_steps=spec.steps,
+                           guidance_scale=spec.cfg_scale, seed=spec.seed, batch_size=BATCH, fps=spec.fps, progress=step)
+            if spec.prompt is not None:  # text-to-video
+                result = self.pipeline(spec.prompt, negative_prompt=spec.negative_prompt,  # type: ignore[call-arg]
+                                       num_videos_per_prompt=spec.num_samples, **options)
+            else:
+                result = self.pipeline(class_labels=spec.labels, num_samples=spec.num_samples, **options)
             return self.encode_video(result)
 
         return run

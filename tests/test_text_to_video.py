@@ -1,0 +1,269 @@
+"""Text-to-video: Latte with cross-attention to a prompt (``T2V-Latte-*``), trained on the captioned
+``moving_digits`` clips and sampled / scored / served from prompts through the same pipeline road
+as text-to-image and class-conditional video."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("imageio.v3")
+pytest.importorskip("imageio_ffmpeg")
+
+import ditkit  # noqa: E402
+from ditkit.builders import build_model, model_kwargs  # noqa: E402
+from ditkit.cli import main  # noqa: E402
+from ditkit.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from ditkit.data import DataError, load_dataset  # noqa: E402
+from ditkit.models.latte import Latte  # noqa: E402
+from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS, PromptDiT  # noqa: E402
+from ditkit.models.text_encoder import PromptCondition  # noqa: E402
+from ditkit.pipelines.text_to_video import TextToVideoPipeline  # noqa: E402
+from ditkit.recipes import get_recipe  # noqa: E402
+
+quiet = lambda m: None  # noqa: E731
+
+
+def tiny_cfg(tmp_path, name, **train):
+    """A seconds-long text-to-video Latte: 16 px, 8 frames, 32 captioned clips, hidden 32."""
+    t = dict(global_batch_size=4, max_steps=4, log_every=1, ckpt_every=100, lr=1e-3, ema_decay=0.9,
+             precision="fp32", device="cpu", sample_every=0)
+    t.update(train)
+    return Config(
+        model=ModelConfig(name="T2V-Latte-T/4", hidden_size=32, depth=2, num_heads=2),
+        objective=ObjectiveConfig(kind="gaussian", prediction="v", schedule="linear", learn_sigma=False),
+        data=DataConfig(dataset="moving_digits", image_size=16, num_frames=8, num_items=32, captioned=True,
+                        video_label="none"),
+        train=TrainConfig(**t),
+        run=RunConfig(results_dir=str(tmp_path / "runs"), run_name=name, tensorboard=False),
+        sample=SampleConfig(num_sampling_steps=3, cfg_scale=2.0, num_samples=4),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 steps with a GIF sample grid at step 4 (shared by the sampling tests)."""
+    from ditkit.train.loop import train
+
+    return train(tiny_cfg(tmp_path_factory.mktemp("t2v"), "tiny", sample_every=4), log=quiet)
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+
+
+def test_prompt_latte_reads_the_caption_in_its_spatial_blocks_only():
+    model = PromptDiT(**PROMPT_LATTE_PRESETS["T2V-Latte-T/4"], input_size=16, in_channels=1, num_frames=4)
+    latte = model.dit
+    assert isinstance(latte, Latte) and latte.y_embedder is None and model.text_encoder is not None
+    assert [b.cross_attn is not None for b in latte.blocks] == [True, False, True, False]  # spatial, temporal, ...
+    # a new cross-attention adds nothing (zero output projection): the block starts as the identity
+    assert all(b.cross_attn.proj.weight.abs().sum() == 0 for b in latte.blocks if b.cross_attn is not None)
+    for p in latte.parameters():  # past the zero init: give every layer something to say
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    x, t = torch.randn(2, 1, 4, 16, 16), torch.tensor([100.0, 700.0])
+    ids_a = torch.tensor([[2, 97, 32, 51, 0], [2, 97, 32, 55, 0]])  # "[BOS]a 3" / "[BOS]a 7", padded
+    ids_b = torch.tensor([[2, 97, 32, 55, 0], [2, 97, 32, 51, 0]])
+    out_a, out_b = model(x, t, ids_a), model(x, t, ids_b)
+    assert out_a.shape == x.shape
+    assert not torch.allclose(out_a, out_b)  # the prompt changes the prediction
+    assert torch.allclose(model(x[:1], t[:1], ids_a[:1, :4]), out_a[:1], atol=1e-5)  # padding is masked out
+    # frames are not baked in: 8 frames from a model built for 4
+    assert model(torch.randn(1, 1, 8, 16, 16), t[:1], ids_a[:1]).shape == (1, 1, 8, 16, 16)
+    # the Latte alone takes an encoded prompt and refuses labels
+    cond = model.encode(ids_a)
+    assert torch.allclose(latte(x, t, cond), out_a, atol=1e-6)
+    with pytest.raises(ValueError, match="PromptCondition"):
+        latte(x, t, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        Latte(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+              caption_channels=16)
+
+
+def test_full_attention_reads_the_caption_in_every_block_and_gradients_reach_the_encoder():
+    model = PromptDiT(**{**PROMPT_LATTE_PRESETS["T2V-Latte-T/4"], "depth": 3}, input_size=16, in_channels=1,
+                      num_frames=4, attention="full")
+    assert all(b.cross_attn is not None for b in model.dit.blocks)
+    for p in model.dit.parameters():  # zero-initialised outputs would stop every gradient to the encoder
+        torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    loss = model(torch.randn(2, 1, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.tensor([[2, 97, 0], [2, 98, 99]])).square().mean()
+    loss.backward()
+    assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0
+
+
+# ---- config and data -------------------------------------------------------------------------------------
+
+
+def test_builder_and_config_checks(tmp_path):
+    cfg = tiny_cfg(tmp_path, "x")
+    cfg.validate()
+    assert cfg.modality == "video"
+    cfg.data.channels = 1
+    kwargs = model_kwargs(cfg)
+    assert kwargs["backbone"] == "latte" and kwargs["num_frames"] == 8 and kwargs["input_size"] == 16
+    assert "num_classes" not in kwargs and "class_dropout_prob" not in kwargs and kwargs["caption_dropout"] == 0.1
+    assert isinstance(build_model(cfg), PromptDiT)
+    cfg.data.captioned = False
+    with pytest.raises(ConfigError, match="data.captioned=true"):
+        cfg.validate()
+    latte = tiny_cfg(tmp_path, "y")
+    latte.model.name = "Latte-T/4"
+    with pytest.raises(ConfigError, match="use --model T2V-Latte-T/4"):
+        latte.validate()
+    recipe = get_recipe("moving_digits_captions")
+    recipe.validate()
+    assert recipe.model.name.startswith("T2V-") and recipe.data.captioned
+
+
+def test_captioned_moving_digits_pair_each_clip_with_its_caption_ids(tmp_path):
+    data = tiny_cfg(tmp_path, "x").data
+    ds = load_dataset(data)
+    assert ds.images.shape == (32, 1, 8, 16, 16) and ds.labels.shape[0] == 32 and ds.labels.dtype == torch.long
+    assert ds.num_classes == 0 and all(t.startswith(("a ", "an ")) and " moving " in t for t in ds.texts)
+    assert ds.tokenizer.decode(ds.labels[0].tolist()) == ds.texts[0]
+    assert "32 clips of 8 frames" in ds.describe()
+
+
+def test_a_clip_folder_without_captions_is_refused_with_the_fix(tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    import numpy as np
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    for i in range(3):
+        frames = (np.arange(8)[:, None, None, None] * 20 + 40 * i).astype(np.uint8) * np.ones((1, 16, 16, 3), np.uint8)
+        iio.imwrite(root / f"c{i}.gif", frames, loop=0)
+    (root / "c0.txt").write_text("a grey square")
+    data = DataConfig(dataset=str(root), image_size=16, num_frames=8, captioned=True)
+    with pytest.raises(DataError, match="2 of 3 clip\\(s\\) have no caption.*allow_uncaptioned"):
+        load_dataset(data)
+    data.allow_uncaptioned = True
+    ds = load_dataset(data)
+    assert sorted(ds.texts) == ["", "", "a grey square"]
+    for p in root.glob("*.txt"):
+        p.unlink()
+    with pytest.raises(DataError, match="no clip has a caption"):
+        load_dataset(data)
+
+
+# ---- training, sampling, evaluation, serving ------------------------------------------------------------
+
+
+def test_training_writes_a_prompt_grid_and_the_tokenizer(trained):
+    assert (trained.run_dir / "samples" / "step_0000004.gif").is_file()
+    assert (trained.run_dir / "text_tokenizer.json").is_file()
+
+
+def test_load_returns_the_text_to_video_pipeline_and_draws_clips_per_prompt(trained):
+    pipe = ditkit.load(trained.run_dir, device="cpu")
+    assert isinstance(pipe, TextToVideoPipeline)
+    out = pipe(["a 3 moving up", "a 7 moving left"], num_videos_per_prompt=2, num_inference_steps=2)
+    assert out.tensors.shape == (4, 1, 8, 16, 16) and out.labels is None
+    assert out.prompts == ["a 3 moving up"] * 2 + ["a 7 moving left"] * 2
+    assert out.sample_metadata(2)["prompt"] == "a 7 moving left" and "label" not in out.sample_metadata(2)
+    # sample i from seed + i, as every pipeline: the second clip of a call is the first of seed + 1
+    again = pipe("a 3 moving up", num_inference_steps=2, seed=1)
+    assert torch.allclose(again.tensors[0], out.tensors[1], atol=1e-5)
+    gen = pipe("a 3 moving up", num_inference_steps=2, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(gen.tensors, pipe("a 3 moving up", num_inference_steps=2,
+                                            generator=torch.Generator().manual_seed(5)).tensors)
+    # the negative prompt replaces the empty caption as the guidance reference
+    plain = pipe("a 3 moving up", num_inference_steps=2)
+    neg = pipe("a 3 moving up", num_inference_steps=2, negative_prompt="a 7 moving left")
+    assert not torch.allclose(neg.tensors, plain.tensors)
+    assert pipe("a 3 moving up", num_frames=16, num_inference_steps=2).tensors.shape[2] == 16
+    with pytest.raises(ConfigError, match="empty prompt"):
+        pipe("   ")
+    with pytest.raises(ConfigError, match="num-videos-per-prompt 0"):
+        pipe("a 3", num_videos_per_prompt=0)
+
+
+def test_sample_cli_writes_clips_with_their_prompts_and_refuses_image_prompt_flags(trained, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", "--ckpt", str(trained.run_dir), "--prompt", "a 5 moving down", "--num-videos-per-prompt", "2",
+                 "--num-sampling-steps", "2", "--out-dir", str(out)]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert [s["prompt"] for s in meta["samples"]] == ["a 5 moving down"] * 2
+    assert (out / "000001.gif").is_file() and (out / "000001.mp4").is_file() and (out / "contact_sheet.png").is_file()
+    rc = main(["sample", "--ckpt", str(trained.run_dir), "--prompt", "a 5", "--num-images-per-prompt", "2"])
+    assert rc != 0 and "--num-images-per-prompt is for text-to-image models" in capsys.readouterr().err
+    rc = main(["sample", "--ckpt", str(trained.run_dir)])
+    assert rc != 0 and "needs --prompt" in capsys.readouterr().err
+
+
+def test_evaluate_video_prompts_every_digit_and_direction(trained, tmp_path, monkeypatch):
+    from ditkit.eval.video import VideoJudgeConfig, evaluate_video
+
+    judges = VideoJudgeConfig(image_size=16, digit_train_clips=64, direction_train_clips=32, test_clips=16,
+                              digit_epochs=1, direction_epochs=1, width=8)
+    pipe = ditkit.load(trained.run_dir, device="cpu")
+    calls, draw = [], TextToVideoPipeline.__call__
+
+    def spy(self, prompt, **kwargs):
+        calls.append(list(prompt))
+        return draw(self, prompt, **kwargs)
+
+    monkeypatch.setattr(TextToVideoPipeline, "__call__", spy)
+    report = evaluate_video(pipe, 12, num_sampling_steps=2, cache_dir=tmp_path, judge_config=judges)
+    # every (digit, direction) in turn, in the order of the class labels (digit * directions + direction)
+    assert calls[0][:5] == ["a 0 moving right", "a 0 moving up", "a 0 moving left", "a 0 moving down", "a 1 moving right"]
+    assert report["conditioning"].startswith("prompts")
+    for key in ("frame_accuracy", "identity_consistency", "direction_accuracy"):
+        assert 0.0 <= report["metrics"][key] <= 1.0
+
+
+def test_frozen_encoder_states_condition_the_latte(tmp_path):
+    """A frozen encoder's ``PromptCondition`` goes straight to the Latte (no encoder inside)."""
+    model = PromptDiT(**{**PROMPT_LATTE_PRESETS["T2V-Latte-T/4"], "text_encoder": None}, caption_channels=24,
+                      input_size=16, in_channels=1, num_frames=4)
+    assert model.text_encoder is None
+    cond = PromptCondition(torch.randn(2, 5, 24), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    assert model(torch.randn(2, 1, 4, 16, 16), torch.tensor([1.0, 2.0]), cond).shape == (2, 1, 4, 16, 16)
+
+
+def test_serve_draws_clips_from_a_prompt_on_v1_videos(trained):
+    """``POST /v1/videos`` with ``prompt``: num_samples clips of it, the prompt in each clip's metadata;
+    class labels or a missing prompt are a 422 naming what to send."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+
+    from ditkit.serve.app import create_app
+    from ditkit.serve.launch import load_models
+    from ditkit.serve.models import ServeLimits
+
+    models = load_models([f"t2v={trained.run_dir}"], device="cpu")
+    app = create_app(models, ServeLimits(max_queue=2, request_timeout_s=60))
+
+    async def talk():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            listed = (await client.get("/v1/models")).json()["models"][0]
+            ok = await client.post("/v1/videos", json={"model": "t2v", "prompt": "a 3 moving up", "num_samples": 2,
+                                                        "num_frames": 4, "steps": 2, "negative_prompt": "a 7"})
+            labels = await client.post("/v1/videos", json={"model": "t2v", "class_labels": [3]})
+            empty = await client.post("/v1/videos", json={"model": "t2v", "prompt": " "})
+        return listed, ok, labels, empty
+
+    try:
+        listed, ok, labels, empty = asyncio.run(talk())
+    finally:
+        app.state.ditkit.close()
+    assert listed["modality"] == "video" and listed["prompts"] is True and listed["max_prompt_tokens"] == 31
+    assert ok.status_code == 200, ok.text
+    clips = ok.json()["clips"]
+    assert [c["metadata"]["prompt"] for c in clips] == ["a 3 moving up"] * 2 and [c["seed"] for c in clips] == [0, 1]
+    assert clips[0]["metadata"]["negative_prompt"] == "a 7" and clips[0]["num_frames"] == 4
+    assert labels.status_code == 422 and "text-to-video: send prompt, not class_labels" in labels.json()["detail"]
+    assert empty.status_code == 422 and "non-empty prompt" in empty.json()["detail"]
