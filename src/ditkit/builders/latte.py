@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ditkit.builders.dit import model_input_shape
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.models.latte import LATTE_PRESETS
 from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS, PROMPT_VOCAB_SIZE
@@ -22,7 +23,8 @@ _LATTE_MODEL_FIELDS = (
 @MODEL_BUILDERS.register("latte")
 def latte_kwargs(cfg: Config) -> dict[str, Any]:
     """``Latte(**kwargs)`` for a video config: the preset, then non-None ``cfg.model`` fields, then
-    what the data decides (``input_size`` = ``data.image_size``, ``num_frames`` = ``data.num_frames``
+    what the data decides (``input_size`` = ``data.image_size``, or the latent side with ``--vae``:
+    frames are encoded one by one through the image VAE; ``num_frames`` = ``data.num_frames``
     (default 8), ``in_channels``, ``num_classes``) and the objective (``learn_sigma``). The frame
     count and size are nominal: the position tables are computed per call. Raises ``ConfigError``
     when the frame size is not a whole number of patches, the frames not of tubelets, or the
@@ -67,14 +69,15 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
     for name in ("pos_embed", "time_conditioning"):
         if getattr(m, name) is not None:
             raise ConfigError(f"model.{name} is not an option of {m.name}: drop it")
-    if d.latent_channels:
-        raise ConfigError(f"{m.name} trains on pixels here (latent video is not wired yet): drop --vae")
     patch, frames = kwargs["patch_size"], d.num_frames or DEFAULT_NUM_FRAMES
-    if d.image_size % patch:
-        lower = d.image_size // patch * patch
+    channels, side = model_input_shape(cfg)  # pixels, or per-frame VAE latents (--vae)
+    if side % patch or (d.latent_channels and d.image_size % (d.vae_downsample or 1)):
+        unit = patch * (d.vae_downsample or 1) if d.latent_channels else patch
+        lower = d.image_size // unit * unit
         raise ConfigError(
-            f"--image-size {d.image_size} is not divisible by the patch size {patch} of {m.name}: "
-            f"use --image-size {lower or patch} or {lower + patch}"
+            f"--image-size {d.image_size} is not divisible by the patch size {patch} of {m.name}"
+            + (f" times the VAE downsampling {d.vae_downsample}" if d.latent_channels else "")
+            + f": use --image-size {lower or unit} or {lower + unit}"
         )
     tubelet = kwargs.get("tubelet_size", 1)
     if frames % tubelet:
@@ -84,9 +87,9 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
     kwargs.update(
-        input_size=d.image_size,
+        input_size=side,
         num_frames=frames,
-        in_channels=d.channels,
+        in_channels=channels,
         learn_sigma=cfg.objective.kind == "gaussian" and cfg.objective.learn_sigma,
     )
     return kwargs

@@ -51,6 +51,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--data", metavar="PATH_OR_NAME", help="reference data for --npz without --ckpt")
     ev.add_argument("--image-size", type=int, help="with --data")
     ev.add_argument("--inception-weights", metavar="PATH", help="local pt_inception-2015-12-05 weights: adds FID and IS")
+    ev.add_argument("--i3d-weights", metavar="PATH", help="video: a local TorchScript I3D (i3d_torchscript.pt): adds FVD")
     ev.add_argument("--clip-model", metavar="DIR", help="text-to-image: a local Hugging Face CLIP folder: adds CLIP score")
     ev.add_argument("--cache-dir", metavar="DIR", help="classifier / reference statistics cache (default ~/.cache/ditkit/eval)")
     ev.add_argument("--out", metavar="FILE.json", help="where to write the results")
@@ -140,7 +141,9 @@ def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
     from ditkit.pipelines import pipeline_class
     from ditkit.progress import progress_bar
 
-    _refuse(args, modality, "data", "image_size", "inception_weights", "vae", "guide_channels", "temperature", "max_val_sequences")
+    _refuse(args, modality, "data", "image_size", "inception_weights", "vae", "guide_channels", "temperature", "max_val_sequences",
+            *(("i3d_weights",) if modality == "audio" else ()))
+    fvd_options = {"i3d_weights": args.i3d_weights} if modality == "video" and args.i3d_weights is not None else {}
     if modality == "audio" and args.num_samples < 10:
         raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (200 gives stable numbers)")
     from ditkit.checkpoint_io import Checkpoint
@@ -162,7 +165,7 @@ def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
     with progress_bar(calls_per_batch * -(-args.num_samples // batch), f"sampling {modality} for evaluation") as bar:
         results = evaluate(pipe, args.num_samples, sampler=sampler, num_sampling_steps=steps, cfg_scale=cfg_scale, seed=seed,
                            batch_size=batch, cache_dir=args.cache_dir if args.cache_dir is not None else cache_dir("eval"),
-                           progress=bar.update, allow_untrained_uncond=args.allow_untrained_uncond)
+                           progress=bar.update, allow_untrained_uncond=args.allow_untrained_uncond, **fvd_options)
     name = f"{pipe.checkpoint.dir.name}-{modality}-{sampler}-{steps}-cfg{cfg_scale:g}-n{args.num_samples}-seed{seed}"
     _write_json(results, Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json")
     return 0
@@ -175,7 +178,7 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
     from ditkit.eval.model_eval import build_evaluator, evaluate_generator
     from ditkit.pipelines.image import ImagePipeline
 
-    _refuse(args, "image", "max_val_sequences", "temperature")
+    _refuse(args, "image", "max_val_sequences", "temperature", "i3d_weights")
     if args.num_passes != 4:
         raise ConfigError("--num-passes is for text models: this is an image evaluation")
 
@@ -242,7 +245,7 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
     from ditkit.config import ConfigError
     from ditkit.eval.text_model import evaluate_text
 
-    _refuse(args, "text", "data", "image_size", "inception_weights", "vae", "guide_channels", "timestep_spacing")
+    _refuse(args, "text", "data", "image_size", "inception_weights", "vae", "guide_channels", "timestep_spacing", "i3d_weights")
     if getattr(args, "sampler", None) not in (None, "auto"):
         raise ConfigError(f"--sampler {args.sampler} is an image sampler: text models use their own (drop --sampler)")
     results = evaluate_text(
@@ -259,6 +262,8 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
 
 def _cmd_eval_text_to_image(args: argparse.Namespace) -> int:
     from ditkit.eval.attributes import cmd_eval_text_to_image  # the attribute judge (GenEval-style)
+
+    _refuse(args, "text-to-image", "i3d_weights")
 
     return cmd_eval_text_to_image(args)
 

@@ -6,6 +6,9 @@ through the VAE would (Rombach et al. 2022, sec. 3). With ``hflip`` it also stor
 the horizontally flipped image (a flipped image's latent is not the flipped latent), and the
 sampler picks a variant per image per epoch.
 
+Clips (video datasets, ``(N, C, F, H, W)``) are encoded frame by frame (Latte trains on per-frame
+latents of an image VAE) and stored as ``(N, V, c, F, h, w)``; everything else is shape-agnostic.
+
 Layout of ``<cache_root>/latents-<key[:16]>/``: ``mean.npy`` and ``std.npy`` (N, V, c, h, w),
 V = 2 with flips (variant 1 the flipped image) else 1; ``labels.npy`` (N,) int64 when labelled;
 ``meta.json`` last (its presence marks a complete cache). The key hashes the data (pixels after
@@ -112,17 +115,17 @@ class LatentCache:
         return self.mean.shape[1]
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(c, h, w) of one latent: the DiT's in_channels and input_size."""
-        return tuple(self.mean.shape[2:])  # type: ignore[return-value]
+    def latent_shape(self) -> tuple[int, ...]:
+        """(c, h, w) of one latent: the DiT's in_channels and input_size ((c, F, h, w) for clips)."""
+        return tuple(self.mean.shape[2:])
 
     @property
     def scaling_factor(self) -> float:
         return float(self.meta["vae"]["scaling_factor"])
 
     def moments(self, index: torch.Tensor, variant: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std), each (B, c, h, w) float32, for dataset items `index` (B,) and variants (B,)
-        (None: variant 0, the unflipped image)."""
+        """(mean, std), each (B, c, h, w) float32 ((B, c, F, h, w) for clips), for dataset items
+        `index` (B,) and variants (B,) (None: variant 0, the unflipped image)."""
         idx = index.cpu().numpy()
         var = np.zeros_like(idx) if variant is None else variant.cpu().numpy().astype(idx.dtype)
         mean = torch.from_numpy(np.ascontiguousarray(self.mean[idx, var])).float()
@@ -175,7 +178,12 @@ def build_latent_cache(
     tmp.mkdir()
     n, variants = len(dataset), 2 if hflip else 1
     side = dataset.image_size // vae.downsample
-    shape = (n, variants, vae.latent_channels, side, side)
+    clips = dataset.images.ndim == 5  # (N, C, F, H, W): encode every frame, keep (c, F, h, w) per clip
+    if clips and hflip:
+        raise DataError("hflip turns a clip moving right into one moving left: set data.hflip=false for video")
+    frames = int(dataset.images.shape[2]) if clips else 1
+    shape = (n, variants, vae.latent_channels, *((frames,) if clips else ()), side, side)
+    batch_size = max(1, batch_size // frames)  # about batch_size frames per VAE call
     mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=dtype, shape=shape)
     std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=dtype, shape=shape)
     starts = range(0, n, batch_size)
@@ -186,7 +194,12 @@ def build_latent_cache(
     for start in starts:
         x = dataset.images[start : start + batch_size].float().div(127.5).sub(1.0)  # [-1, 1]
         for v in range(variants):
-            m, s = vae.encode_moments(x.flip(-1) if v == 1 else x)
+            if clips:  # (B, C, F, H, W) -> B*F frames -> moments (B, c, F, h, w)
+                B, C, F_, H, W = x.shape
+                m, s = vae.encode_moments(x.transpose(1, 2).reshape(B * F_, C, H, W))
+                m, s = (t.view(B, F_, *t.shape[1:]).transpose(1, 2) for t in (m, s))
+            else:
+                m, s = vae.encode_moments(x.flip(-1) if v == 1 else x)
             mean[start : start + len(x), v] = m.cpu().numpy().astype(dtype)
             std[start : start + len(x), v] = s.cpu().numpy().astype(dtype)
     mean.flush()

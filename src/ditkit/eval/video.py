@@ -394,6 +394,7 @@ def evaluate_video(
     progress: Optional[Any] = None,
     allow_untrained_uncond: bool = False,
     judge_config: Optional[VideoJudgeConfig] = None,
+    i3d_weights: Optional[str | Path] = None,
 ) -> dict[str, Any]:
     """Score ``num_samples`` clips of a ``moving_digits`` checkpoint (a ``VideoPipeline``, or a
     ``TextToVideoPipeline``) with the video judges. Labels cycle over the classes (balanced); a
@@ -407,11 +408,18 @@ def evaluate_video(
     held-out accuracies), ``sampling``, the checkpoint and its SHA-256, seconds. Raises
     ``ConfigError`` for runs the judges cannot score (not one-digit gray ``moving_digits``).
     ``judge_config``: other judges (tests train tiny ones); default ``VideoJudgeConfig`` at the
-    run's size and directions, trained once and cached under ``cache_dir``."""
+    run's size and directions, trained once and cached under ``cache_dir``. ``i3d_weights``: a
+    local TorchScript I3D (``ditkit.eval.fvd``): adds ``fvd`` against the same real clips and
+    ``fvd_real_vs_real``; without it nothing is called FVD."""
     from ditkit.config import ConfigError
 
     cfg = pipe.cfg
     d = cfg.data
+    detector = None
+    if i3d_weights is not None:  # checked before anything is drawn or trained
+        from ditkit.eval.fvd import load_i3d
+
+        detector = load_i3d(i3d_weights)
     if d.dataset != "moving_digits" or d.num_digits != 1 or (d.channels or 1) != 1:
         raise ConfigError(
             f"the video judges score one-digit gray moving_digits runs; {d.dataset} ({d.num_digits} digit(s), "
@@ -450,6 +458,16 @@ def evaluate_video(
     metrics["fd_clip_judge"] = clip_frechet_distance(judges, out.tensors, reference.clips)
     real = score_clips(judges, second.clips, second.attributes["digit"][:, 0], second.attributes["direction"][:, 0])
     real["fd_real_vs_real"] = clip_frechet_distance(judges, second.clips, reference.clips)
+    fvd_info: dict[str, Any] = {}
+    if detector is not None:
+        from ditkit.eval.fvd import STANDARD_FVD_FRAMES, file_sha256, fvd
+
+        real_clips = [c.float().div(127.5).sub(1) for c in (reference.clips, second.clips)]  # uint8 -> [-1, 1]
+        metrics["fvd"] = fvd(detector, out.tensors, real_clips[0])
+        real["fvd_real_vs_real"] = fvd(detector, real_clips[1], real_clips[0])
+        fvd_info = {"i3d_weights": str(i3d_weights), "i3d_sha256": file_sha256(i3d_weights), "num_frames": frames,
+                    "comparable_to_published": frames >= STANDARD_FVD_FRAMES,
+                    "protocol": "universome/fvd-comparison: 224x224 centre crop, [-1, 1], 400 I3D logits"}
     meta = out.metadata
     return {
         "modality": "video",
@@ -466,7 +484,8 @@ def evaluate_video(
         "targets": {"frame_accuracy": 0.8, "identity_consistency": 0.9, "direction_accuracy": 0.7},
         "judges": {key: value for key, value in judges.info.items() if key != "config"},
         "fd_note": "FD (clip-judge features): Frechet distance in the direction judge's pooled features, against "
-                   "real clips of held-out digits; not FVD (no I3D weights here)",
+                   "real clips of held-out digits; not FVD" + ("" if fvd_info else " (FVD needs --i3d-weights)"),
+        **({"fvd": fvd_info} if fvd_info else {}),
         "sampling": {"sampler": meta["sampler"], "num_sampling_steps": int(meta["num_sampling_steps"]),
                      "cfg_scale": float(meta["cfg_scale"]), "seed": seed, "precision": meta["precision"]},
         "sample_seconds": round(sample_seconds, 1),

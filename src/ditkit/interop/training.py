@@ -89,10 +89,10 @@ def prepare_latent_data(
         )
     root = cache_dir("latents")
     cache = build_latent_cache(dataset, vae, root, hflip=cfg.data.hflip)
-    c, h, w = cache.latent_shape
+    what = "clips" if len(cache.latent_shape) == 4 else "images"  # clips: (c, F, h, w), encoded frame by frame
     log(
-        f"latents {'reused from' if cache.reused else 'encoded into'} {cache.path}: {len(cache)} images -> "
-        f"{c}x{h}x{w} (VAE {vae.path}, scale {vae.scaling_factor:g})"
+        f"latents {'reused from' if cache.reused else 'encoded into'} {cache.path}: {len(cache)} {what} -> "
+        f"{'x'.join(map(str, cache.latent_shape))} (VAE {vae.path}, scale {vae.scaling_factor:g})"
     )
     resolved = Config.from_dict(cfg.to_dict())
     resolved.data.latent_channels = vae.latent_channels

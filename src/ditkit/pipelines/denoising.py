@@ -197,12 +197,14 @@ class DenoisingPipeline(Pipeline):
         scale: float, spacing: Optional[str], options: dict[str, Any], batch_size: int, guide_channels: int,
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         conditions: Optional[tuple[Any, Any]] = None,
+        finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """``n`` samples of ``shape`` (one sample, e.g. ``(C, F, H, W)``) drawn ``batch_size`` at a
         time from the objective's prior with ``sampler``, guided on the first ``guide_channels``
         output channels when ``scale != 1``: ``(n, *shape)`` float32 clamped to [-1, 1] on the CPU.
         ``conditions = (cond, null)`` replaces the labels for prompt models: ``n`` rows each (caption
-        ids (n, L) or ``PromptCondition``), guided against ``null`` (the empty or negative prompt)."""
+        ids (n, L) or ``PromptCondition``), guided against ``null`` (the empty or negative prompt).
+        ``finish(x0)`` replaces the clamp, e.g. decoding latents through a VAE."""
         objective, device = self.objective, self.device
         sampler_fn, grid, forward = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing), self.forward_fn()
         out = []
@@ -220,7 +222,7 @@ class DenoisingPipeline(Pipeline):
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
             x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
-            out.append(x0.float().clamp(-1, 1).cpu())
+            out.append(finish(x0.float()).cpu() if finish is not None else x0.float().clamp(-1, 1).cpu())
         return torch.cat(out)
 
     def sampling_metadata(self, plan: SamplingPlan, *, labels: bool = True) -> dict[str, str]:

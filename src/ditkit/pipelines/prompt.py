@@ -292,7 +292,7 @@ class PromptConditioning:
     @classmethod
     def cli_extras(cls, args: Any) -> dict[str, Any]:
         path = getattr(args, "text_encoder", None)
-        return {"text_encoder": path} if path is not None else {}
+        return {**super().cli_extras(args), **({"text_encoder": path} if path is not None else {})}  # type: ignore[misc]
 
 
 @PIPELINES.register("text_to_image")

@@ -26,11 +26,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
+from ditkit.builders.dit import model_input_shape
+from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import DenoisingPipeline, SamplingPlan, TrajectoryRecorder
+from ditkit.pipelines.image import load_decoder
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
@@ -147,6 +149,25 @@ class VideoPipeline(DenoisingPipeline):
 
     modality = "video"
 
+    def __init__(self, model: torch.nn.Module, cfg: Config, *, vae: Optional[Any] = None, **kwargs: Any) -> None:
+        super().__init__(model, cfg, **kwargs)
+        if isinstance(vae, (str, Path)) or (vae is None and cfg.data.latent_channels and cfg.data.vae):
+            vae = load_decoder(cfg, vae, self.device)
+        self.vae = vae  # latent video: the image VAE that decodes each frame, or None
+
+    @classmethod
+    def check_extras(cls, cfg: Config, vae: Optional[str | Path] = None, **extras: Any) -> None:
+        super().check_extras(cfg, **extras)
+        if vae is not None and not cfg.data.latent_channels:
+            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
+
+    def decode_clips(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent clips (N, c, F, h, w) -> pixel clips (N, C, F, H, W) in [-1, 1], frame by frame
+        through the VAE (as they were encoded for training)."""
+        N, c, F_, h, w = z.shape
+        frames = self.vae.decode_to(z.transpose(1, 2).reshape(N * F_, c, h, w), self.cfg.data.channels)
+        return frames.view(N, F_, *frames.shape[1:]).transpose(1, 2).clamp(-1, 1)
+
 
     @property
     def trained_frames(self) -> int:
@@ -218,12 +239,20 @@ class VideoPipeline(DenoisingPipeline):
         null prompts) encoded for a prompt model; see ``sample_batches``): ``(n, C, frames, S, S)``
         float32 clips in [-1, 1] with their frames, metadata and trajectory. Progress counts
         frames x steps."""
+        d = self.cfg.data
+        if d.latent_channels and self.vae is None:
+            raise ConfigError(f"this latent video model needs its VAE to decode frames: the folder {d.vae} is not "
+                              "recorded or gone; pass --vae PATH (vae=PATH in ditkit.load)")
+        if d.latent_channels and plan.trajectory_steps:
+            raise ConfigError("--trajectory is not available for latent video yet (it records latents); drop it")
         announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
         recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True)
-        channels, size = self.cfg.data.channels or 1, self.cfg.data.image_size
+        channels, size = model_input_shape(self.cfg)  # pixels, or per-frame latents
+        channels = channels or 1
         clips = self.sample_batches(plan.labels, plan.generators, plan.n, (channels, frames, size, size),
                                     guide_channels=channels, callback=recorder.callback(progress, frames),
-                                    batch_size=batch_size, conditions=conditions, **plan.sampling)
+                                    batch_size=batch_size, conditions=conditions, **plan.sampling,
+                                    finish=self.decode_clips if d.latent_channels else None)
         metadata = self.sampling_metadata(plan)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
         trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
@@ -239,10 +268,16 @@ class VideoPipeline(DenoisingPipeline):
         super().add_cli_arguments(parser)  # --lora
         parser.add_argument("--num-frames", type=int, help="video: frames per clip (default: the length it trained on)")
         parser.add_argument("--fps", type=float, help="video: frames per second of the GIFs and MP4s (default 8)")
+        parser.add_argument("--vae", metavar="DIR",
+                            help="latent models: AutoencoderKL folder to decode with (default: the recorded one)")
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
                             help="gaussian samplers (default: the checkpoint's)")
         cls.add_trajectory_arguments(parser)
+
+    @classmethod
+    def cli_extras(cls, args: Any) -> dict[str, Any]:
+        return {**super().cli_extras(args), **({"vae": args.vae} if getattr(args, "vae", None) is not None else {})}
 
     def cli_call(self, args: Any, distributed: bool = False) -> VideoPipelineOutput:
         with sampling_progress("sampling (frames x steps)") as progress:
