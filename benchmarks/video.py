@@ -47,8 +47,8 @@ def variant_config(variant: str, frames: int, batch_size: int) -> Any:
 
     cfg = get_recipe("moving_digits")
     cfg.data.num_frames, cfg.train.global_batch_size = frames, batch_size
-    if variant == "frames":
-        cfg.model.name, cfg.model.attention = "DiT-T/4", None
+    if variant == "frames":  # the image DiT of the recipe's size (Latte-XS/4 -> DiT-XS/4)
+        cfg.model.name, cfg.model.attention = cfg.model.name.replace("Latte-", "DiT-"), None
         # the trainer gets the frames as its dataset (FrameDataset); the name only passes validation
         cfg.data.dataset, cfg.data.num_frames = "mnist", None
     else:

@@ -19,7 +19,6 @@ compare with published ones (said in the report).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,15 +48,6 @@ def load_i3d(path: str | Path, device: torch.device | str = "cpu") -> Any:
     except Exception as err:  # torch.jit raises RuntimeError / ValueError for non-archives
         raise ConfigError(f"--i3d-weights {path} is not a TorchScript I3D (i3d_torchscript.pt): {str(err).splitlines()[0]}") from None
     return detector.eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of the weights file, recorded beside every FVD so a number names its detector."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preprocess_for_i3d(clips: torch.Tensor) -> torch.Tensor:

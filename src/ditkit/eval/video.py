@@ -460,7 +460,8 @@ def evaluate_video(
     real["fd_real_vs_real"] = clip_frechet_distance(judges, second.clips, reference.clips)
     fvd_info: dict[str, Any] = {}
     if detector is not None:
-        from ditkit.eval.fvd import STANDARD_FVD_FRAMES, file_sha256, fvd
+        from ditkit.eval.fvd import STANDARD_FVD_FRAMES, fvd
+        from ditkit.provenance import sha256_file as file_sha256  # the weights' hash names the detector
 
         real_clips = [c.float().div(127.5).sub(1) for c in (reference.clips, second.clips)]  # uint8 -> [-1, 1]
         metrics["fvd"] = fvd(detector, out.tensors, real_clips[0])
