@@ -39,13 +39,16 @@ from typing import Any
 import torch
 
 VARIANTS = ("interleaved", "full", "frames")
+OVERRIDES: dict[str, str] = {}  # --set KEY=VALUE: changes to the recipe every variant starts from
 
 
 def variant_config(variant: str, frames: int, batch_size: int) -> Any:
     """The recipe ``moving_digits`` with the network of ``variant`` (an image DiT for ``frames``)."""
     from ditkit.recipes import get_recipe
 
-    cfg = get_recipe("moving_digits")
+    from ditkit.config import apply_overrides
+
+    cfg = apply_overrides(get_recipe("moving_digits"), dict(OVERRIDES))
     cfg.data.num_frames, cfg.train.global_batch_size = frames, batch_size
     if variant == "frames":  # the image DiT of the recipe's size (Latte-XS/4 -> DiT-XS/4)
         cfg.model.name, cfg.model.attention = cfg.model.name.replace("Latte-", "DiT-"), None
@@ -183,13 +186,20 @@ def main() -> None:
     parser.add_argument("--budget", help="train each variant this long (e.g. 4m) and score it; default: cost only")
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--cache-dir", type=Path, default=None, help="video judges cache (default ~/.cache/ditkit/eval)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for every variant, e.g. model.name=Latte-T/2 (the frames variant "
+                             "takes the DiT of the same size)")
+    parser.add_argument("--no-cost", action="store_true", help="skip the cost table (quality only)")
     args = parser.parse_args()
+    from ditkit.config import parse_set_option
+
+    OVERRIDES.update(dict(parse_set_option(item) for item in args.set))
     from ditkit.cache import cache_dir
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "cost": [], "quality": []}
-    for variant in args.variants:
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "set": OVERRIDES, "cost": [], "quality": []}
+    for variant in ([] if args.no_cost else args.variants):
         for frames in args.frames:
             results["cost"].append(cost(variant, frames, args.batch_size))
             print(json.dumps(results["cost"][-1]), flush=True)
