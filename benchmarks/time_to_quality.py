@@ -89,6 +89,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
                        "objective.learn_sigma": False, "sample.sampler": "heun"}),
     Variant("edm", "EDM (Karras et al. 2022): preconditioning, log-normal sigma, lambda(sigma) weighting",
             overrides={"objective.kind": "edm", "objective.learn_sigma": False, "sample.sampler": "edm_heun"}),
+    Variant("maskdit", "MaskDiT (Zheng et al. 2023): 50% of the patch tokens dropped before the encoder, a 2-block "
+            "decoder, MAE weight 0.1, the last 10% unmasked (learned sigma off: the masked loss has no vb term)",
+            overrides={"objective.mask_ratio": 0.5, "model.decoder_depth": 2, "objective.unmask_fraction": 0.1,
+                       "objective.learn_sigma": False}),
+    Variant("recommended_maskdit", "ditkit's recipe with MaskDiT token masking (as maskdit)", base="recommended",
+            overrides={"objective.mask_ratio": 0.5, "model.decoder_depth": 2, "objective.unmask_fraction": 0.1}),
     Variant("recommended", "ditkit's recipe of the dataset (+ --recommended-set)", base="recommended"),
 )}
 OPTIONS = [name for name, v in VARIANTS.items() if v.base == "paper" and name != "paper"]
@@ -366,7 +372,7 @@ def variant_config(variant: str, dataset: str, seed: int, settings: Settings) ->
     v = VARIANTS[variant]
     paper, recommended = RECIPES[dataset]
     cfg = get_recipe(recommended if v.base == "recommended" else paper)
-    cfg = apply_overrides(cfg, settings.recommended_set if v.base == "recommended" else v.overrides)
+    cfg = apply_overrides(cfg, {**v.overrides, **settings.recommended_set} if v.base == "recommended" else v.overrides)
     t = cfg.train
     t.time_budget, t.max_steps, t.epochs = settings.budget, None, None  # the budget alone ends every run
     t.eval_every, t.eval_samples, t.keep_best = settings.eval_every, settings.eval_samples, False
@@ -392,7 +398,7 @@ def own_sampling(variant: str, dataset: str, recommended_set: dict[str, str]) ->
     v = VARIANTS[variant]
     paper, recommended = RECIPES[dataset]
     cfg = apply_overrides(get_recipe(recommended if v.base == "recommended" else paper),
-                          recommended_set if v.base == "recommended" else v.overrides)
+                          {**v.overrides, **recommended_set} if v.base == "recommended" else v.overrides)
     s = cfg.sample
     return {"sampler": s.sampler, "num_sampling_steps": s.num_sampling_steps, "cfg_scale": s.cfg_scale}
 
@@ -755,7 +761,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine(),
         "wall_s": {"training": round(train_wall_s), "total": round(time.time() - t_start)},
         "variants": {name: {"summary": VARIANTS[name].summary, "base": VARIANTS[name].base,
-                            "overrides": VARIANTS[name].overrides if VARIANTS[name].base == "paper" else settings.recommended_set,
+                            "overrides": VARIANTS[name].overrides if VARIANTS[name].base == "paper"
+                            else {**VARIANTS[name].overrides, **settings.recommended_set},
                             "recipes": {d: RECIPES[d][0 if VARIANTS[name].base == "paper" else 1] for d in datasets},
                             "own_sampling": {d: own_sampling(name, d, settings.recommended_set) for d in datasets}}
                      for name in dict.fromkeys(["paper", *variants])},

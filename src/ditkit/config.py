@@ -82,6 +82,8 @@ class ModelConfig:
     # attention; frames per token (1: per-frame patches; k: k x p x p tubelets)
     attention: Optional[str] = None
     tubelet_size: Optional[int] = None
+    # ---- MaskDiT (DiT-* with objective.mask_ratio > 0): decoder blocks after the encoder, on every token
+    decoder_depth: Optional[int] = None
 
 
 @dataclass
@@ -130,6 +132,12 @@ class ObjectiveConfig:
     teacher: Optional[str] = None
     teacher_steps: Optional[int] = None
     teacher_cfg_scale: float = 1.0
+    # MaskDiT (Zheng et al. 2023, arXiv 2306.09305; ditkit/diffusion/masking.py): share of patch tokens
+    # dropped before the encoder (0: off; the paper: 0.5), weight of the masked-patch reconstruction
+    # term, and the last share of the run trained without masking ("unmasking tuning")
+    mask_ratio: float = 0.0
+    mae_weight: float = 0.1
+    unmask_fraction: float = 0.0
 
 
 @dataclass
@@ -398,6 +406,7 @@ class Config:
         if s.cfg_scale < 0:
             raise ConfigError(f"--cfg-scale {s.cfg_scale}: use a value >= 0 (1 = no guidance)")
         _validate_pretrained_and_eval(self)
+        _validate_masking(self)
         _validate_modality(self)
 
     @property
@@ -456,6 +465,36 @@ def _validate_pretrained_and_eval(cfg: Config) -> None:
                           "give --lora-rank R too (without LoRA every module trains already)")
     if cfg.objective.clip_x0 is not None and cfg.objective.clip_x0 < 0:
         raise ConfigError(f"objective.clip_x0={cfg.objective.clip_x0}: use 0 (no clipping), a positive bound, or none (auto)")
+
+
+def _validate_masking(cfg: Config) -> None:
+    """MaskDiT options (``objective.mask_ratio``, ``mae_weight``, ``unmask_fraction``,
+    ``model.decoder_depth``) are in range and fit the model and objective."""
+    o, m = cfg.objective, cfg.model
+    if not 0.0 <= o.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: use a share in [0, 1) (0 = off; MaskDiT: 0.5)")
+    if o.mae_weight < 0:
+        raise ConfigError(f"objective.mae_weight={o.mae_weight}: use a weight >= 0 (MaskDiT: 0.1)")
+    if not 0.0 <= o.unmask_fraction < 1.0:
+        raise ConfigError(f"objective.unmask_fraction={o.unmask_fraction}: use a share of the run in [0, 1)")
+    if m.decoder_depth is not None and m.decoder_depth < 0:
+        raise ConfigError(f"model.decoder_depth={m.decoder_depth}: use 0 or a positive block count (MaskDiT: 2)")
+    if m.decoder_depth and not m.name.startswith("DiT-"):
+        raise ConfigError(f"model.decoder_depth is a MaskDiT option of the image DiT (DiT-*), not of {m.name}: drop it")
+    if o.mask_ratio == 0.0:
+        if o.unmask_fraction:
+            raise ConfigError("objective.unmask_fraction ends token masking: set objective.mask_ratio too (e.g. 0.5)")
+        return
+    if not m.name.startswith("DiT-") or o.kind not in ("gaussian", "flow", "edm"):
+        raise ConfigError(f"objective.mask_ratio (MaskDiT) trains the image DiT (DiT-*) with gaussian, flow or edm; "
+                          f"not {m.name} with {o.kind}")
+    if not m.decoder_depth:
+        raise ConfigError("objective.mask_ratio needs decoder blocks that see every token: set model.decoder_depth (e.g. 2)")
+    if o.kind == "gaussian" and o.learn_sigma:
+        raise ConfigError("objective.mask_ratio counts the loss on visible patches, which learned sigma's vb term does "
+                          "not support: set objective.learn_sigma=false")
+    if m.pos_embed == "rope":
+        raise ConfigError("objective.mask_ratio drops tokens, which the RoPE path does not support yet: use model.pos_embed=sincos")
 
 
 def _validate_registered(cfg: Config) -> None:

@@ -21,7 +21,7 @@ from ditkit.registry import MODEL_BUILDERS, MODEL_FAMILIES, OBJECTIVES
 
 __all__ = [
     "model_family", "model_kwargs", "build_model", "build_objective", "check_model_config", "load_model",
-    "default_sampler", "objective_entry", "load_teacher",
+    "default_sampler", "objective_entry", "load_teacher", "training_objective",
 ]
 
 
@@ -77,6 +77,19 @@ def load_teacher(path: str) -> tuple[torch.nn.Module, Any, Config]:
     clip = tcfg.objective.clip_x0  # as pipelines.denoising.sampling_clip_x0: auto = 1 for pixels
     clip = (None if tcfg.data.latent_channels else 1.0) if clip is None else (clip or None)
     return model, build_objective(tcfg, clip_x0=clip), tcfg
+
+
+def training_objective(cfg: Config) -> Any:
+    """What the trainer minimises: ``build_objective(cfg)``, wrapped for MaskDiT token masking when
+    ``objective.mask_ratio`` > 0 (``ditkit.diffusion.masking.MaskedTokenTraining``; sampling never
+    masks, so the pipelines use the plain objective)."""
+    objective = build_objective(cfg)
+    if not cfg.objective.mask_ratio:
+        return objective
+    from ditkit.diffusion.masking import MaskedTokenTraining
+
+    return MaskedTokenTraining(objective, cfg.objective.mask_ratio, model_kwargs(cfg)["patch_size"],
+                               cfg.objective.mae_weight)
 
 
 def default_sampler(cfg: Config) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ditkit.diffusion.objective import Objective
+from ditkit.diffusion.objective import Objective, masked_mean
 from ditkit.diffusion.schedules import karras_sigmas, sample_log_normal_sigma, sample_noise, sample_noise_rows
 from ditkit.errors import ConfigError
 from ditkit.registry import OBJECTIVES
@@ -140,9 +140,10 @@ class EDM(Objective):
         *,
         sigma: Tensor | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample terms, each ``(B,)``: ``"loss"`` = ``lambda(sigma) ||D(x_sigma; sigma) - x0||^2``
-        (mean over non-batch dims) and ``"mse_x0"`` = ``||D - x0||^2`` unweighted.
+        (mean over non-batch dims, or over ``loss_mask``'s 1s) and ``"mse_x0"`` = ``||D - x0||^2`` unweighted.
 
         ``x0`` is ``(B, C, ...)``; ``sigma`` ``(B,)`` (log-normal) and ``noise`` (standard normal,
         shape of ``x0``) are drawn from ``generator`` in that order unless given.
@@ -156,8 +157,8 @@ class EDM(Objective):
         out, c_skip, c_out = self._forward(lambda x, t: model(x, t, y), x_sigma, sigma)
         # lambda ||c_skip x + c_out F - x0||^2 = ||F - (x0 - c_skip x) / c_out||^2 since lambda = 1 / c_out^2
         target = (x0 - c_skip * x_sigma) / c_out
-        loss = ((out - target) ** 2).flatten(1).mean(1)
-        mse_x0 = ((c_skip * x_sigma + c_out * out - x0) ** 2).detach().flatten(1).mean(1)
+        loss = masked_mean((out - target) ** 2, loss_mask)
+        mse_x0 = masked_mean((c_skip * x_sigma + c_out * out - x0) ** 2, loss_mask).detach()
         return {"loss": loss, "mse_x0": mse_x0}
 
     def global_draws(

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ditkit.diffusion.objective import Objective
+from ditkit.diffusion.objective import Objective, masked_mean
 from ditkit.diffusion.schedules import (
     LOSS_WEIGHTINGS,
     flow_sampling_times,
@@ -114,9 +114,11 @@ class FlowMatching(Objective):
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample terms ``{"mse", "loss"}``, each ``(B,)``: the velocity MSE (mean over
-        non-batch dims) and the training loss (the MSE, times the Min-SNR weight if set).
+        non-batch dims, or over ``loss_mask``'s 1s) and the training loss (the MSE, times the
+        Min-SNR weight if set).
 
         ``x0`` is ``(B, C, ...)``; ``t`` ``(B,)`` float in ``[0, 1]`` and ``noise`` are drawn
         from ``generator`` (t first) unless given. Raises ``ValueError`` if the model output's
@@ -134,7 +136,7 @@ class FlowMatching(Objective):
                 f"model output {tuple(out.shape)} does not match data {tuple(x0.shape)}; flow matching "
                 "predicts a velocity only, so build the model with learn_sigma=False"
             )
-        mse = ((out - (noise - x0)) ** 2).flatten(1).mean(1)
+        mse = masked_mean((out - (noise - x0)) ** 2, loss_mask)
         if self.loss_weighting == "none":
             return {"mse": mse, "loss": mse}
         return {"mse": mse, "loss": self.loss_weights(t).to(mse) * mse}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ditkit.diffusion.objective import Objective
+from ditkit.diffusion.objective import Objective, masked_mean
 from ditkit.diffusion.schedules import (
     LOSS_WEIGHTINGS,
     PREDICTIONS,
@@ -216,8 +216,10 @@ class GaussianDiffusion(Objective):
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample terms ``{"mse", "vb", "loss"}``, each ``(B,)``; ``vb`` is zero without learned sigma.
+        ``loss_mask``: the ``mse`` averages over its 1s only (``masked_mean``; not with learned sigma).
 
         ``x0`` is ``(B, C, ...)``; ``t`` ``(B,)`` int64 (default uniform over ``0..T-1``) and
         ``noise`` (default standard normal) are drawn from ``generator`` unless given.
@@ -230,7 +232,9 @@ class GaussianDiffusion(Objective):
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         out = model(x_t, t.float(), y).float()
         mean_out, v = self._split(out, x0.shape[1])
-        mse = _mean_flat((prediction_target(x0, noise, alpha_bar, self.prediction) - mean_out) ** 2)
+        mse = masked_mean((prediction_target(x0, noise, alpha_bar, self.prediction) - mean_out) ** 2, loss_mask)
+        if v is not None and loss_mask is not None:
+            raise ValueError("a loss mask (MaskDiT) does not combine with learned sigma: set objective.learn_sigma=false")
         if v is None:
             vb = torch.zeros_like(mse)
         else:  # stop-gradient on the mean: vb trains only the variance (Nichol & Dhariwal 2021, Sec. 3.1)

@@ -13,7 +13,10 @@ It provides:
   duck-typed; ``diffusion/`` does not import the config module).
 * ``loss_terms(model, x0, y, generator=None, **given) -> dict[str, Tensor]``: per-sample terms,
   each ``(B,)``, one of them ``"loss"`` (what training minimises); ``loss`` is inherited.
-  ``given`` fixes the random draws (``t``, ``noise``, ``z_t``) instead of drawing them.
+  ``given`` fixes the random draws (``t``, ``noise``, ``z_t``) instead of drawing them. The
+  continuous objectives (gaussian, flow, EDM) also take ``loss_mask`` (broadcastable to ``x0``,
+  1 = counted): their error terms average over the counted elements only (``masked_mean``; MaskDiT's
+  loss on the visible patches, ``diffusion/masking.py``).
 * ``global_draws(x, global_batch, rows, generator) -> dict``: the random inputs ``loss`` would draw
   for a global batch of ``global_batch`` samples, cut to this rank's ``rows`` (torchrun: every rank
   draws the same global stream and keeps its rows, so results do not depend on the world size).
@@ -32,7 +35,16 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "masked_mean"]
+
+
+def masked_mean(err: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sample mean ``(B, ...) -> (B,)`` over the elements where ``mask`` (broadcastable to
+    ``err``, 0 or 1) is 1; the plain mean over all non-batch dimensions without a mask."""
+    if mask is None:
+        return err.flatten(1).mean(1)
+    weight = mask.to(err.dtype).expand_as(err)
+    return (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
 
 
 class Objective:

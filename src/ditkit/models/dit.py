@@ -70,6 +70,13 @@ class DiT(nn.Module):
     num_classes = 0 builds an unconditional model (no label embedder; y must be None).
     `step_cache` (None, or a models.caching.StepCache set by the pipelines while sampling) runs the
     block stack in place of the plain loop.
+
+    MaskDiT (Zheng et al. 2023, arXiv 2306.09305, sec. 3.1): `decoder_depth` > 0 adds that many
+    blocks after the encoder `blocks`; `forward(..., keep=idx)` with `idx` (B, K) int64 patch indices
+    (row-major, each row distinct) runs the encoder on those K tokens only, puts a learned
+    `mask_token` at the other N - K positions, adds the position table again and runs the decoder
+    on all N tokens, so the output is full-size. Without `keep` every token goes through both (how
+    the model samples). Masking needs the decoder and the sin-cos table (not RoPE).
     """
 
     step_cache: Any = None
@@ -92,8 +99,11 @@ class DiT(nn.Module):
         pos_embed: str = "sincos",
         grad_checkpointing: bool = False,
         timestep_freq_shift: float = 0.0,
+        decoder_depth: int = 0,
     ):
         super().__init__()
+        if decoder_depth < 0:
+            raise ValueError(f"decoder_depth={decoder_depth}: use 0 (no decoder) or a positive block count")
         if input_size % patch_size:
             raise ValueError(
                 f"image/latent size {input_size} is not divisible by patch size {patch_size}: "
@@ -117,6 +127,11 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, norm=norm, mlp=mlp) for _ in range(depth)
         )
+        # MaskDiT's decoder and mask token (absent with decoder_depth 0: official checkpoints load as before)
+        self.decoder_blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, norm=norm, mlp=mlp) for _ in range(decoder_depth)
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if decoder_depth else None
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels, norm=norm)
         if self.use_rope:
             cos, sin = rope_2d(self.grid_size, hidden_size // num_heads)
@@ -135,6 +150,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def reset_pos_embed(self) -> None:
         """Fill `pos_embed` with the 2-D sin-cos table for the current grid (zeros with RoPE)."""
@@ -152,7 +169,9 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"DiT expects input (B, {self.in_channels}, {self.input_size}, {self.input_size}), "
@@ -169,10 +188,19 @@ class DiT(nn.Module):
         elif y is not None:
             raise ValueError("this DiT is unconditional (num_classes=0): pass y=None")
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        if self.step_cache is not None:  # sampling-time reuse between steps (models/caching.py)
+        if keep is not None:  # MaskDiT training: the encoder sees the kept tokens only
+            if self.mask_token is None or self.use_rope:
+                raise ValueError("token masking needs decoder blocks (model.decoder_depth > 0) and sin-cos positions")
+            B, N, D = x.shape
+            index = keep.to(x.device)[..., None].expand(-1, -1, D)  # (B, K, D)
+            x = run_blocks(self.blocks, x.gather(1, index), c, self.grad_checkpointing)  # (B, K, D)
+            x = self.mask_token.to(x.dtype).expand(B, N, D).scatter(1, index, x)  # (B, N, D)
+        elif self.step_cache is not None:  # sampling-time reuse between steps (models/caching.py)
             x = self.step_cache(self.blocks, x, c, rope=rope)
         else:
             x = run_blocks(self.blocks, x, c, self.grad_checkpointing, rope=rope)
+        if self.mask_token is not None:  # the decoder: every position, its place told again (MaskDiT)
+            x = run_blocks(self.decoder_blocks, x + self.pos_embed.to(x.dtype), c, self.grad_checkpointing)
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         return self.unpatchify(x)
 
@@ -218,7 +246,7 @@ def forward_macs(model: DiT) -> int:
     p, C = model.patch_size, model.in_channels
     macs = N * p * p * C * D  # patch embedding
     macs += model.t_embedder.mlp[0].in_features * D + D * D  # timestep MLP
-    for block in model.blocks:
+    for block in [*model.blocks, *model.decoder_blocks]:  # MaskDiT decoder blocks see every token too
         hidden = block.mlp.fc1.out_features
         macs += 6 * D * D  # adaLN modulation
         macs += N * D * 3 * D + N * D * D  # qkv and output projections

@@ -52,7 +52,7 @@ from ditkit.train.checkpoint import (
 from ditkit.train.state import TrainingClock, TrainState, lr_at
 
 __all__ = [
-    "Run", "Hook", "LogHook", "SampleGridHook", "EvalHook", "StopHook", "CheckpointHook", "MetricsLogger",
+    "Run", "Hook", "LogHook", "SampleGridHook", "EvalHook", "StopHook", "UnmaskHook", "CheckpointHook", "MetricsLogger",
     "NonFiniteLossError", "save_adapter_checkpoint", "parse_duration", "duration_flag", "format_duration", "read_best", "BEST_METRICS", "BEST_FILE",
 ]
 
@@ -165,6 +165,15 @@ class Run:
 
     def lr(self, state: TrainState) -> float:
         return lr_at(state.step, self.cfg.train, self.total_steps, elapsed_s=state.elapsed_s, budget_s=self.budget_s)
+
+    def progress(self, state: TrainState) -> Optional[float]:
+        """The share of the run done before the next step: training seconds over the time budget,
+        else steps over the run length; None when neither bounds the run (``--epochs`` counts steps)."""
+        if self.budget_s:
+            return min(1.0, state.elapsed_s / self.budget_s)
+        if self.total_steps:
+            return min(1.0, state.step / self.total_steps)
+        return None
 
     def done(self, state: TrainState) -> bool:
         """The run length is reached."""
@@ -437,6 +446,23 @@ class EvalHook(Hook):
                     run.candidate = {"step": state.step, "metric": scored[0], "value": scored[1]}
         # rank 0 evaluates; every rank takes part in the save (one broadcast per evaluation)
         run.improved = self.keep_best and bool(run.ctx.broadcast(run.candidate is not None))
+
+
+class UnmaskHook(Hook):
+    """MaskDiT's unmasking phase: once ``fraction`` of the run is left (``Run.progress``), train
+    without token masking (``objective.set_mask_ratio(0)``; ``diffusion/masking.py``). Checked at
+    creation too, so a run resumed inside the phase starts unmasked."""
+
+    def __init__(self, objective: Any, fraction: float, state: TrainState, run: Run) -> None:
+        self.objective, self.fraction, self.switched = objective, fraction, False
+        self.after_step(state, run)
+
+    def after_step(self, state: TrainState, run: Run) -> None:
+        progress = run.progress(state)
+        if not self.switched and progress is not None and progress >= 1.0 - self.fraction:
+            self.objective.set_mask_ratio(0.0)
+            self.switched = True
+            run.log(f"step {state.step}: unmasking phase (the last {self.fraction:.0%} of the run trains every token)")
 
 
 class StopHook(Hook):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from ditkit.builders import build_model, build_objective, check_model_config
+from ditkit.builders import build_model, check_model_config, training_objective
 from ditkit.config import Config, ConfigError
 from ditkit.data import EpochBatchSampler, load_dataset
 from ditkit.train.checkpoint import (
@@ -67,6 +67,7 @@ from ditkit.train.hooks import (
     Run,
     SampleGridHook,
     StopHook,
+    UnmaskHook,
     checkpoint_saver,
     duration_flag,
     format_duration,
@@ -344,7 +345,7 @@ def train(
             run = Run(cfg, run_dir, ctx, ctx.device, resolve_precision(t.precision, ctx.device), total_steps, log,
                       TrainingClock(state.elapsed_s, clock), budget_s, last_ckpt=ckpt_in,
                       best=read_best(run_dir, state.step) if t.keep_best and ctx.is_main else None)
-            hooks = _hooks(run, state, dataset, vae, stop_at_step)
+            hooks = _hooks(run, state, dataset, vae, stop_at_step, objective)
             with _graceful_interrupt(log) as run.interrupt:
                 state.model.train()
                 first_step_start = time.perf_counter() if compiled else None
@@ -420,7 +421,7 @@ def _setup(
                         write_record=ctx.is_main and ckpt_in is None)  # the same weights on every rank
     if t.lora_rank:
         _apply_lora(model, cfg, base_dtype)  # before the EMA: it copies the adapted model
-    objective = build_objective(cfg)
+    objective = training_objective(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
     if t.lora_rank:  # the frozen base is the same in the EMA: share its tensors instead of holding a copy
         for ema_param, param in zip(ema.model.parameters(), model.parameters()):
@@ -489,8 +490,9 @@ def _apply_lora(model: nn.Module, cfg: Config, base_dtype: Optional[torch.dtype]
                base_dtype=base_dtype, base_model=str(t.init_from), train_modules=t.lora_train_modules)
 
 
-def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Optional[int]) -> list[Hook]:
-    """The hooks in the order they act after each step: log, sample grid, evaluation, stop, save."""
+def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Optional[int], objective: Any) -> list[Hook]:
+    """The hooks in the order they act after each step: log, sample grid, evaluation, stop, save
+    (and MaskDiT's unmasking phase first, when asked)."""
     t, ctx = run.cfg.train, run.ctx
     tokenizer = dataset.tokenizer if run.cfg.modality == "text" else None
     # written beside every checkpoint's config.json: the text tokenizer, or a prompt run's caption tokenizer
@@ -499,7 +501,9 @@ def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Op
     logger = MetricsLogger(run.cfg, run.run_dir, state.step, run.total_steps, run.log, run.budget_s) if ctx.is_main else NullLogger()
     extra = {"lr_schedule": {"kind": t.lr_schedule, "warmup_steps": t.warmup_steps, "total_steps": run.total_steps,
                              "time_budget_s": run.budget_s, "decay_fraction": t.decay_fraction}}
+    unmask = run.cfg.objective.mask_ratio and run.cfg.objective.unmask_fraction
     return [
+        *([UnmaskHook(objective, run.cfg.objective.unmask_fraction, state, run)] if unmask else []),
         LogHook(logger, t.log_every),
         SampleGridHook(t.sample_every, vae=vae, tokenizer=tokenizer, logger=logger),
         EvalHook(t.eval_every, evaluator, logger, t.keep_best),
