@@ -461,7 +461,7 @@ def evaluate_video(
     fvd_info: dict[str, Any] = {}
     if detector is not None:
         from ditkit.eval.fvd import STANDARD_FVD_FRAMES, fvd
-        from ditkit.provenance import sha256_file as file_sha256  # the weights' hash names the detector
+        from ditkit.eval.inception import file_sha256  # the weights' hash names the detector
 
         real_clips = [c.float().div(127.5).sub(1) for c in (reference.clips, second.clips)]  # uint8 -> [-1, 1]
         metrics["fvd"] = fvd(detector, out.tensors, real_clips[0])
