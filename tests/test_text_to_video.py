@@ -306,7 +306,8 @@ def test_latent_video_encodes_frames_once_and_decodes_samples(tmp_path):
     pipe = ditkit.load(run.run_dir, device="cpu")
     assert pipe.model.dit.in_channels == 4 and pipe.model.dit.input_size == 8
     out = pipe("a 3 moving up", num_inference_steps=2)
-    assert out.tensors.shape == (1, 1, 8, 16, 16) and out.tensors.abs().max() <= 1.0  # decoded pixels
+    assert out.tensors.shape == (1, 1, 8, 16, 16)  # decoded pixel frames, not (1, 4, 8, 8, 8) latents
+    assert out.metadata["vae"] == str(vae)
     with pytest.raises(ConfigError, match="not available for latent video"):
         pipe("a 3 moving up", num_inference_steps=2, trajectory_points=2)
 
@@ -348,12 +349,92 @@ def test_fvd_needs_the_users_i3d_and_follows_the_protocol(trained, tmp_path, cap
 
     judges = VideoJudgeConfig(image_size=16, digit_train_clips=64, direction_train_clips=32, test_clips=16,
                               digit_epochs=1, direction_epochs=1, width=8)
-    pipe = ditkit.load(trained.run_dir, device="cpu")
+    short = ditkit.load(trained.run_dir, device="cpu")  # 8 frames: too short for the I3D, refused before drawing
+    with pytest.raises(ConfigError, match="at least 10 frames.*data.num_frames=16"):
+        evaluate_video(short, 10, cache_dir=tmp_path, judge_config=judges, i3d_weights=tmp_path / "i3d.pt")
+    from ditkit.train.loop import train
+
+    cfg = tiny_cfg(tmp_path, "ten")
+    cfg.data.num_frames = 10
+    pipe = ditkit.load(train(cfg, log=quiet).run_dir, device="cpu")
     report = evaluate_video(pipe, 10, num_sampling_steps=2, cache_dir=tmp_path, judge_config=judges,
                             i3d_weights=tmp_path / "i3d.pt")
     assert report["metrics"]["fvd"] > 0 and report["real"]["fvd_real_vs_real"] >= 0
     assert report["fvd"]["comparable_to_published"] is False and len(report["fvd"]["i3d_sha256"]) == 64
-    without = evaluate_video(pipe, 10, num_sampling_steps=2, cache_dir=tmp_path, judge_config=judges)
+    without = evaluate_video(short, 10, num_sampling_steps=2, cache_dir=tmp_path, judge_config=judges)
     assert "fvd" not in without["metrics"] and "fvd" not in without
     rc = main(["eval", "--ckpt", str(trained.run_dir), "--i3d-weights", str(tmp_path / "nope.pt"), "--num-samples", "10"])
-    assert rc != 0 and "--i3d-weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc != 0 and "--i3d-weights" in err and "no such file" in err
+
+
+def _caption_folder(root, n=4):
+    """``n`` 8-frame GIF clips with a caption each (a brighter square each)."""
+    import numpy as np
+
+    iio = pytest.importorskip("imageio.v3")
+    root.mkdir()
+    for i in range(n):
+        frames = (np.arange(8)[:, None, None, None] * 10 + 30 * i).astype(np.uint8) * np.ones((1, 16, 16, 3), np.uint8)
+        iio.imwrite(root / f"c{i}.gif", frames, loop=0)
+        (root / f"c{i}.txt").write_text(f"a square of level {i}")
+    return root
+
+
+@pytest.mark.parametrize("model", ["T2V-Latte-T/4", "Latte-T/4"])
+def test_train_cli_on_a_clip_folder_picks_the_video_recipe(tmp_path, model):
+    """``ditkit train --data clips/ --set data.num_frames=8 [--model ...]``: a video recipe, captions
+    for a text-to-video model (its sample grid prompts are the folder's captions)."""
+    from ditkit.data.video import training_prompts
+
+    root = _caption_folder(tmp_path / "clips")
+    args = ["train", "--data", str(root), "--set", "data.num_frames=8", "--model", model, "--image-size", "16",
+            "--max-steps", "1", "--global-batch-size", "2", "--results-dir", str(tmp_path / "runs"), "--run-name", "r",
+            "--set", "train.sample_every=0", "--set", "run.tensorboard=false"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    assert saved["model"]["name"] == model and saved["data"]["captioned"] == model.startswith("T2V-")
+    assert training_prompts(DataConfig(dataset=str(root), num_frames=8), count=2) == ["a square of level 0",
+                                                                                      "a square of level 1"]
+
+
+def test_guidance_against_a_null_condition_is_exact():
+    from ditkit.samplers.guidance import classifier_free_guidance
+
+    def model(x, t, y):  # a different constant per condition row and channel
+        return x + y.float().sum(1).view(-1, 1, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1) + t.view(-1, 1, 1, 1)
+
+    y, null = torch.tensor([[2, 5], [2, 7]]), torch.tensor([[2, 0], [2, 1]])
+    x, t = torch.zeros(2, 2, 1, 1), torch.tensor([1.0, 2.0])
+    out = classifier_free_guidance(model, y, 3.0, y_null=null, guide_channels=1)(x, t)
+    cond, uncond = model(x, t, y), model(x, t, null)
+    assert torch.allclose(out[:, :1], uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1]))
+    assert torch.allclose(out[:, 1:], cond[:, 1:])  # unguided channels ride with the conditional half
+    with pytest.raises(ValueError, match="exactly one of"):
+        classifier_free_guidance(model, y, 3.0, null_class=0, y_null=null)
+    with pytest.raises(ValueError, match="1 rows for 2"):
+        classifier_free_guidance(model, y, 3.0, y_null=null[:1])
+
+
+def test_the_pipeline_guides_against_the_encoded_negative_prompt(trained, monkeypatch):
+    """The second half of every guided batch is the negative prompt (default the empty caption)."""
+    pipe = ditkit.load(trained.run_dir, device="cpu")
+    seen = []
+
+    def fake_forward():
+        def forward(x, t, y):
+            seen.append(y)
+            return torch.zeros_like(x)
+        return forward
+
+    monkeypatch.setattr(pipe, "forward_fn", fake_forward)
+    pipe(["a 3 moving up", "a 7"], num_inference_steps=1, negative_prompt="a 1 moving left")
+    ids = pipe.tokenizer(["a 3 moving up", "a 7", "a 1 moving left", "a 1 moving left"])[0]
+    y = seen[0]
+    assert y.shape[0] == 4  # (prompt, prompt, negative, negative), padded to one length
+    for row, want in zip(y, ids):
+        n = int((want != pipe.tokenizer.pad_id).sum())
+        assert torch.equal(row[:n], want[:n]) and (row[n:] == pipe.tokenizer.pad_id).all()
+    seen.clear()
+    pipe("a 3 moving up", num_inference_steps=1)
+    assert (seen[0][1, 1:] == pipe.tokenizer.pad_id).all() and seen[0][1, 0] == 2  # the empty caption: [BOS]

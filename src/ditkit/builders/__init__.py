@@ -11,7 +11,7 @@ objects the trainer, the pipelines and interop use.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

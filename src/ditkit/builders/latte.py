@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
 from ditkit.models.latte import LATTE_PRESETS
-from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS, PROMPT_VOCAB_SIZE
+from ditkit.builders.prompt import caption_kwargs
+from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS
 from ditkit.registry import MODEL_BUILDERS
 
 __all__ = ["latte_kwargs", "prompt_latte_kwargs"]
@@ -48,16 +50,10 @@ def prompt_latte_kwargs(cfg: Config) -> dict[str, Any]:
         raise ConfigError("data.channels must be known to build the model (set by training)")
     preset = dict(PROMPT_LATTE_PRESETS[cfg.model.name])
     kwargs = _clip_kwargs(cfg, preset)
-    kwargs.pop("class_dropout_prob", None)  # captions drop to the empty one instead (data.caption_dropout)
-    if not 0.0 <= d.caption_dropout <= 1.0:
-        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
-    if d.max_caption_length < 2:
-        raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
-    kwargs.update(vocab_size=PROMPT_VOCAB_SIZE, max_caption_length=d.max_caption_length, caption_dropout=d.caption_dropout)
-    if d.text_encoder:  # a frozen encoder outside the model: the Latte reads its states
-        from ditkit.data.captions import frozen_encoder_width
-
-        kwargs.update(text_encoder=None, caption_channels=d.text_encoder_dim or frozen_encoder_width(d.text_encoder))
+    if kwargs.pop("class_dropout_prob", None) is not None:  # captions drop to the empty one instead
+        warnings.warn(f"model.class_dropout_prob is not used by {cfg.model.name} (no class labels): captions drop to "
+                      f"the empty prompt at data.caption_dropout={d.caption_dropout}", stacklevel=2)
+    kwargs.update(caption_kwargs(cfg))
     return kwargs
 
 

@@ -21,7 +21,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.models.prompt_dit import BACKBONE_FIELDS, PROMPT_DIT_PRESETS, PROMPT_VOCAB_SIZE
 from ditkit.registry import MODEL_BUILDERS
 
-__all__ = ["prompt_dit_kwargs", "is_prompt_config"]
+__all__ = ["prompt_dit_kwargs", "is_prompt_config", "caption_kwargs"]
 
 
 def is_prompt_config(cfg: Config) -> bool:
@@ -43,19 +43,28 @@ def prompt_dit_kwargs(cfg: Config) -> dict[str, Any]:
                           f"{m.name}: pick a multiple of {kwargs['patch_size']} or a model with a smaller patch")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
-    if not 0.0 <= d.caption_dropout <= 1.0:
-        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
-    if d.max_caption_length < 2:
-        raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
     kwargs.update(
         input_size=input_size,
         in_channels=in_channels or 3,
         learn_sigma=cfg.objective.kind == "gaussian" and cfg.objective.learn_sigma,
-        vocab_size=PROMPT_VOCAB_SIZE,
-        max_caption_length=d.max_caption_length,
-        caption_dropout=d.caption_dropout,
+        **caption_kwargs(cfg),
     )
-    if getattr(d, "text_encoder", None):  # a frozen encoder outside the model: the DiT reads its states
+    return kwargs
+
+
+def caption_kwargs(cfg: Config) -> dict[str, Any]:
+    """The caption side of every prompt model (``PromptDiT``: images and video): the joint encoder's
+    vocabulary, ``data.max_caption_length`` and ``data.caption_dropout``, or with a frozen encoder
+    (``data.text_encoder``) no encoder and its states' width. ConfigError for a dropout outside
+    [0, 1] or a caption limit under 2 tokens."""
+    d = cfg.data
+    if not 0.0 <= d.caption_dropout <= 1.0:
+        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
+    if d.max_caption_length < 2:
+        raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
+    kwargs: dict[str, Any] = dict(vocab_size=PROMPT_VOCAB_SIZE, max_caption_length=d.max_caption_length,
+                                  caption_dropout=d.caption_dropout)
+    if getattr(d, "text_encoder", None):  # a frozen encoder outside the model: the backbone reads its states
         kwargs.update(text_encoder=None, caption_channels=d.text_encoder_dim or _folder_width(d.text_encoder))
     return kwargs
 

@@ -141,8 +141,8 @@ def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
     from ditkit.pipelines import pipeline_class
     from ditkit.progress import progress_bar
 
-    _refuse(args, modality, "data", "image_size", "inception_weights", "vae", "guide_channels", "temperature", "max_val_sequences",
-            *(("i3d_weights",) if modality == "audio" else ()))
+    _refuse(args, modality, "data", "image_size", "inception_weights", "guide_channels", "temperature", "max_val_sequences",
+            "clip_model", *(("i3d_weights", "vae") if modality == "audio" else ()))
     fvd_options = {"i3d_weights": args.i3d_weights} if modality == "video" and args.i3d_weights is not None else {}
     if modality == "audio" and args.num_samples < 10:
         raise ConfigError(f"--num-samples {args.num_samples}: use at least 10 (200 gives stable numbers)")
@@ -150,7 +150,8 @@ def _cmd_eval_clips(args: argparse.Namespace, modality: str) -> int:
 
     checkpoint = Checkpoint.open(args.ckpt)
     pipe = pipeline_class(checkpoint.config).from_checkpoint(checkpoint, use_ema=not args.no_ema, device=args.device,
-                                                             precision=args.precision)
+                                                             precision=args.precision,
+                                                             **({"vae": args.vae} if args.vae is not None else {}))
     sampler, steps, cfg_scale, _ = pipe.check_options(args.sampler, args.num_sampling_steps, args.cfg_scale, args.timestep_spacing)
     pipe.check_plan_guidance(cfg_scale, [0] if pipe.num_classes else None, args.allow_untrained_uncond)  # before the judges train
     seed = pipe.cfg.sample.seed if args.seed is None else args.seed

@@ -29,7 +29,7 @@ def unconditional_branch(cfg: Any) -> dict[str, Any]:
     from ditkit.registry import MODEL_FAMILIES
 
     family = model_family(cfg)
-    if family == "prompt_dit":  # prompt models: captions dropped to the empty prompt (data.caption_dropout)
+    if family in ("prompt_dit", "prompt_latte"):  # prompt models: captions dropped to the empty prompt (data.caption_dropout)
         prob = float(cfg.data.caption_dropout)
         trained = prob > 0
         return {"trained": trained, "caption_dropout": prob,

@@ -26,12 +26,25 @@ def _own_image_data(args: argparse.Namespace) -> Optional[Path]:
         return None
     if any(item.replace(" ", "").startswith("data.captioned=") for item in args.set) or hasattr(args, "text_encoder"):
         return None  # captioned images train a prompt model: --recipe shapes_captions
+    if _video_recipe(args) is not None:
+        return None  # clips: a video recipe
     path = Path(args.data)
     from ditkit.config import BUILTIN_DATASETS
 
     if args.data in BUILTIN_DATASETS or not (path.is_dir() or path.suffix in (".npz", ".npy")):
         return None
     return path
+
+
+def _video_recipe(args: argparse.Namespace) -> Optional[str]:
+    """The recipe a recipe-less command that asks for video starts from (``--set data.num_frames=N``
+    or a ``Latte-*`` / ``T2V-*`` model): ``moving_digits_captions`` for a text-to-video model, else
+    ``moving_digits``; None otherwise."""
+    model = str(getattr(args, "model", "") or "")
+    frames = any(item.replace(" ", "").startswith("data.num_frames=") for item in args.set)
+    if model.startswith("T2V-"):
+        return "moving_digits_captions"
+    return "moving_digits" if frames or model.startswith("Latte-") else None
 
 
 def count_images(path: Path) -> int:
@@ -215,7 +228,8 @@ def train_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
             if hasattr(args, "data") and not args.recipe and not args.config and Path(args.data).suffix in (".txt", ".jsonl"):
                 raise ConfigError(f"--data {args.data} is text: add a text recipe, e.g. --recipe pydoc_char")
             prompts = hasattr(args, "text_encoder") and not args.recipe  # --data FOLDER --text-encoder PATH
-            cfg = get_recipe(args.recipe or ("shapes_captions" if prompts else "digits"))
+            video = None if args.recipe else _video_recipe(args)
+            cfg = get_recipe(args.recipe or video or ("shapes_captions" if prompts else "digits"))
             if prompts and hasattr(args, "data") and Path(args.data).is_dir():
                 overrides.setdefault("data.captioned", True)  # a folder of captioned images
             if str(overrides.get("model.name", "")).startswith("T2V-"):

@@ -126,9 +126,10 @@ def training_prompts(cfg: DataConfig, count: int = 4) -> list[str]:
     if cfg.dataset == "moving_digits":
         names = direction_names(cfg.num_directions)
         return [moving_digit_caption((3 * i) % 10, names[i % len(names)]) for i in range(count)]
-    found = []
-    for path in sorted(Path(cfg.dataset).rglob("*.txt"), key=_natural_key):
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    root, found = Path(cfg.dataset), []
+    folders = [root, *sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key)]
+    for clip in (c for folder in folders for c in _clips_in(folder)):  # the clips the loader reads, class folders too
+        text = _caption_for(clip)
         if text and text not in found:
             found.append(text)
         if len(found) == count:

@@ -12,9 +12,11 @@ each clip ``(C, F, H, W)`` in [-1, 1] is taken to RGB (gray repeated), its frame
 so the short side is 224 and centre-cropped to 224 x 224, kept in [-1, 1], and the detector is called
 as ``detector(x (B, 3, F, 224, 224), rescale=False, resize=False, return_features=True)``, which
 returns the 400 logits before the softmax per clip. FVD is the Fréchet distance between the
-Gaussians of the generated and the real clips' features (``ditkit.eval.frechet``). The original FVD
-uses 16-frame clips; shorter clips (moving_digits trains on 8) still run, but their numbers do not
-compare with published ones (said in the report).
+Gaussians of the generated and the real clips' features (``ditkit.eval.frechet``). The I3D halves
+time four times and pools two frames, so clips need at least ``MIN_I3D_FRAMES`` (10) frames: shorter
+runs are refused before anything is drawn (moving_digits trains on 8: train with
+``data.num_frames=16``). Published FVDs use 16-frame clips and thousands of them (2,048 in
+StyleGAN-V); the report says whether a number was computed that way.
 """
 
 from __future__ import annotations
@@ -29,10 +31,20 @@ import torch.nn.functional as F
 from ditkit.config import ConfigError
 from ditkit.eval.frechet import feature_stats, frechet_distance
 
-__all__ = ["I3D_SIZE", "load_i3d", "i3d_features", "fvd", "preprocess_for_i3d", "STANDARD_FVD_FRAMES"]
+__all__ = ["I3D_SIZE", "load_i3d", "i3d_features", "fvd", "preprocess_for_i3d", "check_fvd_frames",
+           "STANDARD_FVD_FRAMES", "STANDARD_FVD_CLIPS", "MIN_I3D_FRAMES"]
 
 I3D_SIZE = 224
 STANDARD_FVD_FRAMES = 16  # clip length of the original protocol (Unterthiner et al. 2018)
+STANDARD_FVD_CLIPS = 2048  # clips per set in the published PyTorch-port numbers (StyleGAN-V)
+MIN_I3D_FRAMES = 10  # the Kinetics I3D's temporal strides and final pooling need this many
+
+
+def check_fvd_frames(frames: int) -> None:
+    """``ConfigError`` unless clips of ``frames`` frames fit the I3D (at least ``MIN_I3D_FRAMES``)."""
+    if frames < MIN_I3D_FRAMES:
+        raise ConfigError(f"--i3d-weights: FVD's I3D needs clips of at least {MIN_I3D_FRAMES} frames and this run draws "
+                          f"{frames}; train with --set data.num_frames={STANDARD_FVD_FRAMES} (the standard FVD length)")
 
 
 def load_i3d(path: str | Path, device: torch.device | str = "cpu") -> Any:

@@ -417,9 +417,10 @@ def evaluate_video(
     d = cfg.data
     detector = None
     if i3d_weights is not None:  # checked before anything is drawn or trained
-        from ditkit.eval.fvd import load_i3d
+        from ditkit.eval.fvd import check_fvd_frames, load_i3d
 
-        detector = load_i3d(i3d_weights)
+        detector = load_i3d(i3d_weights, device=pipe.device)
+        check_fvd_frames(pipe.trained_frames)
     if d.dataset != "moving_digits" or d.num_digits != 1 or (d.channels or 1) != 1:
         raise ConfigError(
             f"the video judges score one-digit gray moving_digits runs; {d.dataset} ({d.num_digits} digit(s), "
@@ -460,14 +461,14 @@ def evaluate_video(
     real["fd_real_vs_real"] = clip_frechet_distance(judges, second.clips, reference.clips)
     fvd_info: dict[str, Any] = {}
     if detector is not None:
-        from ditkit.eval.fvd import STANDARD_FVD_FRAMES, fvd
+        from ditkit.eval.fvd import STANDARD_FVD_CLIPS, STANDARD_FVD_FRAMES, fvd
         from ditkit.eval.inception import file_sha256  # the weights' hash names the detector
 
         real_clips = [c.float().div(127.5).sub(1) for c in (reference.clips, second.clips)]  # uint8 -> [-1, 1]
         metrics["fvd"] = fvd(detector, out.tensors, real_clips[0])
         real["fvd_real_vs_real"] = fvd(detector, real_clips[1], real_clips[0])
         fvd_info = {"i3d_weights": str(i3d_weights), "i3d_sha256": file_sha256(i3d_weights), "num_frames": frames,
-                    "comparable_to_published": frames >= STANDARD_FVD_FRAMES,
+                    "comparable_to_published": frames >= STANDARD_FVD_FRAMES and num_samples >= STANDARD_FVD_CLIPS,
                     "protocol": "universome/fvd-comparison: 224x224 centre crop, [-1, 1], 400 I3D logits"}
     meta = out.metadata
     return {

@@ -131,7 +131,8 @@ class PromptDiT(nn.Module):
         """The cross-attention layers (one per block) whose ``attention_store`` records word maps;
         ConfigError for the MMDiT, which has joint attention instead."""
         if self.backbone_name != "cross_dit":
-            raise ConfigError("attention maps read cross-attention: this is an MMDiT (joint attention); use a T2I-CrossDiT model")
+            raise ConfigError(f"attention maps read the cross-attention of a T2I-CrossDiT model; this backbone is "
+                              f"{self.backbone_name} (maps are not wired for it)")
         return [block.cross_attn for block in self.dit.blocks]
 
 

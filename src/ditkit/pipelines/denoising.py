@@ -7,6 +7,7 @@ sampling record. Each modality adds its shapes, outputs and files (``image.py``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -17,7 +18,8 @@ from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resol
 from ditkit.registry import SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 
-__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "sampling_clip_x0", "condition_rows"]
+__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "LatentDecoding", "load_decoder", "sampling_clip_x0",
+           "condition_rows"]
 
 
 def sampling_clip_x0(cfg: Config) -> Optional[float]:
@@ -27,6 +29,50 @@ def sampling_clip_x0(cfg: Config) -> Optional[float]:
     if clip is None:
         return None if cfg.data.latent_channels else 1.0
     return clip or None
+
+
+def load_decoder(cfg: Config, vae: Optional[str | Path] = None, device: torch.device | str = "cpu") -> Optional[Any]:
+    """The ``LatentVAE`` that decodes a latent model's samples: ``vae`` if given, else the folder
+    ``data.vae`` records; None for pixel models and for latent models without a VAE."""
+    if not cfg.data.latent_channels:
+        if vae is not None:
+            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
+        return None
+    path = vae if vae is not None else cfg.data.vae
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"VAE folder {path} ({'--vae' if vae is not None else 'recorded in the checkpoint config'}) does not exist: "
+            "pass --vae PATH to a local diffusers AutoencoderKL folder"
+        )
+    from ditkit.interop.vae import load_vae
+
+    decoder = load_vae(path, device=device)
+    if decoder.latent_channels != cfg.data.latent_channels or decoder.downsample != (cfg.data.vae_downsample or decoder.downsample):
+        raise ConfigError(
+            f"--vae {path} has {decoder.latent_channels} latent channels and downsamples {decoder.downsample}x; the "
+            f"model works on {cfg.data.latent_channels} channels at {cfg.data.vae_downsample}x: pass the VAE it was trained with"
+        )
+    return decoder
+
+
+class LatentDecoding:
+    """Mixed in before ``DenoisingPipeline`` by the pipelines whose models may work on VAE latents
+    (images, video): ``vae`` (a path, a loaded ``LatentVAE``, or None: the folder the checkpoint
+    records) becomes ``self.vae``, and ``--vae`` is refused for pixel-space checkpoints."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, *, vae: Optional[Any] = None, **kwargs: Any) -> None:
+        super().__init__(model, cfg, **kwargs)  # type: ignore[call-arg]
+        if isinstance(vae, (str, Path)) or (vae is None and cfg.data.latent_channels and cfg.data.vae):
+            vae = load_decoder(cfg, vae, self.device)  # type: ignore[attr-defined]
+        self.vae = vae  # a LatentVAE that decodes a latent model's samples, or None
+
+    @classmethod
+    def check_extras(cls, cfg: Config, vae: Optional[str | Path] = None, **extras: Any) -> None:
+        super().check_extras(cfg, **extras)  # type: ignore[misc]
+        if vae is not None and not cfg.data.latent_channels:
+            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
 
 
 @dataclass

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 from ditkit.builders.dit import model_input_shape
-from ditkit.config import Config, ConfigError
+from ditkit.config import ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, generator_slice, trajectory_indices
 from ditkit.progress import announce_total, sampling_progress
-from ditkit.pipelines.denoising import DenoisingPipeline, sampling_clip_x0
+from ditkit.pipelines.denoising import DenoisingPipeline, LatentDecoding, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
@@ -160,23 +160,11 @@ class ImagePipelineOutput:
 
 
 @PIPELINES.register("image")
-class ImagePipeline(DenoisingPipeline):
+class ImagePipeline(LatentDecoding, DenoisingPipeline):
     """Class-conditional / unconditional image DiT, pixel or latent (see the module docstring)."""
 
     modality = "image"
     supports_distributed = True
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, *, vae: Optional[Any] = None, **kwargs: Any) -> None:
-        super().__init__(model, cfg, **kwargs)
-        if isinstance(vae, (str, Path)) or (vae is None and cfg.data.latent_channels and cfg.data.vae):
-            vae = load_decoder(cfg, vae, self.device)
-        self.vae = vae  # a LatentVAE that decodes a latent model's samples, or None
-
-    @classmethod
-    def check_extras(cls, cfg: Config, vae: Optional[str | Path] = None, **extras: Any) -> None:
-        super().check_extras(cfg, **extras)
-        if vae is not None and not cfg.data.latent_channels:
-            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
 
     @torch.no_grad()
     def __call__(
@@ -555,30 +543,3 @@ class ImagePipeline(DenoisingPipeline):
         grid = make_grid(out.tensors, nrow=nrow, scale=display_scale(cfg.data.image_size))
         save_png(grid, path, {"step": path.stem, "model": cfg.model.name})
         return path
-
-
-def load_decoder(cfg: Config, vae: Optional[str | Path] = None, device: torch.device | str = "cpu") -> Optional[Any]:
-    """The ``LatentVAE`` that decodes a latent model's samples: ``vae`` if given, else the folder
-    ``data.vae`` records; None for pixel models and for latent models without a VAE."""
-    if not cfg.data.latent_channels:
-        if vae is not None:
-            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
-        return None
-    path = vae if vae is not None else cfg.data.vae
-    if path is None:
-        return None
-    if not Path(path).is_dir():
-        raise ConfigError(
-            f"VAE folder {path} ({'--vae' if vae is not None else 'recorded in the checkpoint config'}) does not exist: "
-            "pass --vae PATH to a local diffusers AutoencoderKL folder"
-        )
-    from ditkit.interop.vae import load_vae
-
-    decoder = load_vae(path, device=device)
-    if decoder.latent_channels != cfg.data.latent_channels or decoder.downsample != (cfg.data.vae_downsample or decoder.downsample):
-        raise ConfigError(
-            f"--vae {path} has {decoder.latent_channels} latent channels and downsamples {decoder.downsample}x; the "
-            f"model works on {cfg.data.latent_channels} channels at {cfg.data.vae_downsample}x: pass the VAE it was trained with"
-        )
-    return decoder
-

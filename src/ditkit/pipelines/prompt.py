@@ -209,7 +209,7 @@ class PromptConditioning:
             if not isinstance(p, str):
                 raise ConfigError(f"{what} {p!r} is not a string")
             if what == "prompt" and not p.strip():
-                raise ConfigError("empty prompt: describe the image, e.g. --prompt \"a small red circle\"")
+                raise ConfigError("empty prompt: describe what to draw, e.g. --prompt \"a small red circle\"")
         if self.encoder is not None:
             self.encoder.strict = strict
             try:

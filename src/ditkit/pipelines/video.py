@@ -27,12 +27,11 @@ import torch
 from PIL import Image
 
 from ditkit.builders.dit import model_input_shape
-from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
+from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
 from ditkit.media import display_scale, to_pil
 from ditkit.pipelines.base import GeneratorArg
-from ditkit.pipelines.denoising import DenoisingPipeline, SamplingPlan, TrajectoryRecorder
-from ditkit.pipelines.image import load_decoder
+from ditkit.pipelines.denoising import DenoisingPipeline, LatentDecoding, SamplingPlan, TrajectoryRecorder
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES
 
@@ -144,22 +143,10 @@ class VideoPipelineOutput:
 
 
 @PIPELINES.register("video")
-class VideoPipeline(DenoisingPipeline):
+class VideoPipeline(LatentDecoding, DenoisingPipeline):
     """Class-conditional / unconditional video DiT over pixel clips (see the module docstring)."""
 
     modality = "video"
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, *, vae: Optional[Any] = None, **kwargs: Any) -> None:
-        super().__init__(model, cfg, **kwargs)
-        if isinstance(vae, (str, Path)) or (vae is None and cfg.data.latent_channels and cfg.data.vae):
-            vae = load_decoder(cfg, vae, self.device)
-        self.vae = vae  # latent video: the image VAE that decodes each frame, or None
-
-    @classmethod
-    def check_extras(cls, cfg: Config, vae: Optional[str | Path] = None, **extras: Any) -> None:
-        super().check_extras(cfg, **extras)
-        if vae is not None and not cfg.data.latent_channels:
-            raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
 
     def decode_clips(self, z: torch.Tensor) -> torch.Tensor:
         """Latent clips (N, c, F, h, w) -> pixel clips (N, C, F, H, W) in [-1, 1], frame by frame
@@ -241,8 +228,8 @@ class VideoPipeline(DenoisingPipeline):
         frames x steps."""
         d = self.cfg.data
         if d.latent_channels and self.vae is None:
-            raise ConfigError(f"this latent video model needs its VAE to decode frames: the folder {d.vae} is not "
-                              "recorded or gone; pass --vae PATH (vae=PATH in ditkit.load)")
+            raise ConfigError("this latent video model needs its VAE to decode frames and the checkpoint records none: "
+                              "pass --vae PATH (vae=PATH in ditkit.load)")
         if d.latent_channels and plan.trajectory_steps:
             raise ConfigError("--trajectory is not available for latent video yet (it records latents); drop it")
         announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
@@ -255,6 +242,8 @@ class VideoPipeline(DenoisingPipeline):
                                     finish=self.decode_clips if d.latent_channels else None)
         metadata = self.sampling_metadata(plan)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
+        if self.vae is not None:
+            metadata["vae"] = str(self.vae.path)
         trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
         if trajectory is not None:
             metadata["trajectory_steps"] = " ".join(map(str, plan.trajectory_steps))

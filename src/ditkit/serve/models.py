@@ -288,7 +288,7 @@ class ImageModel:
             return None, None, None
         if not self.takes_image:
             raise _unprocessable(f"image: model {self.name!r} does not take an image "
-                                 f"({'text-to-image' if self.takes_prompts else self.modality} model); drop image")
+                                 f"({self.pipeline.modality.replace('_', '-')} model); drop image")
         if strength is not None and not 0 < strength <= 1:
             raise _unprocessable(f"strength={strength} is outside (0, 1]: 1 = plain sampling, small values keep the image")
         size = self.cfg.data.image_size
