@@ -141,7 +141,7 @@ def test_text_errors_stop_with_the_fix(runs, tmp_path, capsys):
     assert "unconditional" in capsys.readouterr().err
     image_run = Path(__file__).parent / "fixtures" / "outputs" / "image_ckpt"  # ditkit sample on an image checkpoint
     assert main(["sample", "--ckpt", str(image_run), "--prompt", "3+4=", "--out-dir", str(tmp_path / "i")]) == 2
-    assert "--prompt is for text and text-to-image models: this checkpoint is an image model" in capsys.readouterr().err
+    assert "--prompt is for text, text-to-image and text-to-video models: this checkpoint is an image model" in capsys.readouterr().err
     assert main(["train", "--recipe", "digits", "--set", "objective.kind=masked", "--print-config"]) == 2
     assert "--model DiT-XS/4 is an image model but objective.kind=masked trains text" in capsys.readouterr().err
     assert main(["train", "--recipe", "text_sums", "--data", "no/such.txt", "--print-config"]) == 2

@@ -85,7 +85,7 @@ def test_resume_in_a_new_process_is_bitwise_exact_and_the_control_catches_a_miss
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_build = loop.build_objective
+    real_build = loop.training_objective
 
     class NanAfter:
         def __init__(self, objective, bad_call):
@@ -97,7 +97,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             return out * float("nan") if self.calls >= self.bad_call else out
 
     # grad_accum 2: calls 1-2 are step 1, ..., call 9 is the first micro-batch of step 5
-    monkeypatch.setattr(loop, "build_objective", lambda cfg, **kw: NanAfter(real_build(cfg, **kw), bad_call=9))
+    monkeypatch.setattr(loop, "training_objective", lambda cfg, **kw: NanAfter(real_build(cfg, **kw), bad_call=9))
     cfg = _tiny(tmp_path, "nan", ckpt_every=2, log_every=3, max_steps=20)
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite at step 5; the last good checkpoint is .*step_0000004"):
         loop.train(cfg, log=lambda m: None)

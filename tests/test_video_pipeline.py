@@ -301,8 +301,10 @@ def test_evaluate_video_scores_a_run_with_tiny_judges(trained, tmp_path):
 
 
 def test_eval_cli_refuses_image_flags_for_a_video_run(trained, tmp_path, capsys):
+    rc = main(["eval", "--ckpt", str(trained.run_dir), "--inception-weights", str(tmp_path), "--num-samples", "10"])
+    assert rc != 0 and "--inception-weights is not an option of video evaluation" in capsys.readouterr().err
     rc = main(["eval", "--ckpt", str(trained.run_dir), "--vae", str(tmp_path), "--num-samples", "10"])
-    assert rc != 0 and "--vae is not an option of video evaluation" in capsys.readouterr().err
+    assert rc != 0 and "pixel-space model; drop --vae" in capsys.readouterr().err  # --vae is for latent video runs
 
 
 # ---- serving ---------------------------------------------------------------------------------------

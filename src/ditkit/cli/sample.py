@@ -78,7 +78,8 @@ def _refuse_foreign_flags(args: argparse.Namespace, parser_defaults: dict[str, A
         value = getattr(args, dest, None)
         if modality not in modalities and value not in (None, False) and value != parser_defaults.get(dest):
             flag = "--" + dest.replace("_", "-")
-            kinds = " and ".join(sorted(m.replace("_", "-") for m in modalities))
+            names = sorted(m.replace("_", "-") for m in modalities)
+            kinds = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
             raise ConfigError(f"{flag} is for {kinds} models: this checkpoint is {a_or_an(modality.replace('_', '-'))} model")
 
 
