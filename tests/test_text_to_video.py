@@ -308,8 +308,9 @@ def test_latent_video_encodes_frames_once_and_decodes_samples(tmp_path):
     out = pipe("a 3 moving up", num_inference_steps=2)
     assert out.tensors.shape == (1, 1, 8, 16, 16)  # decoded pixel frames, not (1, 4, 8, 8, 8) latents
     assert out.metadata["vae"] == str(vae)
-    with pytest.raises(ConfigError, match="not available for latent video"):
-        pipe("a 3 moving up", num_inference_steps=2, trajectory_points=2)
+    traced = pipe("a 3 moving up", num_inference_steps=2, trajectory_points=2)  # x0 and x_t decoded like the clips
+    assert traced.trajectory.shape == traced.trajectory_xt.shape == (1, 2, 1, 8, 16, 16)
+    assert torch.allclose(traced.trajectory[0, -1], traced.tensors[0], atol=1e-4)  # the last x0 is the sample
 
 
 # ---- FVD with the user's I3D -----------------------------------------------------------------------------

@@ -105,11 +105,12 @@ class SamplingPlan:
 class TrajectoryRecorder:
     """A sampler callback's recording half: at each of ``steps`` (sampler step indices) it keeps
     ``(x0_pred, x_t)`` as float32 CPU tensors, ``x0_pred`` clamped to [-1, 1] (``x_t`` too with
-    ``clamp_xt``), one row per batch (a batch's first recorded step opens it). ``stack()`` gives
-    ``(trajectory, trajectory_xt)``, each ``(N, K, *sample shape)``, or ``(None, None)``."""
+    ``clamp_xt``; neither with ``clamp_x0=False``, for latents), one row per batch (a batch's first
+    recorded step opens it). ``stack()`` gives ``(trajectory, trajectory_xt)``, each
+    ``(N, K, *sample shape)``, or ``(None, None)``."""
 
-    def __init__(self, steps: Sequence[int], clamp_xt: bool = False) -> None:
-        self.steps, self.clamp_xt = list(steps), clamp_xt
+    def __init__(self, steps: Sequence[int], clamp_xt: bool = False, clamp_x0: bool = True) -> None:
+        self.steps, self.clamp_xt, self.clamp_x0 = list(steps), clamp_xt and clamp_x0, clamp_x0
         self.batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
 
     def __call__(self, i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
@@ -118,7 +119,8 @@ class TrajectoryRecorder:
         if i == self.steps[0]:
             self.batches.append([])
         x_t = x.float().clamp(-1, 1) if self.clamp_xt else x.float()
-        self.batches[-1].append((x0_pred.float().clamp(-1, 1).cpu(), x_t.cpu()))
+        x0 = x0_pred.float().clamp(-1, 1) if self.clamp_x0 else x0_pred.float()
+        self.batches[-1].append((x0.cpu(), x_t.cpu()))
 
     def callback(self, progress: Optional[Callable[[int], None]], units: int = 1) -> Callable[..., None]:
         """The sampler's per-step ``callback(i, x_t, x0_pred)``: record, then ``progress(units)``."""

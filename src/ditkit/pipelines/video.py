@@ -230,10 +230,8 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
         if d.latent_channels and self.vae is None:
             raise ConfigError("this latent video model needs its VAE to decode frames and the checkpoint records none: "
                               "pass --vae PATH (vae=PATH in ditkit.load)")
-        if d.latent_channels and plan.trajectory_steps:
-            raise ConfigError("--trajectory is not available for latent video yet (it records latents); drop it")
         announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
-        recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True)
+        recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True, clamp_x0=not d.latent_channels)
         channels, size = model_input_shape(self.cfg)  # pixels, or per-frame latents
         channels = channels or 1
         clips = self.sample_batches(plan.labels, plan.generators, plan.n, (channels, frames, size, size),
@@ -247,6 +245,9 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
         trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
         if trajectory is not None:
             metadata["trajectory_steps"] = " ".join(map(str, plan.trajectory_steps))
+            if d.latent_channels:  # latents (N, K, c, F, h, w) -> pixel clips through the VAE, as the samples
+                trajectory, trajectory_xt = (self.decode_clips(z.flatten(0, 1)).view(*z.shape[:2], -1, *clips.shape[2:])
+                                             for z in (trajectory, trajectory_xt))
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
         return VideoPipelineOutput(clips, pil, plan.labels, plan.seeds, metadata, list(self.class_names), float(fps),
                                    trajectory, trajectory_xt, plan.trajectory_steps)
