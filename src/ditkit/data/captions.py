@@ -1034,10 +1034,10 @@ def word_spans(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
 class CaptionTrainingSet:
     """What the trainer reads for a prompt model: one row per (image, caption) pair.
 
-    images: (M, C, H, W) uint8 (clips (M, C, F, H, W) for a text-to-video model); labels: (M, L) int64 caption token ids padded with the tokenizer's
-    pad id (the prompt model encodes them and drops them to the empty caption at the caption dropout
-    rate); texts: the M captions; captions: the ``CaptionDataset`` it came from. ``num_classes`` is 0
-    (no class labels)."""
+    images: (M, C, H, W) uint8 (clips (M, C, F, H, W) for a text-to-video model); labels: (M, L)
+    int64 caption token ids padded with the tokenizer's pad id (the prompt model encodes them and
+    drops them to the empty caption at the caption dropout rate); texts: the M captions; captions:
+    the ``CaptionDataset`` it came from. ``num_classes`` is 0 (no class labels)."""
 
     images: torch.Tensor
     labels: torch.Tensor
