@@ -159,3 +159,14 @@ def test_training_masks_then_unmasks_and_resumes_exactly(tmp_path):
 
     out = ditkit.load(whole.run_dir, device="cpu")(class_labels=[0, 1], num_inference_steps=2)
     assert out.tensors.shape == (2, 3, 16, 16)
+
+
+def test_a_maskdit_model_is_refused_by_the_diffusers_export_and_rebuilt_whole():
+    from ditkit.interop.common import InteropError, dit_kwargs
+    from ditkit.interop.diffusers_format import diffusers_config
+
+    model = tiny_dit()
+    assert dit_kwargs(model)["decoder_depth"] == 1
+    assert len(DiT(**dit_kwargs(model)).decoder_blocks) == 1  # the architecture rebuilds with its decoder
+    with pytest.raises(InteropError, match="MaskDiT decoder block"):
+        diffusers_config(model)

@@ -83,6 +83,7 @@ def dit_kwargs(model: DiT) -> dict[str, Any]:
         pos_embed="rope" if model.use_rope else "sincos",
         grad_checkpointing=model.grad_checkpointing,
         timestep_freq_shift=float(model.t_embedder.freq_shift),
+        decoder_depth=len(getattr(model, "decoder_blocks", ())),
     )
 
 

@@ -109,6 +109,8 @@ def _check_exportable(model: DiT) -> dict[str, Any]:
         problems.append(f"mlp={kw['mlp']!r} with mlp_ratio {kw['mlp_ratio']} (diffusers: GELU-tanh, ratio 4)")
     if kw["num_classes"] == 0:
         problems.append("num_classes=0 (DiTTransformer2DModel is always class-conditional)")
+    if kw["decoder_depth"]:
+        problems.append(f"{kw['decoder_depth']} MaskDiT decoder block(s) (model.decoder_depth; diffusers' DiT has none)")
     if problems:
         raise InteropError(
             "this DiT cannot be written in the diffusers format: " + "; ".join(problems)
