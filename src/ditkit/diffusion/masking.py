@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ditkit.diffusion.objective import masked_mean
+
 __all__ = ["MaskedTokenTraining", "draw_kept_patches", "patch_mask_pixels"]
 
 
@@ -103,8 +105,7 @@ class MaskedTokenTraining:
         def net(x_in: Tensor, t: Tensor, y_: Any) -> Tensor:
             out = model(x_in, t, y_, keep=keep)
             # the dropped patches of what the network was given (x_t; c_in x_sigma for EDM), first C channels
-            error = (out[:, : x_in.shape[1]].float() - x_in.float()) ** 2
-            seen["mae"] = (error * (1 - visible)).flatten(1).sum(1) / ((1 - visible).flatten(1).sum(1) * x_in.shape[1])
+            seen["mae"] = masked_mean((out[:, : x_in.shape[1]].float() - x_in.float()) ** 2, 1 - visible)
             return out
 
         terms = self.inner.loss_terms(net, x0, y, generator, loss_mask=visible, **given)

@@ -440,8 +440,8 @@ def evaluate_video(
                    seed=seed, batch_size=batch_size, progress=progress, allow_untrained_uncond=allow_untrained_uncond)
     prompts = None
     if getattr(pipe, "modality", "") == "text_to_video":  # prompts of the training grammar, every (digit, direction) in turn
-        pairs = [(i % (10 * d.num_directions)) for i in range(num_samples)]
-        digits, directions = (torch.tensor(pairs) // d.num_directions, torch.tensor(pairs) % d.num_directions)
+        pairs = [i % (10 * d.num_directions) for i in range(num_samples)]  # as digit_direction class labels
+        digits, directions = requested_attributes(pairs, "digit_direction", d.num_directions)
         names = direction_names(d.num_directions)
         prompts = [moving_digit_caption(int(g), names[int(r)]) for g, r in zip(digits, directions)]
         out = pipe(prompts, **options)

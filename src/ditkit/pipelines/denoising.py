@@ -104,13 +104,12 @@ class SamplingPlan:
 
 class TrajectoryRecorder:
     """A sampler callback's recording half: at each of ``steps`` (sampler step indices) it keeps
-    ``(x0_pred, x_t)`` as float32 CPU tensors, ``x0_pred`` clamped to [-1, 1] (``x_t`` too with
-    ``clamp_xt``; neither with ``clamp_x0=False``, for latents), one row per batch (a batch's first
-    recorded step opens it). ``stack()`` gives ``(trajectory, trajectory_xt)``, each
+    ``(x0_pred, x_t)`` as float32 CPU tensors, ``x0_pred`` clamped to [-1, 1] unless ``clamp_x0`` is
+    off (latents), ``x_t`` with ``clamp_xt``, one row per batch (a batch's first recorded step opens it). ``stack()`` gives ``(trajectory, trajectory_xt)``, each
     ``(N, K, *sample shape)``, or ``(None, None)``."""
 
     def __init__(self, steps: Sequence[int], clamp_xt: bool = False, clamp_x0: bool = True) -> None:
-        self.steps, self.clamp_xt, self.clamp_x0 = list(steps), clamp_xt and clamp_x0, clamp_x0
+        self.steps, self.clamp_xt, self.clamp_x0 = list(steps), clamp_xt, clamp_x0
         self.batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
 
     def __call__(self, i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:

@@ -40,10 +40,11 @@ from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict,
 from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg, generator_slice
-from ditkit.pipelines.denoising import condition_rows
+from ditkit.pipelines.denoising import TrajectoryRecorder, condition_rows
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.progress import announce_total, sampling_progress
 from ditkit.registry import PIPELINES, SAMPLERS
+from ditkit.samplers.guidance import classifier_free_guidance
 
 __all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip", "load_frozen_encoder", "FrozenPromptTokenizer"]
 
@@ -391,17 +392,10 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
             for layer in layers:
                 layer.attention_store = []
 
-            def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if scale == 1.0:
-                    result = forward(x, t, y)
-                else:
-                    y_both = PromptCondition.cat([y, y_neg]) if frozen else torch.cat([y, y_neg])
-                    both = forward(torch.cat([x, x]), torch.cat([t, t]), y_both)
-                    cond, uncond = both.chunk(2)
-                    guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
-                    result = torch.cat([guided, cond[:, channels:]], dim=1)
-                if layers:
-                    stored = [p[: x.shape[0]].mean(1) for layer in layers for p in layer.attention_store]  # (B, N, L)
+            def recording_forward(x: torch.Tensor, t: torch.Tensor, y_: Any) -> torch.Tensor:
+                result = forward(x, t, y_)
+                if layers:  # the conditional half's maps: the first hi - lo rows of a guided batch
+                    stored = [p[: hi - lo].mean(1) for layer in layers for p in layer.attention_store]  # (B, N, L)
                     total = torch.stack(stored).mean(0).cpu()
                     acc.append(total) if not acc else acc.__setitem__(0, acc[0] + total)
                     calls[0] += 1
@@ -409,9 +403,9 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
                         layer.attention_store = []
                 return result
 
-            def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-                if progress is not None:
-                    progress(1)
+            net = (classifier_free_guidance(recording_forward, y, scale, guide_channels=channels, y_null=y_neg)
+                   if scale != 1.0 else lambda x, t, y=y: recording_forward(x, t, y))
+            callback = TrajectoryRecorder(()).callback(progress)
 
             try:
                 x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)

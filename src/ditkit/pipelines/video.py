@@ -155,7 +155,6 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
         frames = self.vae.decode_to(z.transpose(1, 2).reshape(N * F_, c, h, w), self.cfg.data.channels)
         return frames.view(N, F_, *frames.shape[1:]).transpose(1, 2).clamp(-1, 1)
 
-
     @property
     def trained_frames(self) -> int:
         """The clip length the model trained on (``data.num_frames``, default 8)."""
@@ -231,7 +230,8 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
             raise ConfigError("this latent video model needs its VAE to decode frames and the checkpoint records none: "
                               "pass --vae PATH (vae=PATH in ditkit.load)")
         announce_total(progress, frames * plan.steps * math.ceil(plan.n / batch_size))  # a bar over frames x steps
-        recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=True, clamp_x0=not d.latent_channels)
+        pixels = not d.latent_channels  # latents are recorded unclamped and decoded below
+        recorder = TrajectoryRecorder(plan.trajectory_steps, clamp_xt=pixels, clamp_x0=pixels)
         channels, size = model_input_shape(self.cfg)  # pixels, or per-frame latents
         channels = channels or 1
         clips = self.sample_batches(plan.labels, plan.generators, plan.n, (channels, frames, size, size),

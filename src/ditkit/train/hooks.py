@@ -454,14 +454,13 @@ class UnmaskHook(Hook):
     creation too, so a run resumed inside the phase starts unmasked."""
 
     def __init__(self, objective: Any, fraction: float, state: TrainState, run: Run) -> None:
-        self.objective, self.fraction, self.switched = objective, fraction, False
+        self.objective, self.fraction = objective, fraction
         self.after_step(state, run)
 
     def after_step(self, state: TrainState, run: Run) -> None:
         progress = run.progress(state)
-        if not self.switched and progress is not None and progress >= 1.0 - self.fraction:
+        if self.objective.mask_ratio and progress is not None and progress >= 1.0 - self.fraction:
             self.objective.set_mask_ratio(0.0)
-            self.switched = True
             run.log(f"step {state.step}: unmasking phase (the last {self.fraction:.0%} of the run trains every token)")
 
 
