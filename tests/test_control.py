@@ -147,3 +147,35 @@ def test_blocklist_refuses_a_prompt_naming_the_rule_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refused by the safety rule 'no-sums'" in err and "１２" not in err
     assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_latent_trajectories_are_decoded_like_the_samples(pipe, tmp_path):
+    """A latent model's trajectory (recorded as latents by the one batch loop) comes back as pixels:
+    each recorded latent through the same VAE, the noisy states then clamped; the samples equal the
+    decoded latents of the same call without a VAE, whose latents stay unclamped."""
+    diffusers = pytest.importorskip("diffusers")
+    import copy
+
+    from ditkit.models.dit import build_dit
+    from ditkit.pipelines.image import ImagePipeline
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
+                                latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
+        model = build_dit("DiT-T/2", input_size=4, in_channels=4, num_classes=4, learn_sigma=True)
+    cfg = copy.deepcopy(pipe.cfg)
+    cfg.data.latent_channels, cfg.data.vae_downsample, cfg.data.vae = 4, 4, str(tmp_path / "vae")
+    kwargs = dict(class_labels=[0, 3, 1], num_inference_steps=4, guidance_scale=2.0, seed=3, trajectory_points=3,
+                  batch_size=2)  # two batches: the recorder's rows stay in sample order
+    with_vae = ImagePipeline(model, cfg)  # the recorded VAE
+    vae, decoded = with_vae.vae, with_vae(**kwargs)
+    with_vae.vae = None  # the same model sampled in latent space
+    latents = with_vae(**kwargs)
+    assert latents.trajectory.shape == (3, 3, 4, 4, 4) and decoded.trajectory.shape == (3, 3, 3, 16, 16)
+    torch.testing.assert_close(decoded.tensors, vae.decode_to(latents.tensors, 3).cpu())
+    decode = lambda z: vae.decode_to(z.flatten(0, 1), 3).view(3, 3, 3, 16, 16)  # noqa: E731
+    torch.testing.assert_close(decoded.trajectory, decode(latents.trajectory))
+    assert latents.trajectory_xt.abs().max() > 1.0  # raw latents stay unclamped ...
+    torch.testing.assert_close(decoded.trajectory_xt, decode(latents.trajectory_xt).clamp(-1, 1))  # ... pixels do not

@@ -6,9 +6,10 @@ sampling record. Each modality adds its shapes, outputs and files (``image.py``,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -18,7 +19,7 @@ from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resol
 from ditkit.registry import SAMPLERS
 from ditkit.samplers.guidance import classifier_free_guidance
 
-__all__ = ["DenoisingPipeline", "SamplingPlan", "TrajectoryRecorder", "LatentDecoding", "load_decoder", "sampling_clip_x0",
+__all__ = ["DenoisingPipeline", "BatchHook", "SamplingPlan", "TrajectoryRecorder", "LatentDecoding", "load_decoder", "sampling_clip_x0",
            "condition_rows"]
 
 
@@ -73,6 +74,17 @@ class LatentDecoding:
         super().check_extras(cfg, **extras)  # type: ignore[misc]
         if vae is not None and not cfg.data.latent_channels:
             raise ConfigError(f"--vae {vae}: this checkpoint is a pixel-space model; drop --vae")
+
+    def finish_images(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """``sample_batches``' ``finish`` for images: a latent model's latents (N, c, h, w) decoded
+        by the VAE to pixels in [-1, 1], or kept as they are (unclamped) without one; None for a
+        pixel model (its samples are clamped to [-1, 1])."""
+        cfg = self.cfg  # type: ignore[attr-defined]
+        if not cfg.data.latent_channels:
+            return None
+        if self.vae is None:
+            return lambda z: z
+        return lambda z: self.vae.decode_to(z, cfg.data.channels)
 
 
 @dataclass
@@ -136,6 +148,22 @@ class TrajectoryRecorder:
             return None, None
         return (torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in self.batches]),
                 torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in self.batches]))
+
+
+class BatchHook:
+    """A feature riding on ``DenoisingPipeline.sample_batches``' loop without a loop of its own
+    (attention maps, guidance maps, step caching). Every part is a no-op here: ``wrap(forward)``
+    returns the network ``forward(x, t, y)`` to sample with (once per call), ``on_branches(cond,
+    uncond)`` (None: not needed) sees both halves of every guided network call, and ``batch(lo,
+    hi)`` is a context manager around the sampling of rows ``lo:hi``."""
+
+    on_branches: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+
+    def wrap(self, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return forward
+
+    def batch(self, lo: int, hi: int) -> ContextManager[Any]:
+        return contextlib.nullcontext()
 
 
 class DenoisingPipeline(Pipeline):
@@ -245,15 +273,27 @@ class DenoisingPipeline(Pipeline):
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         conditions: Optional[tuple[Any, Any]] = None,
         finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        hooks: Sequence["BatchHook"] = (),
+        draw: Optional[Callable[..., torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """``n`` samples of ``shape`` (one sample, e.g. ``(C, F, H, W)``) drawn ``batch_size`` at a
-        time from the objective's prior with ``sampler``, guided on the first ``guide_channels``
-        output channels when ``scale != 1``: ``(n, *shape)`` float32 clamped to [-1, 1] on the CPU.
+        """The one guided batch loop of every continuous pipeline: ``n`` samples of ``shape`` (one
+        sample, e.g. ``(C, F, H, W)``) drawn ``batch_size`` at a time from the objective's prior with
+        ``sampler``, guided on the first ``guide_channels`` output channels when ``scale != 1``:
+        ``(n, *shape)`` float32 clamped to [-1, 1] on the CPU.
+
         ``conditions = (cond, null)`` replaces the labels for prompt models: ``n`` rows each (caption
         ids (n, L) or ``PromptCondition``), guided against ``null`` (the empty or negative prompt).
-        ``finish(x0)`` replaces the clamp, e.g. decoding latents through a VAE."""
+        ``finish(x0)`` replaces the clamp, e.g. decoding latents through a VAE. ``hooks``
+        (``BatchHook``) ride on the loop: they wrap the network, see guidance's two branches and
+        enclose each batch (attention and guidance maps, step caching). ``draw(lo, hi, net, x_T,
+        generators, callback)`` replaces the objective's plain sampling of rows ``lo:hi`` (image
+        control: SDEdit, inpainting)."""
         objective, device = self.objective, self.device
         sampler_fn, grid, forward = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing), self.forward_fn()
+        for hook in hooks:
+            forward = hook.wrap(forward)
+        readers = [hook.on_branches for hook in hooks if hook.on_branches is not None]
+        on_branches = (lambda cond, uncond: [read(cond, uncond) for read in readers]) if readers else None
         out = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
@@ -262,13 +302,21 @@ class DenoisingPipeline(Pipeline):
             y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
             if conditions is not None:
                 y, y_null = (condition_rows(c, lo, hi) for c in conditions)
-                net = (classifier_free_guidance(forward, y, scale, guide_channels=guide_channels, y_null=y_null)
+                net = (classifier_free_guidance(forward, y, scale, guide_channels=guide_channels, y_null=y_null,
+                                                on_branches=on_branches)
                        if scale != 1.0 else lambda x, t, y=y: forward(x, t, y))
             elif y is not None and scale != 1.0:  # guide the mean channels only (a learned variance rides along)
-                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels)
+                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels,
+                                               on_branches=on_branches)
             else:
                 net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
-            x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
+            with contextlib.ExitStack() as stack:
+                for hook in hooks:
+                    stack.enter_context(hook.batch(lo, hi))
+                if draw is not None:
+                    x0 = draw(lo, hi, net, x_T, gens, callback)
+                else:
+                    x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
             out.append(finish(x0.float()).cpu() if finish is not None else x0.float().clamp(-1, 1).cpu())
         return torch.cat(out)
 

@@ -13,13 +13,14 @@ runs it (``Objective.sample``); classifier-free guidance wraps the network
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +30,11 @@ from ditkit.builders.dit import model_input_shape
 from ditkit.config import ConfigError
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
-from ditkit.pipelines.base import GeneratorArg, generator_slice, trajectory_indices
+from ditkit.pipelines.base import GeneratorArg, trajectory_indices
 from ditkit.progress import announce_total, sampling_progress
-from ditkit.pipelines.denoising import DenoisingPipeline, LatentDecoding, sampling_clip_x0
+from ditkit.pipelines.denoising import BatchHook, DenoisingPipeline, LatentDecoding, TrajectoryRecorder, sampling_clip_x0
 from ditkit.pipelines.control import ImageLike, load_image, load_mask, outpaint_canvas, parse_extend
 from ditkit.registry import PIPELINES, SAMPLERS
-from ditkit.samplers.guidance import classifier_free_guidance
 from ditkit.samplers.inpaint import adapter_for, check_jumps, inpaint, prepare_mask, resample_num_calls, sdedit_start
 
 __all__ = ["ImagePipeline", "ImagePipelineOutput", "sampling_clip_x0", "trajectory_indices"]  # trajectory_indices: from base
@@ -157,6 +157,38 @@ class ImagePipelineOutput:
                      {**self.metadata, "layout": "pairs: sample (gray), |cond - uncond| summed over steps (white = most)"})
             written.append(out / "guidance_map.png")
         return written
+
+
+class StepCaching(BatchHook):
+    """Step caching (``ditkit.models.caching``) around each batch: the cache starts every sampling
+    trajectory empty."""
+
+    def __init__(self, model: torch.nn.Module, cache: Optional[StepCache]) -> None:
+        self.model, self.cache = model, cache
+
+    def batch(self, lo: int, hi: int) -> attach_step_cache:
+        return attach_step_cache(self.model, self.cache)
+
+
+class GuidanceMaps(BatchHook):
+    """Where guidance acted: ``|cond - uncond|`` of the first ``channels`` output channels, averaged
+    over them and summed over the network calls, one ``(B, 1, H, W)`` map per batch in ``maps``,
+    scaled to a maximum of 1 per sample."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels, self.maps, self._sum = channels, [], None  # type: ignore[var-annotated]
+
+    def on_branches(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:  # type: ignore[override]
+        diff = (cond[:, : self.channels] - uncond[:, : self.channels]).abs().mean(1, keepdim=True).float().cpu()
+        self._sum = diff if self._sum is None else self._sum + diff
+
+    @contextlib.contextmanager
+    def batch(self, lo: int, hi: int) -> Iterator[None]:
+        self._sum = None
+        yield
+        if self._sum is not None:
+            m = self._sum
+            self.maps.append(m / m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1))
 
 
 @PIPELINES.register("image")
@@ -310,84 +342,63 @@ class ImagePipeline(LatentDecoding, DenoisingPipeline):
         trajectory_points: int, progress: Optional[Callable[[int], None]], step_cache: Optional[StepCache] = None,
         control: Optional[Control] = None, guidance_map: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[int], dict[str, torch.Tensor]]:
-        """The sampling loop on this process: ``(tensors (N, C, H, W), trajectory or None, steps,
-        extras)``; extras: ``xt`` (the states at the trajectory steps), ``guidance`` (maps).
-        ``step_cache`` (reset per batch: one trajectory each) wraps the network's block stack."""
-        cfg, device, objective = self.cfg, self.device, self.objective
+        """This process's samples through ``sample_batches``: ``(tensors (N, C, H, W), trajectory or
+        None, steps, extras)``; extras: ``xt`` (the states at the trajectory steps), ``guidance``
+        (maps). ``step_cache`` (reset per batch: one trajectory each) wraps the network's block
+        stack; ``control`` replaces plain sampling by SDEdit / inpainting (``_controlled``)."""
+        cfg = self.cfg
         channels, size = model_input_shape(cfg)
         latent = bool(cfg.data.latent_channels)
-        finish = (lambda z: self.vae.decode_to(z, cfg.data.channels)) if latent and self.vae is not None else None
         if guide_channels is None:
             guide_channels = cfg.sample.guide_channels if cfg.sample.guide_channels is not None else channels
         out_channels = getattr(self.model, "out_channels", channels)
         if not 1 <= guide_channels <= out_channels:
             raise ConfigError(f"--guide-channels {guide_channels}: the model outputs {out_channels} channels; use 1..{out_channels}")
-        sampler_fn, grid = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing)
-        forward = self.forward_fn()
         calls = control.network_calls(steps) if control is not None else steps  # SDEdit cuts, jumps add
         traj_idx = trajectory_indices(calls, trajectory_points) if trajectory_points and calls else []
         n = len(labels) if labels is not None else (len(generators) if isinstance(generators, list) else None)
         if n is None:
             raise ConfigError("an unconditional model sampled with one shared generator needs num_samples")
         announce_total(progress, calls * math.ceil(n / batch_size))  # this process's network calls
-        out_images, out_traj, out_xt, out_maps = [], [], [], []
-        grid_args = objective.sampling_grid(steps, **grid)
-        adapter = None
-        if control is not None:
-            adapter = adapter_for(objective.family, getattr(objective, "alphas_cumprod", None))
-            if grid.get("zero_is_data"):  # the Gaussian solvers' grid ends at the data, like flow and edm
-                adapter = dataclasses.replace(adapter, grid_ends_at_data=True)
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            gens = generator_slice(generators, lo, hi)
-            x_T = objective.prior((hi - lo, channels, size, size), gens, device)
-            y = torch.tensor(labels[lo:hi], dtype=torch.long, device=device) if labels is not None else None
-            acc: list[torch.Tensor] = []  # guidance map: |cond - uncond| summed over the calls
-
-            def on_branches(cond: torch.Tensor, uncond: torch.Tensor) -> None:
-                diff = (cond[:, :channels] - uncond[:, :channels]).abs().mean(1, keepdim=True).float().cpu()
-                acc.append(diff) if not acc else acc.__setitem__(0, acc[0] + diff)
-
-            if y is not None and scale != 1.0:
-                net = classifier_free_guidance(forward, y, scale, null_class=self.num_classes, guide_channels=guide_channels,
-                                               on_branches=on_branches if guidance_map else None)
-            else:
-                net = lambda x, t, y=y: forward(x, t, y)  # noqa: E731
-            recorded: list[torch.Tensor] = []
-            recorded_xt: list[torch.Tensor] = []
-
-            def callback(i: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
-                if i in traj_idx:
-                    recorded.append(x0_pred.float().cpu() if latent else x0_pred.float().clamp(-1, 1).cpu())
-                    recorded_xt.append(x.float().cpu())
-                if progress is not None:
-                    progress(1)
-
-            with attach_step_cache(self.model, step_cache):
-                if control is None:
-                    x0 = objective.sample(sampler_fn, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
-                else:
-                    x0 = self._controlled(control, lo, hi, sampler_fn, objective.denoiser(net), x_T, grid_args, adapter,
-                                          gens, callback, options)
-            if finish is not None:  # latents -> pixels through the VAE
-                out_images.append(finish(x0.float()))
-                recorded = [finish(r) for r in recorded]
-                recorded_xt = [finish(r) for r in recorded_xt]
-            else:
-                out_images.append(x0.float().cpu() if latent else x0.float().clamp(-1, 1).cpu())
-            if recorded:
-                out_traj.append(torch.stack(recorded, dim=1))  # (b, K, C, H, W)
-                out_xt.append(torch.stack(recorded_xt, dim=1).clamp(-1, 1))
-            if acc:
-                m = acc[0]
-                out_maps.append(m / m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1))
-        trajectory = torch.cat(out_traj) if out_traj else None
+        recorder = TrajectoryRecorder(traj_idx, clamp_xt=not latent, clamp_x0=not latent)  # latents: decoded below
+        maps = GuidanceMaps(channels) if guidance_map else None
+        hooks: list[BatchHook] = [StepCaching(self.model, step_cache)] if step_cache is not None else []
+        if maps is not None:
+            hooks.append(maps)
+        draw = self._control_draw(control, sampler, spacing, steps, options) if control is not None else None
+        finish = self.finish_images()
+        tensors = self.sample_batches(labels, generators, n, (channels, size, size), sampler=sampler, steps=steps,
+                                      scale=scale, spacing=spacing, options=options, batch_size=batch_size,
+                                      guide_channels=guide_channels, callback=recorder.callback(progress),
+                                      finish=finish, hooks=hooks, draw=draw)
+        trajectory, xt = recorder.stack()  # (N, K, C, h, w)
         extras = {}
-        if out_xt:
-            extras["xt"] = torch.cat(out_xt)
-        if out_maps:
-            extras["guidance"] = torch.cat(out_maps)
-        return torch.cat(out_images), trajectory, traj_idx, extras
+        if trajectory is not None:
+            if latent and self.vae is not None:  # latents -> pixels through the VAE, as the samples
+                trajectory, xt = (finish(z.flatten(0, 1)).cpu().view(*z.shape[:2], *tensors.shape[1:])  # type: ignore[misc]
+                                  for z in (trajectory, xt))
+            extras["xt"] = xt.clamp(-1, 1) if not latent or self.vae is not None else xt  # pixels shown in [-1, 1]
+        if maps is not None and maps.maps:
+            extras["guidance"] = torch.cat(maps.maps)
+        return tensors, trajectory, traj_idx, extras
+
+    def _control_draw(self, control: Control, sampler: str, spacing: Optional[str], steps: int,
+                      options: dict[str, Any]) -> Callable[..., torch.Tensor]:
+        """``sample_batches``' ``draw(lo, hi, net, x_T, generators, callback)`` for ``control``: the
+        sampler's grid and the objective's inpainting adapter fixed once, rows ``lo:hi`` of the image."""
+        objective = self.objective
+        sampler_fn, grid = SAMPLERS.get(sampler).obj, self.grid_options(sampler, spacing)
+        grid_args = objective.sampling_grid(steps, **grid)
+        adapter = adapter_for(objective.family, getattr(objective, "alphas_cumprod", None))
+        if grid.get("zero_is_data"):  # the Gaussian solvers' grid ends at the data, like flow and edm
+            adapter = dataclasses.replace(adapter, grid_ends_at_data=True)
+
+        def draw(lo: int, hi: int, net: Callable[..., torch.Tensor], x_T: torch.Tensor, gens: Any,
+                 callback: Any) -> torch.Tensor:
+            return self._controlled(control, lo, hi, sampler_fn, objective.denoiser(net), x_T, grid_args, adapter,
+                                    gens, callback, options)
+
+        return draw
 
     @staticmethod
     def _controlled(

@@ -23,12 +23,13 @@ Registered as the ``text_to_image`` pipeline; the model family's ``pipeline`` me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,12 +40,11 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict, word_spans
 from ditkit.models.text_encoder import PromptCondition
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
-from ditkit.pipelines.base import GeneratorArg, generator_slice
-from ditkit.pipelines.denoising import TrajectoryRecorder, condition_rows
+from ditkit.pipelines.base import GeneratorArg
+from ditkit.pipelines.denoising import BatchHook, TrajectoryRecorder
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
 from ditkit.progress import announce_total, sampling_progress
-from ditkit.registry import PIPELINES, SAMPLERS
-from ditkit.samplers.guidance import classifier_free_guidance
+from ditkit.registry import PIPELINES
 
 __all__ = ["PromptPipeline", "PromptPipelineOutput", "read_prompt_file", "caption_strip", "load_frozen_encoder", "FrozenPromptTokenizer"]
 
@@ -296,6 +296,46 @@ class PromptConditioning:
         return {**super().cli_extras(args), **({"text_encoder": path} if path is not None else {})}  # type: ignore[misc]
 
 
+class AttentionMaps(BatchHook):
+    """Per-token cross-attention of the conditional prompts: for each batch, the maps the
+    ``layers`` store on every network call (the first ``hi - lo`` rows: a guided call's conditional
+    half), averaged over heads, layers and calls, one ``(B, g, g, L)`` tensor per batch in ``maps``
+    (``g * g`` image tokens, ``L`` prompt tokens)."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        self.layers, self.maps = layers, []  # type: ignore[var-annotated]
+        self._rows, self._sum, self._calls = 0, None, 0
+
+    def _stores(self, on: bool) -> None:
+        """Give every layer an empty store to fill (``on``), or none (it stops storing)."""
+        for layer in self.layers:
+            layer.attention_store = [] if on else None
+
+    def wrap(self, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def recording_forward(x: torch.Tensor, t: torch.Tensor, y: Any) -> torch.Tensor:
+            result = forward(x, t, y)
+            stored = [p[: self._rows].mean(1) for layer in self.layers for p in layer.attention_store]  # (B, N, L)
+            total = torch.stack(stored).mean(0).cpu()
+            self._sum = total if self._sum is None else self._sum + total
+            self._calls += 1
+            self._stores(True)
+            return result
+
+        return recording_forward
+
+    @contextlib.contextmanager
+    def batch(self, lo: int, hi: int) -> Iterator[None]:
+        self._rows, self._sum, self._calls = hi - lo, None, 0
+        self._stores(True)
+        try:
+            yield
+        finally:
+            self._stores(False)
+        if self._sum is not None:
+            g = int(math.isqrt(self._sum.shape[1]))
+            self.maps.append((self._sum / self._calls).view(hi - lo, g, g, -1))
+
+
 @PIPELINES.register("text_to_image")
 class PromptPipeline(PromptConditioning, ImagePipeline):
     """Text-to-image DiT: prompts in, images out (see the module docstring)."""
@@ -341,8 +381,13 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
         ids, neg_ids = self.encode_prompt_pair(expanded, expanded_neg, strict)
         layers = self.model.cross_attention_modules() if attention_maps else []
         announce_total(progress, plan.steps * math.ceil(plan.n / batch_size))
-        tensors, maps = self._draw_prompts(ids, neg_ids, plan.generators, batch_size=batch_size, layers=layers,
-                                           progress=progress, **plan.sampling)
+        channels, size = model_input_shape(self.cfg)
+        recorder = AttentionMaps(layers) if layers else None
+        tensors = self.sample_batches(None, plan.generators, plan.n, (channels, size, size), guide_channels=channels,
+                                      batch_size=batch_size, callback=TrajectoryRecorder(()).callback(progress),
+                                      conditions=(ids, neg_ids), finish=self.finish_images(),
+                                      hooks=[recorder] if recorder is not None else [], **plan.sampling)
+        maps = torch.cat(recorder.maps) if recorder is not None and recorder.maps else None  # (N, g, g, L)
         metadata = self.sampling_metadata(plan)
         word_maps = None
         if maps is not None:
@@ -359,64 +404,6 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
         images = to_pil(tensors) if not (self.cfg.data.latent_channels and self.vae is None) else []
         return PromptPipelineOutput(images, tensors, None, plan.seeds, metadata, [], prompts=expanded,
                                     negative_prompts=expanded_neg, num_images_per_prompt=k, attention_maps=word_maps)
-
-    def _draw_prompts(
-        self, ids: torch.Tensor, neg_ids: torch.Tensor, generators: Any, *, sampler: str, steps: int, scale: float,
-        spacing: Optional[str], options: dict[str, Any], batch_size: int, layers: list[torch.nn.Module],
-        progress: Optional[Callable[[int], None]],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The sampling loop: ``(images (N, C, H, W) in [-1, 1], maps (N, g, g, L) or None)``; maps
-        are the conditional half's cross-attention, averaged over heads, layers and network calls."""
-        cfg, device, objective = self.cfg, self.device, self.objective
-        channels, size = model_input_shape(cfg)
-        entry, grid = SAMPLERS.get(sampler), self.grid_options(sampler, spacing)
-        forward = self.forward_fn()
-        finish = (lambda z: self.vae.decode_to(z, cfg.data.channels)) if cfg.data.latent_channels and self.vae is not None else None
-        frozen = isinstance(ids, PromptCondition)
-        if frozen:  # a frozen encoder's states: one padding length for the prompt and the negative
-            n = ids.encoder_hidden_states.shape[0]
-            both_all = PromptCondition.cat([ids, neg_ids])
-        else:
-            n = ids.shape[0]
-        out, out_maps = [], []
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            gens = generator_slice(generators, lo, hi)
-            x_T = objective.prior((hi - lo, channels, size, size), gens, device)
-            if frozen:
-                y, y_neg = condition_rows(both_all, lo, hi), condition_rows(both_all, n + lo, n + hi)
-            else:
-                y, y_neg = ids[lo:hi], neg_ids[lo:hi]
-            acc: list[torch.Tensor] = []  # running sum of the maps (B, N, L), and the number of calls
-            calls = [0]
-            for layer in layers:
-                layer.attention_store = []
-
-            def recording_forward(x: torch.Tensor, t: torch.Tensor, y_: Any) -> torch.Tensor:
-                result = forward(x, t, y_)
-                if layers:  # the conditional half's maps: the first hi - lo rows of a guided batch
-                    stored = [p[: hi - lo].mean(1) for layer in layers for p in layer.attention_store]  # (B, N, L)
-                    total = torch.stack(stored).mean(0).cpu()
-                    acc.append(total) if not acc else acc.__setitem__(0, acc[0] + total)
-                    calls[0] += 1
-                    for layer in layers:
-                        layer.attention_store = []
-                return result
-
-            net = (classifier_free_guidance(recording_forward, y, scale, guide_channels=channels, y_null=y_neg)
-                   if scale != 1.0 else lambda x, t, y=y: recording_forward(x, t, y))
-            callback = TrajectoryRecorder(()).callback(progress)
-
-            try:
-                x0 = objective.sample(entry.obj, net, x_T, steps, generator=gens, callback=callback, **grid, **options)
-            finally:
-                for layer in layers:
-                    layer.attention_store = None
-            out.append(finish(x0.float()) if finish is not None else x0.float().clamp(-1, 1).cpu())
-            if acc:
-                g = int(math.isqrt(acc[0].shape[1]))
-                out_maps.append((acc[0] / calls[0]).view(hi - lo, g, g, -1))
-        return torch.cat(out), (torch.cat(out_maps) if out_maps else None)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
