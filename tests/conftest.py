@@ -20,6 +20,34 @@ def digits_split(tmp_path_factory):
     return images[train], labels[train], images[test], labels[test], cache
 
 
+@pytest.fixture
+def serve_session():
+    """``serve_session(["name=RUN", ...], talk, limits=None)``: the server of those runs (ASGI, no
+    socket) for one conversation: returns what ``await talk(client)`` returns, ``client`` an
+    ``httpx.AsyncClient`` on the app; the app's workers are stopped after."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+
+    from ditkit.serve.app import create_app
+    from ditkit.serve.launch import load_models
+    from ditkit.serve.models import ServeLimits
+
+    def session(specs, talk, limits=None):
+        app = create_app(load_models(specs, device="cpu"), limits or ServeLimits(max_queue=2, request_timeout_s=60))
+
+        async def conversation():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                return await talk(client)
+
+        try:
+            return asyncio.run(conversation())
+        finally:
+            app.state.ditkit.close()
+
+    return session
+
+
 # ---- CI: no silent skips ---------------------------------------------------------------------------
 # .ci/run installs every optional package the tests use (diffusers, tokenizers, tensorboard, scipy,
 # the browser, ...) and sets DITKIT_STRICT_SKIPS=1: there, a skipped test means a missing install

@@ -234,34 +234,19 @@ def test_eval_cli_scores_an_audio_run(trained, tmp_path, tones):
     assert report["reference"] == str(tones)
 
 
-def test_serve_answers_wavs_on_v1_audio(trained):
-    pytest.importorskip("fastapi")
-    httpx = pytest.importorskip("httpx")
-    import asyncio
+def test_serve_answers_wavs_on_v1_audio(trained, serve_session):
     import base64
     import io
 
-    from ditkit.serve.app import create_app
-    from ditkit.serve.launch import load_models
-    from ditkit.serve.models import ServeLimits
-
-    models = load_models([f"tones={trained.run_dir}"], device="cpu")
-    app = create_app(models, ServeLimits(max_queue=2, request_timeout_s=60))
-
-    async def talk():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            listed = (await client.get("/v1/models")).json()["models"][0]
-            ok = await client.post("/v1/audio", json={"model": "tones", "class_labels": ["tone300"], "num_samples": 2,
-                                                       "duration": 0.5, "steps": 2})
-            too_long = await client.post("/v1/audio", json={"model": "tones", "duration": 600.0})
-            wrong_door = await client.post("/v1/images", json={"model": "tones"})
+    async def talk(client):
+        listed = (await client.get("/v1/models")).json()["models"][0]
+        ok = await client.post("/v1/audio", json={"model": "tones", "class_labels": ["tone300"], "num_samples": 2,
+                                                   "duration": 0.5, "steps": 2})
+        too_long = await client.post("/v1/audio", json={"model": "tones", "duration": 600.0})
+        wrong_door = await client.post("/v1/images", json={"model": "tones"})
         return listed, ok, too_long, wrong_door
 
-    try:
-        listed, ok, too_long, wrong_door = asyncio.run(talk())
-    finally:
-        app.state.ditkit.close()
+    listed, ok, too_long, wrong_door = serve_session([f"tones={trained.run_dir}"], talk)
     assert listed["modality"] == "audio" and listed["sample_rate"] == SR and listed["defaults"]["duration"] == 1.0
     assert ok.status_code == 200, ok.text
     clips = ok.json()["clips"]

@@ -232,34 +232,18 @@ def test_frozen_encoder_states_condition_the_latte(tmp_path):
     assert model(torch.randn(2, 1, 4, 16, 16), torch.tensor([1.0, 2.0]), cond).shape == (2, 1, 4, 16, 16)
 
 
-def test_serve_draws_clips_from_a_prompt_on_v1_videos(trained):
+def test_serve_draws_clips_from_a_prompt_on_v1_videos(trained, serve_session):
     """``POST /v1/videos`` with ``prompt``: num_samples clips of it, the prompt in each clip's metadata;
     class labels or a missing prompt are a 422 naming what to send."""
-    pytest.importorskip("fastapi")
-    httpx = pytest.importorskip("httpx")
-    import asyncio
-
-    from ditkit.serve.app import create_app
-    from ditkit.serve.launch import load_models
-    from ditkit.serve.models import ServeLimits
-
-    models = load_models([f"t2v={trained.run_dir}"], device="cpu")
-    app = create_app(models, ServeLimits(max_queue=2, request_timeout_s=60))
-
-    async def talk():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            listed = (await client.get("/v1/models")).json()["models"][0]
-            ok = await client.post("/v1/videos", json={"model": "t2v", "prompt": "a 3 moving up", "num_samples": 2,
-                                                        "num_frames": 4, "steps": 2, "negative_prompt": "a 7"})
-            labels = await client.post("/v1/videos", json={"model": "t2v", "class_labels": [3]})
-            empty = await client.post("/v1/videos", json={"model": "t2v", "prompt": " "})
+    async def talk(client):
+        listed = (await client.get("/v1/models")).json()["models"][0]
+        ok = await client.post("/v1/videos", json={"model": "t2v", "prompt": "a 3 moving up", "num_samples": 2,
+                                                    "num_frames": 4, "steps": 2, "negative_prompt": "a 7"})
+        labels = await client.post("/v1/videos", json={"model": "t2v", "class_labels": [3]})
+        empty = await client.post("/v1/videos", json={"model": "t2v", "prompt": " "})
         return listed, ok, labels, empty
 
-    try:
-        listed, ok, labels, empty = asyncio.run(talk())
-    finally:
-        app.state.ditkit.close()
+    listed, ok, labels, empty = serve_session([f"t2v={trained.run_dir}"], talk)
     assert listed["modality"] == "video" and listed["prompts"] is True and listed["max_prompt_tokens"] == 31
     assert ok.status_code == 200, ok.text
     clips = ok.json()["clips"]

@@ -310,38 +310,23 @@ def test_eval_cli_refuses_image_flags_for_a_video_run(trained, tmp_path, capsys)
 # ---- serving ---------------------------------------------------------------------------------------
 
 
-def test_serve_answers_gifs_on_v1_videos(trained):
+def test_serve_answers_gifs_on_v1_videos(trained, serve_session):
     """``POST /v1/videos``: looping GIFs of the asked frames and a contact sheet per clip; the
     frame count checked by the pipeline (422 naming num_frames), the wrong endpoint refused."""
-    pytest.importorskip("fastapi")
-    httpx = pytest.importorskip("httpx")
-    import asyncio
     import base64
     import io
 
-    from ditkit.serve.app import create_app
-    from ditkit.serve.launch import load_models
-    from ditkit.serve.models import ServeLimits
-
-    models = load_models([f"clips={trained.run_dir}"], device="cpu")
-    app = create_app(models, ServeLimits(max_queue=2, request_timeout_s=60))
-
-    async def talk():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            listed = (await client.get("/v1/models")).json()["models"][0]
-            ok = await client.post("/v1/videos", json={"model": "clips", "class_labels": ["3 up"], "num_samples": 2,
-                                                        "num_frames": 4, "steps": 2, "fps": 5.0, "request_id": "v-1"})
-            progress = await client.get("/v1/progress/v-1")
-            odd = await client.post("/v1/videos", json={"model": "clips", "num_frames": 1})
-            too_many = await client.post("/v1/videos", json={"model": "clips", "num_frames": 64})
-            wrong_door = await client.post("/v1/images", json={"model": "clips"})
+    async def talk(client):
+        listed = (await client.get("/v1/models")).json()["models"][0]
+        ok = await client.post("/v1/videos", json={"model": "clips", "class_labels": ["3 up"], "num_samples": 2,
+                                                    "num_frames": 4, "steps": 2, "fps": 5.0, "request_id": "v-1"})
+        progress = await client.get("/v1/progress/v-1")
+        odd = await client.post("/v1/videos", json={"model": "clips", "num_frames": 1})
+        too_many = await client.post("/v1/videos", json={"model": "clips", "num_frames": 64})
+        wrong_door = await client.post("/v1/images", json={"model": "clips"})
         return listed, ok, progress, odd, too_many, wrong_door
 
-    try:
-        listed, ok, progress, odd, too_many, wrong_door = asyncio.run(talk())
-    finally:
-        app.state.ditkit.close()
+    listed, ok, progress, odd, too_many, wrong_door = serve_session([f"clips={trained.run_dir}"], talk)
     assert listed["modality"] == "video" and listed["trained_frames"] == 8 and listed["defaults"]["num_frames"] == 8
     assert ok.status_code == 200, ok.text
     clips = ok.json()["clips"]
