@@ -231,6 +231,8 @@ def summarise(runs: Sequence[dict[str, Any]], budget_s: float) -> dict[str, Any]
                 "final_fd": _median([r["final"].get("fd_classifier") for r in mine]),
                 "final_fd_per_seed": [r["final"].get("fd_classifier") for r in mine],
                 "final_accuracy": _median([r["final"].get("conditional_accuracy") for r in mine]),
+                "final_fd_raw": _median([(r.get("final_raw") or {}).get("fd_classifier") for r in mine]),
+                "final_accuracy_raw": _median([(r.get("final_raw") or {}).get("conditional_accuracy") for r in mine]),
                 "steps": _median([r.get("steps") for r in mine]),
                 "train_flops": _median([r.get("train_flops") for r in mine]),
             })
@@ -301,8 +303,8 @@ def format_table(summary: dict[str, Any], budget_s: float) -> str:
         parts.append(f"### {dataset}: seconds to reach the paper recipe's final FD "
                      f"({_fmt(target, '.2f') if target is not None else 'not measured'}), budget {budget_s:.0f} s\n")
         parts.append("| variant | seconds to paper's final FD (median) | per seed | share of budget | speed-up (budget / seconds) "
-                     "| final FD (median) | final accuracy (median) | steps | training PFLOPs |")
-        parts.append("|---|---|---|---|---|---|---|---|---|")
+                     "| final FD (median) | final accuracy (median) | raw weights: final FD / accuracy | steps | training PFLOPs |")
+        parts.append("|---|---|---|---|---|---|---|---|---|---|")
         for row in entry["rows"]:
             s = row["seconds_to_target"]
             per_seed = ", ".join("diverged" if bad else "not reached" if v is None else f"{v:.0f}"
@@ -312,7 +314,8 @@ def format_table(summary: dict[str, Any], budget_s: float) -> str:
                 f"| {row['variant']} | {'not reached' if s is None else f'{s:.0f}'} | {per_seed} "
                 f"| {_fmt(row['fraction_of_budget'], '.2f')} | {_fmt(row['speedup_vs_paper'], '.2f')}"
                 f"{'x' if row['speedup_vs_paper'] is not None else ''} | {_fmt(row['final_fd'], '.2f')} "
-                f"| {_fmt(row['final_accuracy'], '.3f')} | {_fmt(row['steps'], '.0f')} "
+                f"| {_fmt(row['final_accuracy'], '.3f')} "
+                f"| {_fmt(row.get('final_fd_raw'), '.2f')} / {_fmt(row.get('final_accuracy_raw'), '.3f')} | {_fmt(row['steps'], '.0f')} "
                 f"| {_fmt(None if flops is None else flops / 1e15, '.3g')} |"
             )
         parts.append("")
@@ -424,7 +427,9 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def train_worker(spec: dict[str, Any]) -> None:
     """One run: train to the budget (resuming a checkpoint a Ctrl-C left, restarting a run killed
-    before any), score the final EMA weights with the in-training protocol, write ``final.json``."""
+    before any), score the final EMA weights with the in-training protocol (and the raw weights,
+    ``final_raw``: what the options do to the network itself, whatever the EMA hides), write
+    ``final.json``."""
     from ditkit.config import Config
     from ditkit.data import load_dataset
     from ditkit.eval.model_eval import PeriodicEvaluator
@@ -456,6 +461,8 @@ def train_worker(spec: dict[str, Any]) -> None:
     pipe = ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device, precision=cfg.train.precision)
     evaluator = PeriodicEvaluator(pipe.cfg, load_dataset(pipe.cfg.data), device=pipe.device, dtype=pipe.dtype, log=_log)
     final = evaluator(pipe.model)
+    final_raw = evaluator(ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device,
+                                                        precision=cfg.train.precision, use_ema=False).model)
     try:
         macs = forward_macs(pipe.model)
     except AttributeError:  # not a DiT: no analytic count
@@ -466,12 +473,28 @@ def train_worker(spec: dict[str, Any]) -> None:
         "steps": result.step, "train_s": result.train_s, "stop_reason": result.stop_reason, "wall_s": round(wall_s, 1),
         "forward_macs_per_image": macs, "global_batch_size": batch,
         "train_flops": None if macs is None else training_flops(result.step, macs, batch),
-        "final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "final": final, "final_raw": final_raw, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
     }
     _write_json(run_dir / FINAL_FILE, record)
     _log(f"{spec['dataset']}/{spec['variant']}/seed{spec['seed']}: {result.step} steps in {result.train_s:.0f} s, "
          f"final FD {final.get('fd_classifier', math.nan):.2f}, accuracy {final.get('conditional_accuracy', math.nan):.3f}")
+
+
+def raw_worker(spec: dict[str, Any]) -> None:
+    """Add ``final_raw`` to a finished run's ``final.json`` (runs from before it was recorded): the
+    final checkpoint's raw weights scored with the in-training protocol; ``spec["out"]`` marks it done."""
+    from ditkit.data import load_dataset
+    from ditkit.eval.model_eval import PeriodicEvaluator
+    from ditkit.pipelines.image import ImagePipeline
+
+    final_path = Path(spec["run_dir"]) / FINAL_FILE
+    record = json.loads(final_path.read_text())
+    pipe = ImagePipeline.from_checkpoint(spec["run_dir"], device=spec["device"], precision=spec["precision"], use_ema=False)
+    evaluator = PeriodicEvaluator(pipe.cfg, load_dataset(pipe.cfg.data), device=pipe.device, dtype=pipe.dtype, log=_log)
+    record["final_raw"] = evaluator(pipe.model)
+    _write_json(final_path, record)
+    _write_json(Path(spec["out"]), {"run_dir": spec["run_dir"], "final_raw": record["final_raw"]})
 
 
 def sampling_worker(spec: dict[str, Any]) -> None:
@@ -663,11 +686,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.worker is not None:
         spec = json.loads(Path(args.worker).read_text())
-        (train_worker if spec["kind"] == "train" else sampling_worker)(spec)
+        {"train": train_worker, "raw": raw_worker, "sampling": sampling_worker}[spec["kind"]](spec)
         return 0
 
     import torch
 
+    from ditkit.config import Config
     from ditkit.errors import ConfigError
     from ditkit.train.hooks import parse_duration
 
@@ -708,6 +732,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log(f"{dataset}: evaluation classifier ready in {time.time() - t0:.0f} s")
 
     codes = run_tasks(tasks, args.jobs, args.threads)
+    # the raw weights of runs finished before final.json recorded them
+    raw_tasks = []
+    for task in tasks:
+        run_dir = task.done.parent
+        record = json.loads(task.done.read_text()) if task.done.is_file() else {"final_raw": None}
+        if "final_raw" not in record and record.get("steps") is not None:  # finished, not diverged
+            cfg = Config.from_dict(task.spec["config"])
+            raw_tasks.append(Task(f"{task.name}/raw", "raw", {"kind": "raw", "run_dir": str(run_dir), "device": cfg.train.device,
+                                                             "precision": cfg.train.precision, "out": str(run_dir / "final_raw.json")},
+                                  out / "specs" / f"{task.name.replace('/', '-')}-raw.json", run_dir / "final_raw.json",
+                                  out / "logs" / f"{task.name.replace('/', '-')}-raw.log"))
+    codes.update(run_tasks(raw_tasks, args.jobs, args.threads))
     train_wall_s = time.time() - t_start
 
     # the sampling part, on the recommended run (seed 0) of each dataset

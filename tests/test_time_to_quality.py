@@ -198,3 +198,17 @@ def test_every_variant_validates_and_differs_from_paper_only_by_its_keys(ttq, tm
     assert rec.objective.learn_sigma is False and rec.train.ema_decay == 0.995 and rec.train.max_steps is None
     tiny = ttq.variant_config("paper", "digits", 0, ttq.Settings(out=tmp_path, extra_set={"model.name": "DiT-T/4"}))
     assert tiny.model.name == "DiT-T/4"
+
+
+def test_the_raw_weights_finals_are_medians_beside_the_emas(ttq):
+    """``final_raw`` (the raw weights scored like the EMA) is summarised per variant and shown in the
+    table; runs recorded before it existed leave it out of the median."""
+    runs = [_run("paper", 0, [(50, 80.0)], 40.0, 0.1), _run("paper", 1, [(50, 90.0)], 60.0, 0.3),
+            _run("paper", 2, [(50, 90.0)], 60.0, 0.3)]
+    runs[0]["final_raw"] = {"fd_classifier": 12.0, "conditional_accuracy": 0.9}
+    runs[1]["final_raw"] = {"fd_classifier": 18.0, "conditional_accuracy": 0.7}
+    row = ttq.summarise(runs, budget_s=100.0)["digits"]["rows"][0]
+    assert row["final_fd_raw"] == 15.0 and row["final_accuracy_raw"] == pytest.approx(0.8)
+    line = next(ln for ln in ttq.format_table({"digits": ttq.summarise(runs, 100.0)["digits"]}, 100.0).splitlines()
+                if ln.startswith("| paper "))
+    assert "| 15.00 / 0.800 |" in line
