@@ -112,10 +112,12 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
+    # the caller's handler (Python's default in a terminal; SIG_IGN in a job started with `&`)
+    before = signal.getsignal(signal.SIGINT)
     result = loop.train(_tiny(tmp_path, "int", max_steps=50), on_step=press_ctrl_c, log=lambda m: None)
     assert result.interrupted and result.step == 3
     assert result.checkpoint.name == "step_0000003" and load_training_state(result.checkpoint)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 def test_metrics_sample_grids_and_resume_trims_the_log(tmp_path):
