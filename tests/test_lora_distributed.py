@@ -74,6 +74,7 @@ from pathlib import Path
 import torch.distributed as dist
 import ditkit.train.loop as loop
 from ditkit.config import Config
+from ditkit.train.distributed import release_process_group
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 dist.init_process_group("gloo")
@@ -93,6 +94,7 @@ if int(os.environ["RANK"]) == 0:  # the FSDP run's step-2 checkpoint, continued 
 dist.barrier()
 run("fsdp_to_fsdp", resume=str(Path(spec["results"]) / "fsdp_to_fsdp" / "checkpoints" / "step_0000002"))
 run("one_to_fsdp", resume=spec["one_to_fsdp"])
+release_process_group()  # gloo's threads end before exit (else an occasional "terminate called" abort)
 '''
 
 
