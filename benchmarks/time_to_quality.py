@@ -461,8 +461,6 @@ def train_worker(spec: dict[str, Any]) -> None:
     pipe = ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device, precision=cfg.train.precision)
     evaluator = PeriodicEvaluator(pipe.cfg, load_dataset(pipe.cfg.data), device=pipe.device, dtype=pipe.dtype, log=_log)
     final = evaluator(pipe.model)
-    final_raw = evaluator(ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device,
-                                                        precision=cfg.train.precision, use_ema=False).model)
     try:
         macs = forward_macs(pipe.model)
     except AttributeError:  # not a DiT: no analytic count
@@ -473,9 +471,12 @@ def train_worker(spec: dict[str, Any]) -> None:
         "steps": result.step, "train_s": result.train_s, "stop_reason": result.stop_reason, "wall_s": round(wall_s, 1),
         "forward_macs_per_image": macs, "global_batch_size": batch,
         "train_flops": None if macs is None else training_flops(result.step, macs, batch),
-        "final": final, "final_raw": final_raw, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
     }
+    _write_json(run_dir / FINAL_FILE, record)  # the EMA result kept even if scoring the raw weights fails
+    record["final_raw"] = evaluator(ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device,
+                                                                  precision=cfg.train.precision, use_ema=False).model)
     _write_json(run_dir / FINAL_FILE, record)
     _log(f"{spec['dataset']}/{spec['variant']}/seed{spec['seed']}: {result.step} steps in {result.train_s:.0f} s, "
          f"final FD {final.get('fd_classifier', math.nan):.2f}, accuracy {final.get('conditional_accuracy', math.nan):.3f}")
@@ -490,7 +491,9 @@ def raw_worker(spec: dict[str, Any]) -> None:
 
     final_path = Path(spec["run_dir"]) / FINAL_FILE
     record = json.loads(final_path.read_text())
-    pipe = ImagePipeline.from_checkpoint(spec["run_dir"], device=spec["device"], precision=spec["precision"], use_ema=False)
+    recorded = json.loads((Path(spec["run_dir"]) / "config.json").read_text())["train"]  # as the run trained
+    pipe = ImagePipeline.from_checkpoint(spec["run_dir"], device=recorded["device"], precision=recorded["precision"],
+                                         use_ema=False)
     evaluator = PeriodicEvaluator(pipe.cfg, load_dataset(pipe.cfg.data), device=pipe.device, dtype=pipe.dtype, log=_log)
     record["final_raw"] = evaluator(pipe.model)
     _write_json(final_path, record)
@@ -530,7 +533,7 @@ class Task:
     """A worker subprocess: ``spec`` is written to ``spec_path``; ``done`` exists once it finished."""
 
     name: str
-    kind: str  # "train" | "sampling"
+    kind: str  # "train" | "raw" | "sampling"
     spec: dict[str, Any]
     spec_path: Path
     done: Path
@@ -691,7 +694,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from ditkit.config import Config
     from ditkit.errors import ConfigError
     from ditkit.train.hooks import parse_duration
 
@@ -732,19 +734,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log(f"{dataset}: evaluation classifier ready in {time.time() - t0:.0f} s")
 
     codes = run_tasks(tasks, args.jobs, args.threads)
-    # the raw weights of runs finished before final.json recorded them
-    raw_tasks = []
-    for task in tasks:
-        run_dir = task.done.parent
-        record = json.loads(task.done.read_text()) if task.done.is_file() else {"final_raw": None}
-        if "final_raw" not in record and record.get("steps") is not None:  # finished, not diverged
-            cfg = Config.from_dict(task.spec["config"])
-            raw_tasks.append(Task(f"{task.name}/raw", "raw", {"kind": "raw", "run_dir": str(run_dir), "device": cfg.train.device,
-                                                             "precision": cfg.train.precision, "out": str(run_dir / "final_raw.json")},
-                                  out / "specs" / f"{task.name.replace('/', '-')}-raw.json", run_dir / "final_raw.json",
-                                  out / "logs" / f"{task.name.replace('/', '-')}-raw.log"))
-    codes.update(run_tasks(raw_tasks, args.jobs, args.threads))
     train_wall_s = time.time() - t_start
+    # the raw weights of finished runs (these datasets, the paper runs always) recorded before
+    # final.json held them; a diverged run has nothing to score
+    raw_tasks = []
+    for dataset in datasets:
+        for variant in dict.fromkeys(["paper", *variants]):
+            for seed in range(args.seeds):
+                run_dir, name = out / "runs" / dataset / variant / f"seed{seed}", f"{dataset}-{variant}-seed{seed}"
+                record = json.loads((run_dir / FINAL_FILE).read_text()) if (run_dir / FINAL_FILE).is_file() else {}
+                if record.get("steps") is not None and "final_raw" not in record:
+                    raw_tasks.append(Task(f"{dataset}/{variant}/seed{seed}/raw", "raw",
+                                          {"kind": "raw", "run_dir": str(run_dir), "out": str(run_dir / "final_raw.json")},
+                                          out / "specs" / f"{name}-raw.json", run_dir / "final_raw.json",
+                                          out / "logs" / f"{name}-raw.log"))
+    codes.update(run_tasks(raw_tasks, args.jobs, args.threads))
 
     # the sampling part, on the recommended run (seed 0) of each dataset
     sampling_specs: dict[str, list[Task]] = {}

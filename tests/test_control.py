@@ -168,9 +168,12 @@ def test_latent_trajectories_are_decoded_like_the_samples(pipe, tmp_path):
     cfg = copy.deepcopy(pipe.cfg)
     cfg.data.latent_channels, cfg.data.vae_downsample, cfg.data.vae = 4, 4, str(tmp_path / "vae")
     kwargs = dict(class_labels=[0, 3, 1], num_inference_steps=4, guidance_scale=2.0, seed=3, trajectory_points=3,
-                  batch_size=2)  # two batches: the recorder's rows stay in sample order
+                  batch_size=2)  # two batches: the recorder's rows stay in sample order (one batch: the same)
     with_vae = ImagePipeline(model, cfg)  # the recorded VAE
     vae, decoded = with_vae.vae, with_vae(**kwargs)
+    one_batch = with_vae(**{**kwargs, "batch_size": 3})  # each sample depends on its own seed only
+    torch.testing.assert_close(decoded.trajectory, one_batch.trajectory)
+    torch.testing.assert_close(decoded.trajectory_xt, one_batch.trajectory_xt)
     with_vae.vae = None  # the same model sampled in latent space
     latents = with_vae(**kwargs)
     assert latents.trajectory.shape == (3, 3, 4, 4, 4) and decoded.trajectory.shape == (3, 3, 3, 16, 16)

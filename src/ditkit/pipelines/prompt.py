@@ -401,9 +401,10 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
                     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
                     per_word.append((word, heat))
                 word_maps.append(per_word)
-        images = to_pil(tensors) if not (self.cfg.data.latent_channels and self.vae is None) else []
-        return PromptPipelineOutput(images, tensors, None, plan.seeds, metadata, [], prompts=expanded,
-                                    negative_prompts=expanded_neg, num_images_per_prompt=k, attention_maps=word_maps)
+        is_latent = bool(self.cfg.data.latent_channels) and self.vae is None  # undecoded, unclamped latents
+        return PromptPipelineOutput([] if is_latent else to_pil(tensors), tensors, None, plan.seeds, metadata, [],
+                                    is_latent=is_latent, prompts=expanded, negative_prompts=expanded_neg,
+                                    num_images_per_prompt=k, attention_maps=word_maps)
 
     # ---- ditkit sample ----------------------------------------------------------------------------
     @classmethod
