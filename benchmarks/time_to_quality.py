@@ -427,9 +427,8 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def train_worker(spec: dict[str, Any]) -> None:
     """One run: train to the budget (resuming a checkpoint a Ctrl-C left, restarting a run killed
-    before any), score the final EMA weights with the in-training protocol (and the raw weights,
-    ``final_raw``: what the options do to the network itself, whatever the EMA hides), write
-    ``final.json``."""
+    before any), score the final EMA weights with the in-training protocol, write ``final.json``
+    (its raw weights are scored after, by ``raw_worker``)."""
     from ditkit.config import Config
     from ditkit.data import load_dataset
     from ditkit.eval.model_eval import PeriodicEvaluator
@@ -474,17 +473,15 @@ def train_worker(spec: dict[str, Any]) -> None:
         "final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
     }
-    _write_json(run_dir / FINAL_FILE, record)  # the EMA result kept even if scoring the raw weights fails
-    record["final_raw"] = evaluator(ImagePipeline.from_checkpoint(result.run_dir, device=cfg.train.device,
-                                                                  precision=cfg.train.precision, use_ema=False).model)
     _write_json(run_dir / FINAL_FILE, record)
     _log(f"{spec['dataset']}/{spec['variant']}/seed{spec['seed']}: {result.step} steps in {result.train_s:.0f} s, "
          f"final FD {final.get('fd_classifier', math.nan):.2f}, accuracy {final.get('conditional_accuracy', math.nan):.3f}")
 
 
 def raw_worker(spec: dict[str, Any]) -> None:
-    """Add ``final_raw`` to a finished run's ``final.json`` (runs from before it was recorded): the
-    final checkpoint's raw weights scored with the in-training protocol; ``spec["out"]`` marks it done."""
+    """Add ``final_raw`` to a finished run's ``final.json``: the final checkpoint's raw weights scored
+    with the in-training protocol (what an option does to the network itself, whatever a slow EMA
+    hides); ``spec["out"]`` marks it done."""
     from ditkit.data import load_dataset
     from ditkit.eval.model_eval import PeriodicEvaluator
     from ditkit.pipelines.image import ImagePipeline
@@ -735,8 +732,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     codes = run_tasks(tasks, args.jobs, args.threads)
     train_wall_s = time.time() - t_start
-    # the raw weights of finished runs (these datasets, the paper runs always) recorded before
-    # final.json held them; a diverged run has nothing to score
+    # the raw weights of every finished run of these datasets (the paper runs always) not scored
+    # yet; a diverged run has nothing to score
     raw_tasks = []
     for dataset in datasets:
         for variant in dict.fromkeys(["paper", *variants]):

@@ -143,11 +143,17 @@ class TrajectoryRecorder:
 
         return callback
 
-    def stack(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def stack(self, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+              ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``decode`` (e.g. a VAE: latents (M, ...) -> pixels (M, ...)) maps every recorded state, as
+        the samples were mapped."""
         if not self.batches:
             return None, None
-        return (torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in self.batches]),
-                torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in self.batches]))
+        stacked = (torch.cat([torch.stack([x0 for x0, _ in batch], 1) for batch in self.batches]),
+                   torch.cat([torch.stack([xt for _, xt in batch], 1) for batch in self.batches]))
+        if decode is None:
+            return stacked
+        return tuple(decode(z.flatten(0, 1)).cpu().unflatten(0, z.shape[:2]) for z in stacked)  # type: ignore[return-value]
 
 
 class BatchHook:

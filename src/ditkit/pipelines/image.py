@@ -371,13 +371,11 @@ class ImagePipeline(LatentDecoding, DenoisingPipeline):
                                       scale=scale, spacing=spacing, options=options, batch_size=batch_size,
                                       guide_channels=guide_channels, callback=recorder.callback(progress),
                                       finish=finish, hooks=hooks, draw=draw)
-        trajectory, xt = recorder.stack()  # (N, K, C, h, w)
+        # (N, K, C, H, W); latents through the VAE as the samples (its pixels come back in [-1, 1])
+        trajectory, xt = recorder.stack(finish)
         extras = {}
-        if trajectory is not None:
-            if latent and self.vae is not None:  # latents -> pixels through the VAE, as the samples
-                trajectory, xt = (finish(z.flatten(0, 1)).cpu().view(*z.shape[:2], *tensors.shape[1:])  # type: ignore[misc]
-                                  for z in (trajectory, xt))
-            extras["xt"] = xt.clamp(-1, 1) if not latent or self.vae is not None else xt  # pixels shown in [-1, 1]
+        if xt is not None:
+            extras["xt"] = xt
         if maps is not None and maps.maps:
             extras["guidance"] = torch.cat(maps.maps)
         return tensors, trajectory, traj_idx, extras

@@ -242,12 +242,10 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
         if self.vae is not None:
             metadata["vae"] = str(self.vae.path)
-        trajectory, trajectory_xt = recorder.stack()  # (N, K, C, F, H, W)
+        # (N, K, C, F, H, W); latent clips through the VAE, as the samples
+        trajectory, trajectory_xt = recorder.stack(self.decode_clips if d.latent_channels else None)
         if trajectory is not None:
             metadata["trajectory_steps"] = " ".join(map(str, plan.trajectory_steps))
-            if d.latent_channels:  # latents (N, K, c, F, h, w) -> pixel clips through the VAE, as the samples
-                trajectory, trajectory_xt = (self.decode_clips(z.flatten(0, 1)).view(*z.shape[:2], -1, *clips.shape[2:])
-                                             for z in (trajectory, trajectory_xt))
         pil = [to_pil(clip.transpose(0, 1)) for clip in clips]  # (C, F, H, W) -> F images
         return VideoPipelineOutput(clips, pil, plan.labels, plan.seeds, metadata, list(self.class_names), float(fps),
                                    trajectory, trajectory_xt, plan.trajectory_steps)
