@@ -3,6 +3,7 @@ and resumes bitwise exactly, a checkpoint alone rebuilds the model and its token
 draws from prompts (negative prompts, several images per prompt, seeds, attention maps), and
 ``ditkit sample --prompt`` writes grids and PNG metadata; bad input is one-line errors."""
 
+import json
 import shutil
 import warnings
 
@@ -13,7 +14,7 @@ from PIL import Image
 import ditkit
 from ditkit.cli import main
 from ditkit.config import ConfigError
-from ditkit.data.captions import ByteCaptionTokenizer, caption_tokenizer
+from ditkit.data.captions import ByteCaptionTokenizer, CaptionTokenizer, caption_tokenizer
 from ditkit.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
 from ditkit.pipelines.prompt import PromptPipeline
 from ditkit.recipes import get_recipe
@@ -86,6 +87,7 @@ def test_checkpoint_alone_rebuilds_the_text_to_image_pipeline(tmp_path, run_dir)
     pipe = ditkit.load(alone, device="cpu")
     assert isinstance(pipe, PromptPipeline) and pipe.max_prompt_tokens == 31
     assert pipe.tokenizer.vocab_size == 38 <= pipe.model.text_encoder.vocab_size == 259  # the grammar's words
+    # a folder run from before fitted vocabularies (no caption_vocab_size recorded) trained on bytes
     assert isinstance(caption_tokenizer(type("D", (), {"dataset": "my/folder", "max_caption_length": 8})()), ByteCaptionTokenizer)
 
 
@@ -213,23 +215,76 @@ def test_cli_train_recipe_with_a_step_limit(tmp_path):
                  "--results-dir", str(tmp_path), "--run-name", "bad"]) == 2
 
 
-def test_captioned_folder_trains_with_the_byte_tokenizer_and_samples(tmp_path):
+def _caption_folder(tmp_path):
     folder = tmp_path / "pics"
     folder.mkdir()
     for i, (colour, caption) in enumerate([((220, 30, 30), "a red card"), ((30, 30, 220), "ein blaues Bild ü")] * 4):
         Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption + "\n", encoding="utf-8")
-    (folder / "7.txt").write_bytes(b"\xff\xfe broken")  # not UTF-8: counted, then refused as uncaptioned
+    return folder
+
+
+def _folder_cfg(tmp_path, folder, name, **data):
     cfg = get_recipe("shapes_captions")
     cfg.data.dataset, cfg.data.captioned, cfg.data.image_size = str(folder), True, 16
-    cfg.run.results_dir, cfg.run.run_name, cfg.run.tensorboard = str(tmp_path), "folder", False
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    cfg.run.results_dir, cfg.run.run_name, cfg.run.tensorboard = str(tmp_path), name, False
     cfg.train.global_batch_size, cfg.train.max_steps, cfg.train.time_budget = 4, 2, None
+    return cfg
+
+
+def test_captioned_folder_trains_with_a_fitted_word_vocabulary_and_samples(tmp_path):
+    folder = _caption_folder(tmp_path)
+    (folder / "7.txt").write_bytes(b"\xff\xfe broken")  # not UTF-8: counted, then refused as uncaptioned
+    cfg = _folder_cfg(tmp_path, folder, "folder")
     with pytest.raises(ConfigError, match="allow-uncaptioned"):
         loop.train(cfg, log=lambda m: None)
     cfg.data.allow_uncaptioned = True
     with pytest.warns(UserWarning, match="1 not utf8"):
         run = loop.train(cfg, log=lambda m: None).run_dir
     pipe = ditkit.load(run, device="cpu")
-    assert isinstance(pipe.tokenizer, ByteCaptionTokenizer) and pipe.max_prompt_tokens == 31
+    # [PAD] [UNK] [BOS] + the seven words of the captions, lower-cased; the encoder has exactly those rows
+    words = {"a", "red", "card", "ein", "blaues", "bild", "ü"}
+    assert isinstance(pipe.tokenizer, CaptionTokenizer) and set(pipe.tokenizer.hf.get_vocab()) - {"[PAD]", "[UNK]", "[BOS]"} == words
+    assert pipe.cfg.data.caption_vocab_size == 10 == pipe.model.text_encoder.vocab_size and pipe.max_prompt_tokens == 31
+    assert json.loads((run / "text_tokenizer.json").read_text(encoding="utf-8"))["kind"] == "caption_word"
     out = pipe("ein blaues Bild ü", num_inference_steps=2, attention_maps=True)
     assert out.tensors.shape == (1, 3, 16, 16) and [w for w, _ in out.attention_maps[0]] == ["ein", "blaues", "Bild", "ü"]
+    with pytest.warns(UserWarning, match=r"never saw in training, read as \[UNK\]: Green, car \(its vocabulary: 7 words\)"):
+        out = pipe("a Green car", num_inference_steps=1, attention_maps=True)
+    assert [w for w, _ in out.attention_maps[0]] == ["a", "Green", "car"]  # unknown words under their own names
+    alone = tmp_path / "alone"  # a checkpoint folder without its tokenizer cannot guess a fitted vocabulary
+    shutil.copytree(sorted((run / "checkpoints").iterdir())[-1], alone)
+    (alone / "text_tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="text_tokenizer.json"):
+        ditkit.load(alone, device="cpu")
+
+
+def test_captioned_folder_trains_with_the_byte_tokenizer_when_asked(tmp_path):
+    cfg = _folder_cfg(tmp_path, _caption_folder(tmp_path), "bytes", caption_tokenizer="bytes")
+    run = loop.train(cfg, log=lambda m: None).run_dir
+    pipe = ditkit.load(run, device="cpu")
+    assert isinstance(pipe.tokenizer, ByteCaptionTokenizer) and pipe.max_prompt_tokens == 31
+    assert pipe.cfg.data.caption_vocab_size is None and pipe.model.text_encoder.vocab_size == 259
+    out = pipe("ein blaues Bild ü", num_inference_steps=2, attention_maps=True)
+    assert [w for w, _ in out.attention_maps[0]] == ["ein", "blaues", "Bild", "ü"]
+    cfg = _folder_cfg(tmp_path, tmp_path / "pics", "bpe", caption_tokenizer="bpe")
+    with pytest.raises(ConfigError, match="data.caption_tokenizer='bpe': use auto, words, bytes"):
+        loop.train(cfg, log=lambda m: None)
+
+
+def test_a_resumed_folder_run_keeps_its_fitted_vocabulary(tmp_path, monkeypatch):
+    folder = _caption_folder(tmp_path)
+    whole = loop.train(_folder_cfg(tmp_path, folder, "whole"), log=lambda m: None)
+    halves = loop.train(_folder_cfg(tmp_path, folder, "halves"), stop_at_step=1, log=lambda m: None)
+
+    def refit(*args, **kwargs):
+        raise AssertionError("a resumed run must read its text_tokenizer.json, not fit a new vocabulary")
+
+    monkeypatch.setattr(CaptionTokenizer, "fit", refit)
+    resumed = loop.train(_folder_cfg(tmp_path, folder, "halves"), resume=halves.run_dir, log=lambda m: None)
+    assert halves.step == 1 and resumed.step == 2
+    (ref, ref_ema), (got, got_ema) = _weights(whole.run_dir), _weights(halves.run_dir)
+    for key in ref:  # bitwise the uninterrupted run
+        assert torch.equal(ref[key], got[key]) and torch.equal(ref_ema[key], got_ema[key]), key

@@ -184,6 +184,11 @@ class DataConfig:
     captioned: bool = False  # a folder of captioned images (sidecar .txt or metadata.jsonl), not class folders
     caption_dropout: float = 0.1  # training captions dropped to the empty prompt (classifier-free guidance)
     max_caption_length: int = 32  # tokens per caption, [BOS] included; longer ones are truncated with a warning
+    # the jointly trained encoder's tokenizer (ditkit.data.captions.caption_tokenizer): "auto" (the
+    # grammar's words for shapes_captions, else "words"), "words" (a word-level vocabulary fitted on the
+    # training captions by Hugging Face tokenizers, saved beside every checkpoint) or "bytes" (UTF-8)
+    caption_tokenizer: str = "auto"
+    caption_vocab_size: Optional[int] = None  # set by training: ids of a fitted caption vocabulary
     allow_uncaptioned: bool = False  # train images without a caption with the empty prompt
     # --text-encoder PATH: a frozen pretrained encoder (local Hugging Face / sentence-transformers folder)
     # instead of the jointly trained one; training records its weights' hash and state width

@@ -1,10 +1,10 @@
 """Constructor arguments of the text-to-image network (``models/prompt_dit.py``) from a config.
 
-The caption tokenizer is a function of the data section (``ditkit.data.captions.caption_tokenizer``:
-the grammar's words for ``shapes_captions``, UTF-8 bytes for a captioned folder), so the config alone
-rebuilds the network and its tokenizer: a checkpoint needs no other file. Both tokenizers use
-``[PAD]`` 0 and ``[BOS]`` 2 and fit in the encoder's ``PROMPT_VOCAB_SIZE`` (259) ids, so the network
-is built without reading the data.
+The caption tokenizer is chosen by the data section (``data.caption_tokenizer``,
+``ditkit.data.captions.caption_tokenizer``): the grammar's words for ``shapes_captions`` and UTF-8
+bytes fit in the encoder's ``PROMPT_VOCAB_SIZE`` (259) ids; a word vocabulary fitted on the training
+captions has the ``data.caption_vocab_size`` ids training recorded (the tokenizer itself is saved
+beside every checkpoint as ``text_tokenizer.json``). All use ``[PAD]`` 0 and ``[BOS]`` 2.
 
 With a frozen pretrained encoder (``data.text_encoder``, ``--text-encoder PATH``) the network holds no
 text encoder: the DiT's caption projection takes ``data.text_encoder_dim`` channels (recorded by
@@ -56,13 +56,16 @@ def caption_kwargs(cfg: Config) -> dict[str, Any]:
     """The caption side of every prompt model (``PromptDiT``: images and video): the joint encoder's
     vocabulary, ``data.max_caption_length`` and ``data.caption_dropout``, or with a frozen encoder
     (``data.text_encoder``) no encoder and its states' width. ConfigError for a dropout outside
-    [0, 1] or a caption limit under 2 tokens."""
+    [0, 1], a caption limit under 2 tokens or an unknown ``data.caption_tokenizer``."""
+    from ditkit.data.captions import caption_tokenizer_kind
+
     d = cfg.data
+    caption_tokenizer_kind(d)  # refuses an unknown kind before any data is read
     if not 0.0 <= d.caption_dropout <= 1.0:
         raise ConfigError(f"data.caption_dropout={d.caption_dropout}: use a probability in [0, 1] (default 0.1)")
     if d.max_caption_length < 2:
         raise ConfigError(f"data.max_caption_length={d.max_caption_length}: needs at least 2 ([BOS] and one word)")
-    kwargs: dict[str, Any] = dict(vocab_size=PROMPT_VOCAB_SIZE, max_caption_length=d.max_caption_length,
+    kwargs: dict[str, Any] = dict(vocab_size=d.caption_vocab_size or PROMPT_VOCAB_SIZE, max_caption_length=d.max_caption_length,
                                   caption_dropout=d.caption_dropout)
     if getattr(d, "text_encoder", None):  # a frozen encoder outside the model: the backbone reads its states
         kwargs.update(text_encoder=None, caption_channels=d.text_encoder_dim or _folder_width(d.text_encoder))

@@ -10,6 +10,7 @@ batches them the same way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ditkit.config import DataConfig
 from ditkit.data.builtin import SHAPE_CLASSES, load_digits, load_mnist_subset, make_shapes
@@ -52,8 +53,9 @@ __all__ = [
 ]
 
 
-def load_dataset(cfg: DataConfig) -> ImageDataset:
-    """Load ``cfg.dataset`` (built-in name, image folder or array file) as configured.
+def load_dataset(cfg: DataConfig, caption_tokenizer: Any = None) -> ImageDataset:
+    """Load ``cfg.dataset`` (built-in name, image folder or array file) as configured;
+    ``caption_tokenizer``: a resumed prompt run's own (else fitted or chosen from the config).
 
     Returns images ``(N, C, image_size, image_size)`` uint8. ``cfg.num_classes`` 0 drops the
     labels (unconditional); a positive value must cover every label in the data.
@@ -62,7 +64,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     if name == "shapes_captions" or getattr(cfg, "captioned", False):  # prompt models: (image, caption ids) pairs
         from ditkit.data.captions import load_caption_training_set
 
-        return load_caption_training_set(cfg)  # type: ignore[return-value]
+        return load_caption_training_set(cfg, caption_tokenizer)  # type: ignore[return-value]
     from ditkit.data.audio import is_audio_source, load_audio_dataset  # librosa only when audio is asked for
 
     if is_audio_source(name):  # log-mels (N, n_mels, T) uint8 for the audio DiT (ditkit.data.audio)

@@ -12,8 +12,10 @@ per step; ``[""]``, the empty prompt, for an uncaptioned image admitted with ``a
 * ``load_captioned_folder``: ``image.png`` + ``image.txt`` sidecars (one caption per non-empty line),
   or ``metadata.jsonl`` with ``file_name`` and ``text`` (Hugging Face ImageFolder); problems are
   counted in ``CaptionDataset.stats`` and reported in one warning.
-* ``CaptionTokenizer``: word-level tokenizer (``tokenizers`` library) fitted on the captions, for
-  ``ditkit.models.text_encoder.TextEncoder``.
+* ``caption_tokenizer``: the jointly trained ``ditkit.models.text_encoder.TextEncoder``'s tokenizer
+  (``data.caption_tokenizer``): ``CaptionTokenizer``, a word-level vocabulary (``tokenizers``
+  library) fitted on the training captions (or the grammar's words for ``shapes_captions``), or
+  ``ByteCaptionTokenizer`` (UTF-8 bytes).
 * ``FrozenEncoder``: a Hugging Face / sentence-transformers folder on disk (never a hub download);
   ``load_caption_states`` caches its outputs per unique caption on disk (keyed by its weights' hash
   and the max length; under torchrun each rank encodes its shard), ``frozen_caption_pairs`` makes the
@@ -70,6 +72,9 @@ __all__ = [
     "CaptionTrainingSet",
     "caption_pairs",
     "caption_tokenizer",
+    "caption_tokenizer_kind",
+    "CAPTION_TOKENIZERS",
+    "MAX_CAPTION_WORDS",
     "load_caption_training_set",
     "shapes_captions_vocabulary",
     "word_spans",
@@ -471,6 +476,11 @@ class CaptionTokenizer:
             warnings.warn(f"{message}; truncated: {caption[:60]!r}", stacklevel=2)
             ids = ids[: self.max_length]
         return ids
+
+    def unknown_words(self, caption: str) -> list[str]:
+        """The words of ``caption`` outside the vocabulary (each read as ``[UNK]``), as written."""
+        enc = self.hf.encode(caption, add_special_tokens=False)
+        return [caption[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
 
     def __call__(self, captions: Sequence[str], strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch: input_ids (B, L) int64 padded with ``[PAD]`` to the longest, and
@@ -923,12 +933,29 @@ def frozen_caption_pairs(data: CaptionDataset, cfg_data: Any, max_items: Optiona
     return training
 
 
-# ---- tokenizers that a config alone rebuilds, and the training set of caption token ids ------------
+# ---- the joint encoder's tokenizers, and the training set of caption token ids -----------------------
 #
-# The trainer builds the network from the config before it sees the data, and a checkpoint's
-# config.json must rebuild the tokenizer for sampling. So the joint-encoder tokenizer is a function of
-# the config: the word vocabulary of the built-in grammar for ``shapes_captions``, UTF-8 bytes for a
-# captioned folder (no fitted vocabulary to store; ByT5, Xue et al. 2022, trains on bytes too).
+# The trainer builds the network after it has seen the data, and every checkpoint holds the tokenizer
+# it trained with (``text_tokenizer.json`` beside config.json), so a fitted vocabulary travels with the
+# weights. ``data.caption_tokenizer`` picks the kind: the built-in grammar's fixed word list for
+# ``shapes_captions``, a word-level vocabulary fitted on the training captions for everything else
+# (captioned folders of images or clips, the moving-digits captions), or UTF-8 bytes (ByT5, Xue et
+# al. 2022, trains on bytes too: no vocabulary, every script, longer sequences).
+
+CAPTION_TOKENIZERS = ("auto", "words", "bytes")
+MAX_CAPTION_WORDS = 8192  # ids of a fitted vocabulary at most (specials included); rarer words read as [UNK]
+
+
+def caption_tokenizer_kind(data: Any) -> str:
+    """``"grammar"``, ``"words"`` or ``"bytes"``: what ``data.caption_tokenizer`` (duck-typed, default
+    ``"auto"``) means for this data. ``"auto"`` is the grammar for ``shapes_captions`` and a fitted
+    vocabulary otherwise. ConfigError for an unknown kind."""
+    kind = getattr(data, "caption_tokenizer", "auto") or "auto"
+    if kind not in CAPTION_TOKENIZERS:
+        raise ConfigError(f"data.caption_tokenizer={kind!r}: use {', '.join(CAPTION_TOKENIZERS)}")
+    if kind != "auto":
+        return kind
+    return "grammar" if getattr(data, "dataset", None) == "shapes_captions" else "words"
 
 
 def _words(text: str) -> list[str]:
@@ -1006,13 +1033,27 @@ def caption_tokenizer_from_dict(spec: dict[str, Any]) -> "CaptionTokenizer | Byt
     return CaptionTokenizer.from_dict(spec)
 
 
-def caption_tokenizer(data: Any) -> "CaptionTokenizer | ByteCaptionTokenizer":
-    """The joint text encoder's tokenizer of a data config (read duck-typed: ``dataset``,
-    ``max_caption_length``): the grammar's words for ``shapes_captions``, else UTF-8 bytes."""
+def caption_tokenizer(data: Any, captions: Optional[Sequence[str]] = None) -> "CaptionTokenizer | ByteCaptionTokenizer":
+    """The joint text encoder's tokenizer for a data config (read duck-typed: ``dataset``,
+    ``caption_tokenizer``, ``caption_vocab_size``, ``max_caption_length``; ``caption_tokenizer_kind``):
+    the grammar's words for ``shapes_captions``, UTF-8 bytes, or a word-level vocabulary fitted on
+    ``captions`` (the training captions; at most ``MAX_CAPTION_WORDS`` ids, the most frequent words).
+
+    Without ``captions`` (rebuilding a run that lost its ``text_tokenizer.json``) a fitted vocabulary
+    cannot be recovered: ConfigError, unless the run recorded no vocabulary size (``"auto"`` runs from
+    before fitted vocabularies: bytes, what they trained with)."""
     max_length = int(getattr(data, "max_caption_length", 32) or 32)
-    if getattr(data, "dataset", None) == "shapes_captions":  # 38 ids: within the encoder's 259 (models/prompt_dit.py)
+    kind = caption_tokenizer_kind(data)
+    if kind == "grammar":  # 38 ids: within the encoder's 259 (models/prompt_dit.py)
         return _caption_tokenizer_from_words(shapes_captions_vocabulary(), max_length)
-    return ByteCaptionTokenizer(max_length)
+    if kind == "words" and captions is None:
+        if getattr(data, "caption_tokenizer", "auto") == "auto" and getattr(data, "caption_vocab_size", None) is None:
+            return ByteCaptionTokenizer(max_length)
+        raise ConfigError("this run's caption vocabulary was fitted on its training captions and its text_tokenizer.json "
+                          "(beside config.json) is missing: copy it back from the run folder")
+    if kind == "bytes":
+        return ByteCaptionTokenizer(max_length)
+    return CaptionTokenizer.fit(captions, max_length=max_length, vocab_size=MAX_CAPTION_WORDS)  # type: ignore[arg-type]
 
 
 def word_spans(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
@@ -1026,8 +1067,9 @@ def word_spans(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
             spans.append((word, list(range(pos, min(pos + n, tokenizer.max_length)))))
             pos += n + 1  # the space
         return [(w, p) for w, p in spans if p]
-    ids = tokenizer.encode(prompt)
-    return [(tokenizer.hf.id_to_token(int(i)), [k]) for k, i in enumerate(ids) if k > 0]
+    # the prompt's own words (case kept; an unknown word under its name, not "[UNK]"), from the offsets
+    offsets = tokenizer.hf.encode(prompt, add_special_tokens=False).offsets[: tokenizer.max_length - 1]
+    return [(prompt[a:b], [k + 1]) for k, (a, b) in enumerate(offsets)]
 
 
 @dataclass
@@ -1097,11 +1139,13 @@ def caption_pairs(data: CaptionDataset, tokenizer: Any, max_items: Optional[int]
     return CaptionTrainingSet(data.images[index].contiguous(), ids, texts, data.source, data, tokenizer)
 
 
-def load_caption_training_set(data: Any) -> CaptionTrainingSet:
+def load_caption_training_set(data: Any, tokenizer: Any = None) -> CaptionTrainingSet:
     """The training set of a prompt model's data config (duck-typed ``DataConfig``): the built-in
     ``shapes_captions`` (``num_items`` scenes of the train split, seed 0) or a captioned folder,
     tokenized for the joint encoder, or with ``data.text_encoder`` indexing a frozen encoder's cached
-    states (``frozen_caption_pairs``)."""
+    states (``frozen_caption_pairs``). The joint encoder's tokenizer is ``tokenizer`` when given (a
+    resumed run's own) or ``caption_tokenizer(data, captions)``; a fitted vocabulary records its size
+    (``data_fields["caption_vocab_size"]``: the embedding rows of the encoder)."""
     if getattr(data, "text_encoder", None):
         text_encoder_folder(data.text_encoder)  # a bad --text-encoder fails before the images load
     from ditkit.data.video import captioned_clips, is_video_source
@@ -1115,4 +1159,10 @@ def load_caption_training_set(data: Any) -> CaptionTrainingSet:
                                        allow_uncaptioned=bool(getattr(data, "allow_uncaptioned", False)))
     if getattr(data, "text_encoder", None):
         return frozen_caption_pairs(scenes, data, data.max_items)
-    return caption_pairs(scenes, caption_tokenizer(data), data.max_items)
+    if tokenizer is None:
+        keep = len(scenes) if data.max_items is None else min(len(scenes), data.max_items)
+        tokenizer = caption_tokenizer(data, [c for i in range(keep) for c in scenes.captions[i]])
+    pairs = caption_pairs(scenes, tokenizer, data.max_items)
+    if caption_tokenizer_kind(data) == "words" and isinstance(tokenizer, CaptionTokenizer):
+        pairs.data_fields["caption_vocab_size"] = int(tokenizer.vocab_size)
+    return pairs

@@ -74,8 +74,8 @@ def write_training_samples(
 ) -> Path:
     """The training loop's sample hook: the pipeline of ``cfg``'s modality on the model in memory
     (EMA weights) writes its samples at ``path_stem`` + its suffix (a PNG grid, a .txt, ...) and
-    returns the path. ``extras``: ``vae`` (latent image runs), ``tokenizer`` (text runs); None
-    values are dropped. Leaves the training RNGs untouched."""
+    returns the path. ``extras``: ``vae`` (latent image runs), ``tokenizer`` (text runs, and prompt
+    runs' caption tokenizer); None values are dropped. Leaves the training RNGs untouched."""
     given = {k: v for k, v in extras.items() if v is not None}
     pipe = pipeline_class(cfg)(model, cfg, weights="ema (training)", device=device, dtype=dtype, **given)
     return pipe.write_training_samples(path_stem)

@@ -156,7 +156,7 @@ class PromptConditioning:
     guidance check against the empty caption."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, *, text_encoder: Optional[str | Path | Any] = None,
-                 **kwargs: Any) -> None:
+                 tokenizer: Optional[Any] = None, **kwargs: Any) -> None:
         super().__init__(model, cfg, **kwargs)
         self.encoder: Any = None  # a frozen pretrained encoder (FrozenEncoder), or None: the model's own
         if cfg.data.text_encoder:
@@ -164,7 +164,7 @@ class PromptConditioning:
                 cfg, text_encoder, self.device)
             self.tokenizer = FrozenPromptTokenizer(self.encoder)
             return
-        self.tokenizer = self._joint_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else self._joint_tokenizer()  # given: the training loop's
         vocab = self.model.text_encoder.vocab_size
         if self.tokenizer.vocab_size > vocab or self.tokenizer.pad_id != self.model.pad_id:
             raise ConfigError(f"the caption tokenizer ({self.tokenizer.vocab_size} ids) does not fit the model's text "
@@ -205,7 +205,8 @@ class PromptConditioning:
     def encode_prompts(self, prompts: Sequence[str], strict: bool = False, what: str = "prompt") -> Any:
         """Token ids (B, L) int64 on the pipeline's device, or with a frozen encoder its
         ``PromptCondition`` (states (B, L, D)). ConfigError for a non-string or empty prompt;
-        over-long prompts are truncated with a warning naming the limit (ConfigError with ``strict``)."""
+        over-long prompts are truncated with a warning naming the limit (ConfigError with ``strict``);
+        words outside a word vocabulary are read as ``[UNK]`` with a warning naming them."""
         for p in prompts:
             if not isinstance(p, str):
                 raise ConfigError(f"{what} {p!r} is not a string")
@@ -221,6 +222,12 @@ class PromptConditioning:
             ids, _ = self.tokenizer(list(prompts), strict=strict)
         except ConfigError as err:
             raise ConfigError(f"{what}: {err}") from None
+        unknown_words = getattr(self.tokenizer, "unknown_words", None)  # word vocabularies only
+        unknown = sorted({w for p in prompts for w in unknown_words(p)}) if unknown_words is not None else []
+        if unknown:
+            warnings.warn(f"{what} word(s) this model's text encoder never saw in training, read as [UNK]: "
+                          f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} "
+                          f"(its vocabulary: {self.tokenizer.vocab_size - 3} words)", stacklevel=3)
         return ids.to(self.device)
 
     def check_prompt_guidance(self, scale: float, allow_untrained_uncond: bool) -> None:

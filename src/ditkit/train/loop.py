@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -87,7 +88,7 @@ __all__ = [
 RESUMABLE_SECTIONS = ("train", "run", "sample")
 # data fields training fills in from the data: not given (None) means "take the checkpoint's"
 _DATA_FROM_TRAINING = ("channels", "num_classes", "vocab_size", "latent_channels", "vae_downsample", "class_names",
-                       "text_encoder_sha256", "text_encoder_dim")
+                       "text_encoder_sha256", "text_encoder_dim", "caption_vocab_size")
 COMPILE_AUTO_MIN_STEPS = 5_000
 
 
@@ -213,19 +214,21 @@ def _check_resume_config(cfg: Config, saved: Config, ckpt: Path) -> None:
 
 def _load_data(cfg: Config, ckpt_in: Optional[Path]) -> Any:
     """The configured dataset: an ``ImageDataset`` or, for text, a ``TextTrainingSet`` (a resumed
-    run keeps its checkpoint's tokenizer)."""
-    if cfg.modality != "text":
-        return load_dataset(cfg.data)
-    from ditkit.data.text_loader import load_text_data
+    run keeps its checkpoint's tokenizer, a prompt model's caption tokenizer too)."""
     from ditkit.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 
-    tokenizer = None
-    if ckpt_in is not None:
-        where = [d for d in (ckpt_in, ckpt_in.parent.parent) if (d / TOKENIZER_FILE).is_file()]
+    where = [d for d in (ckpt_in, ckpt_in.parent.parent) if (d / TOKENIZER_FILE).is_file()] if ckpt_in is not None else []
+    if cfg.modality != "text":
         if not where:
-            raise ConfigError(f"{ckpt_in} holds no {TOKENIZER_FILE}: it was not trained on text by ditkit")
-        tokenizer = load_tokenizer(where[0])
-    return load_text_data(cfg.data, tokenizer)
+            return load_dataset(cfg.data)
+        from ditkit.data.captions import caption_tokenizer_from_dict
+
+        return load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
+    from ditkit.data.text_loader import load_text_data
+
+    if ckpt_in is not None and not where:
+        raise ConfigError(f"{ckpt_in} holds no {TOKENIZER_FILE}: it was not trained on text by ditkit")
+    return load_text_data(cfg.data, load_tokenizer(where[0]) if where else None)
 
 
 def _resolve_data(cfg: Config, dataset: Any) -> Config:
@@ -505,7 +508,7 @@ def _hooks(run: Run, state: TrainState, dataset: Any, vae: Any, stop_at_step: Op
     return [
         *([UnmaskHook(objective, run.cfg.objective.unmask_fraction, state, run)] if unmask else []),
         LogHook(logger, t.log_every),
-        SampleGridHook(t.sample_every, vae=vae, tokenizer=tokenizer, logger=logger),
+        SampleGridHook(t.sample_every, vae=vae, tokenizer=saved_tokenizer, logger=logger),
         EvalHook(t.eval_every, evaluator, logger, t.keep_best),
         StopHook(stop_at_step),
         CheckpointHook(t.ckpt_every, checkpoint_saver(run, lambda: extra, saved_tokenizer), t.keep_last),
