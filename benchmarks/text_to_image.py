@@ -3,6 +3,7 @@
 draw a combination it never saw).
 
     OMP_NUM_THREADS=1 python benchmarks/text_to_image.py --budget 180s --num-prompts 100
+    python benchmarks/text_to_image.py --budget 10m --seeds 2 --jobs 2 --curve-every 1000   # curves, medians
 
 Each variant trains for the same ``--budget`` of training seconds on the same data (the
 ``shapes_captions`` recipe: 4,096 train-split scenes, batch 64, same optimiser), then draws one
@@ -10,15 +11,31 @@ image per evaluation prompt with the same sampler, steps and guidance, and the a
 (``ditkit.eval.attributes``) scores them: per-prompt success in-distribution and on held-out
 combinations, per-axis accuracy, FD (judge features), images/s at sampling. The class baseline
 gets a class only for captions it trained on; an evaluation prompt without one counts as a
-failure (it cannot be drawn). Results: ``--out-dir/results.json`` and a table on stdout.
+failure (it cannot be drawn).
+
+Every (variant, seed) run is one subprocess with ``--threads`` torch threads, ``--jobs`` at a time;
+a run whose ``result.json`` exists is skipped, so an interrupted benchmark continues. With
+``--curve-every N`` a checkpoint is kept every N steps and each is scored the same way after
+training (the training seconds of a point are those its checkpoint recorded), giving the curves.
+Results: ``--out-dir/results.json`` (every run, its curve and the medians over seeds), the table
+of medians on stdout and in ``table.md``, ``curves.png`` (in-distribution success and FD against
+training seconds) and ``grid_<variant>.png`` (seed 0's last checkpoint: four evaluation prompts,
+one row each).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,30 +43,48 @@ import torch
 from ditkit.data.captions import shapes_captions
 from ditkit.data.images import ImageDataset
 from ditkit.eval.attributes import FD_NAME, _fd, eval_scenes, evaluate_text_to_image, load_or_train_judge, score_images
+from ditkit.media import make_grid, save_png
 from ditkit.pipelines import load
 from ditkit.recipes import get_recipe
 from ditkit.train.loop import train
 
 
-def train_prompt_model(model: str, budget: str, out: Path) -> Path:
+MODELS = {"cross": "T2I-CrossDiT-T/4", "mmdit": "T2I-MMDiT-T/4", "class": "DiT-T/4"}
+GRID_PROMPTS = 4  # rows of grid_<variant>.png: the first in-distribution evaluation prompts
+
+
+def _set_run(cfg: Any, budget: str, out: Path, name: str, seed: int, curve_every: int) -> None:
+    cfg.train.time_budget, cfg.train.seed = budget, seed
+    if curve_every:  # keep every checkpoint: each is a point of the curve
+        cfg.train.ckpt_every, cfg.train.keep_last = curve_every, 1_000_000
+    cfg.run.results_dir, cfg.run.run_name, cfg.run.tensorboard = str(out), name, False
+
+
+def train_prompt_model(model: str, budget: str, out: Path, name: str | None = None, seed: int = 0,
+                       curve_every: int = 0) -> Path:
     cfg = get_recipe("shapes_captions")
-    cfg.model.name, cfg.train.time_budget = model, budget
-    cfg.run.results_dir, cfg.run.run_name, cfg.run.tensorboard = str(out), model.replace("/", "-"), False
+    cfg.model.name = model
+    _set_run(cfg, budget, out, name or model.replace("/", "-"), seed, curve_every)
     return train(cfg, log=lambda m: print(m, flush=True)).run_dir
 
 
-def train_class_model(budget: str, out: Path) -> tuple[Path, dict[str, int]]:
-    """DiT-T/4 with one class per distinct training caption (the canonical one of each scene)."""
+def caption_classes() -> tuple[Any, dict[str, int]]:
+    """The training scenes and one class per distinct training caption (the canonical one of each scene)."""
     scenes = shapes_captions(4096, seed=0, split="train")
     captions = sorted({r["caption"] for r in scenes.records})
-    index = {c: i for i, c in enumerate(captions)}
+    return scenes, {c: i for i, c in enumerate(captions)}
+
+
+def train_class_model(budget: str, out: Path, name: str = "class-DiT-T-4", seed: int = 0,
+                      curve_every: int = 0) -> tuple[Path, dict[str, int]]:
+    """DiT-T/4 with one class per distinct training caption."""
+    scenes, index = caption_classes()
     labels = torch.tensor([index[r["caption"]] for r in scenes.records])
-    data = ImageDataset(scenes.images, labels, len(captions), captions, "shapes_captions as caption classes")
+    data = ImageDataset(scenes.images, labels, len(index), sorted(index, key=index.get), "shapes_captions as caption classes")
     cfg = get_recipe("shapes_captions")
-    cfg.model.name, cfg.model.class_dropout_prob = "DiT-T/4", 0.1
+    cfg.model.name, cfg.model.class_dropout_prob = MODELS["class"], 0.1
     cfg.data.dataset, cfg.data.num_items = "shapes", 4096  # recorded only: the data is passed in
-    cfg.train.time_budget = budget
-    cfg.run.results_dir, cfg.run.run_name, cfg.run.tensorboard = str(out), "class-DiT-T-4", False
+    _set_run(cfg, budget, out, name, seed, curve_every)
     return train(cfg, dataset=data, log=lambda m: print(m, flush=True)).run_dir, index
 
 
@@ -79,42 +114,163 @@ def evaluate_class_model(run: Path, index: dict[str, int], judge, num_prompts: i
     return results
 
 
+def evaluate(variant: str, ckpt: Path, judge: Any, args: argparse.Namespace, index: dict[str, int] | None) -> dict:
+    """One checkpoint's scores (``evaluate_text_to_image``, or ``evaluate_class_model`` for the baseline)."""
+    if variant == "class":
+        return evaluate_class_model(ckpt, index or {}, judge, args.num_prompts, args.steps, args.guidance_scale)
+    return evaluate_text_to_image(load(ckpt, device="cpu"), num_prompts=args.num_prompts, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance_scale, judge=judge)
+
+
+def write_grid(variant: str, ckpt: Path, index: dict[str, int] | None, args: argparse.Namespace, path: Path) -> None:
+    """Four images for each of the first ``GRID_PROMPTS`` in-distribution evaluation prompts, a row each
+    (black: a prompt the class baseline has no class for)."""
+    prompts = [r["caption"] for r in eval_scenes("in_distribution", GRID_PROMPTS).records]
+    pipe = load(ckpt, device="cpu")
+    if variant == "class":
+        known = [p for p in prompts if p in (index or {})]
+        rows = {p: torch.zeros(4, 3, 32, 32) - 1 for p in prompts}
+        if known:
+            out = pipe(class_labels=[index[p] for p in known for _ in range(4)], num_inference_steps=args.steps,
+                       guidance_scale=args.guidance_scale, seed=0)
+            for k, p in enumerate(known):
+                rows[p] = out.tensors[4 * k: 4 * k + 4]
+        save_png(make_grid(torch.cat([rows[p] for p in prompts]), nrow=4, scale=4), path,
+                 {"prompts": " | ".join(prompts), "layout": "a row per prompt"})
+        return
+    out = pipe(prompts, num_images_per_prompt=4, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=0)
+    save_png(out.grid(), path, {"prompts": " | ".join(prompts), "layout": "a row per prompt, the prompt under it"})
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Train one (variant, seed) run and score its checkpoints; writes ``runs/<name>/result.json``."""
+    variant, seed = args.worker.split(":")
+    seed_i, runs = int(seed), Path(args.out_dir) / "runs"
+    name = f"{variant}-seed{seed_i}"
+    shutil.rmtree(runs / name, ignore_errors=True)  # a run that died before its result.json starts over
+    judge = load_or_train_judge(image_size=32, log=print)
+    t0 = time.perf_counter()
+    if variant == "class":
+        run, index = train_class_model(args.budget, runs, name, seed_i, args.curve_every)
+    else:
+        run, index = train_prompt_model(MODELS[variant], args.budget, runs, name, seed_i, args.curve_every), None
+    wall_train = time.perf_counter() - t0
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    points = []
+    for ckpt in ckpts if args.curve_every else ckpts[-1:]:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        scores = evaluate(variant, ckpt, judge, args, index)
+        points.append({"step": int(state["step"]), "train_s": float(state["elapsed_s"]), **scores})
+        print(f"{name} step {points[-1]['step']}: in-dist success {scores['in_distribution']['success']:.3f}, "
+              f"{FD_NAME} {scores.get(FD_NAME, float('nan')):.1f}", flush=True)
+    if seed_i == 0:
+        write_grid(variant, ckpts[-1], index, args, Path(args.out_dir) / f"grid_{variant}.png")
+    result = {"variant": variant, "seed": seed_i, "model": MODELS[variant], "budget": args.budget,
+              "wall_train_s": wall_train, "final": points[-1], "curve": points}
+    (runs / name / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarise(results: list[dict], out: Path) -> str:
+    """Medians over seeds of the final scores: the markdown table (also returned)."""
+    lines = [f"| variant | seeds | steps | in-dist success | held-out success | shape | colour | size | relation | {FD_NAME} | images/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    medians = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rs = [r["final"] for r in results if r["variant"] == variant]
+        acc = lambda k: _median([f["in_distribution"]["accuracy"].get(k) for f in rs])  # noqa: E731
+        m = {"seeds": len(rs), "steps": _median([f["step"] for f in rs]),
+             "in_dist_success": _median([f["in_distribution"]["success"] for f in rs]),
+             "held_out_success": _median([f["held_out"]["success"] for f in rs]),
+             **{k: acc(k) for k in ("shape", "colour", "size", "relation")},
+             "fd": _median([f.get(FD_NAME) for f in rs]), "images_per_second": _median([f.get("images_per_second") for f in rs])}
+        medians[variant] = m
+        fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        lines.append(f"| {variant} ({MODELS[variant]}) | {m['seeds']} | {fmt(m['steps'], 0)} | {fmt(m['in_dist_success'])} | "
+                     f"{fmt(m['held_out_success'])} | {fmt(m['shape'])} | {fmt(m['colour'])} | {fmt(m['size'])} | "
+                     f"{fmt(m['relation'])} | {fmt(m['fd'], 1)} | {fmt(m['images_per_second'], 1)} |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({"medians": medians, "runs": results}, indent=1) + "\n")
+    return table
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = {"cross": "tab:blue", "mmdit": "tab:orange", "class": "tab:green"}
+    for r in results:
+        xs = [p["train_s"] for p in r["curve"]]
+        kw = {"color": colours.get(r["variant"]), "marker": "o", "ms": 3, "ls": "-" if r["seed"] == 0 else "--",
+              "label": f"{r['variant']} seed {r['seed']}"}
+        axes[0].plot(xs, [p["in_distribution"]["success"] for p in r["curve"]], **kw)
+        axes[1].plot(xs, [p.get(FD_NAME) for p in r["curve"]], **kw)
+    axes[0].set(xlabel="training seconds", ylabel="in-distribution success", title="prompt success (higher is better)")
+    axes[1].set(xlabel="training seconds", ylabel=FD_NAME, yscale="log", title="FD in judge features (lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="180s", help="training seconds per variant (train.time_budget)")
+    parser.add_argument("--budget", default="180s", help="training seconds per run (train.time_budget)")
     parser.add_argument("--num-prompts", type=int, default=100, help="evaluation prompts per split")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--out-dir", default="benchmarks/results/text_to_image")
-    parser.add_argument("--variants", default="cross,mmdit,class")
+    parser.add_argument("--variants", default="cross,mmdit,class", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant (0..N-1); medians are quoted")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one subprocess each)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--curve-every", type=int, default=0, help="keep and score a checkpoint every N steps (0: the last only)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        return worker(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in MODELS]
+    if unknown:
+        parser.error(f"--variants {','.join(unknown)}: choose from {', '.join(MODELS)}")
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    judge = load_or_train_judge(image_size=32, log=print)
-    table = {}
-    for variant in args.variants.split(","):
-        if variant == "class":
-            run, index = train_class_model(args.budget, out)
-            table[variant] = evaluate_class_model(run, index, judge, args.num_prompts, args.steps, args.guidance_scale)
-        else:
-            model = {"cross": "T2I-CrossDiT-T/4", "mmdit": "T2I-MMDiT-T/4"}[variant]
-            run = train_prompt_model(model, args.budget, out)
-            table[variant] = evaluate_text_to_image(load(run, device="cpu"), num_prompts=args.num_prompts,
-                                                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                                    judge=judge)
-        state = json.loads((sorted((run / "checkpoints").iterdir())[-1] / "config.json").read_text())
-        table[variant]["model"] = state["model"]["name"]
-        (out / "results.json").write_text(json.dumps({"budget": args.budget, "results": table}, indent=2) + "\n")
-    print(f"| variant | in-dist success | held-out success | shape | colour | size | relation | {FD_NAME} | images/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for variant, r in table.items():
-        acc = r["in_distribution"]["accuracy"]
-        cells = [f"{r['in_distribution']['success']:.3f}", f"{r['held_out']['success']:.3f}"] + [
-            "-" if acc[k] is None else f"{acc[k]:.3f}" for k in ("shape", "colour", "size", "relation")]
-        fd = r.get(FD_NAME)
-        ips = r.get("images_per_second")
-        print(f"| {variant} ({r['model']}) | " + " | ".join(cells) + f" | {'-' if fd is None else f'{fd:.2f}'} | "
-              f"{'-' if ips is None else f'{ips:.1f}'} |")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    load_or_train_judge(image_size=32, log=print)  # trained once here, read from the cache by every run
+    tasks = [(v, s) for v in variants for s in range(args.seeds)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    def run(task: tuple[str, int]) -> None:
+        variant, seed = task
+        if (out / "runs" / f"{variant}-seed{seed}" / "result.json").is_file():
+            print(f"skip {variant} seed {seed}: done", flush=True)
+            return
+        log = out / "runs" / f"{variant}-seed{seed}.log"
+        print(f"start {variant} seed {seed} (log {log})", flush=True)
+        with open(log, "w") as f:
+            cmd = [sys.executable, __file__, "--worker", f"{variant}:{seed}"] + [
+                a for k, v in vars(args).items() if k not in ("worker", "jobs", "seeds", "variants") and v is not None
+                for a in (f"--{k.replace('_', '-')}", str(v))]
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"{variant} seed {seed}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(run, tasks))
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    results = [r for r in results if r["variant"] in variants]
+    if not results:
+        sys.exit("no run finished: see the logs under " + str(out / "runs"))
+    print(summarise(results, out))
+    if args.curve_every:
+        plot_curves(results, out / "curves.png")
 
 
 if __name__ == "__main__":
