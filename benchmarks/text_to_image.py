@@ -221,7 +221,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="180s", help="training seconds per run (train.time_budget)")
     parser.add_argument("--num-prompts", type=int, default=100, help="evaluation prompts per split")
@@ -234,6 +234,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--curve-every", type=int, default=0, help="keep and score a checkpoint every N steps (0: the last only)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def worker_command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+    """The subprocess that runs ``(variant, seed)``: this script with ``--worker`` and the run's settings."""
+    forwarded = [a for k, v in vars(args).items() if k not in ("worker", "jobs", "seeds", "variants") and v is not None
+                 for a in (f"--{k.replace('_', '-')}", str(v))]
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", f"{variant}:{seed}", *forwarded]
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(args.threads)
@@ -256,10 +268,7 @@ def main() -> None:
         log = out / "runs" / f"{variant}-seed{seed}.log"
         print(f"start {variant} seed {seed} (log {log})", flush=True)
         with open(log, "w") as f:
-            cmd = [sys.executable, __file__, "--worker", f"{variant}:{seed}"] + [
-                a for k, v in vars(args).items() if k not in ("worker", "jobs", "seeds", "variants") and v is not None
-                for a in (f"--{k.replace('_', '-')}", str(v))]
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            rc = subprocess.run(worker_command(args, variant, seed), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         print(f"{variant} seed {seed}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'}", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
