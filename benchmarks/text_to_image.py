@@ -13,8 +13,10 @@ combinations, per-axis accuracy, FD (judge features), images/s at sampling. The 
 gets a class only for captions it trained on; an evaluation prompt without one counts as a
 failure (it cannot be drawn).
 
-Every (variant, seed) run is one subprocess with ``--threads`` torch threads, ``--jobs`` at a time;
-a run whose ``result.json`` exists is skipped, so an interrupted benchmark continues. With
+Every (variant, seed) run is one subprocess with ``--threads`` torch threads, ``--jobs`` at a time
+(keep jobs x threads within the physical cores: runs that share a core fit fewer steps in the
+budget); a run whose ``result.json`` holds the same settings is skipped, so an interrupted
+benchmark continues, and the summary reads only this command's runs. With
 ``--curve-every N`` a checkpoint is kept every N steps and each is scored the same way after
 training (the training seconds of a point are those its checkpoint recorded), giving the curves.
 Results: ``--out-dir/results.json`` (every run, its curve and the medians over seeds), the table
@@ -165,7 +167,7 @@ def worker(args: argparse.Namespace) -> None:
               f"{FD_NAME} {scores.get(FD_NAME, float('nan')):.1f}", flush=True)
     if seed_i == 0:
         write_grid(variant, ckpts[-1], index, args, Path(args.out_dir) / f"grid_{variant}.png")
-    result = {"variant": variant, "seed": seed_i, "model": MODELS[variant], "budget": args.budget,
+    result = {"variant": variant, "seed": seed_i, "model": MODELS[variant], "settings": run_settings(args),
               "wall_train_s": wall_train, "final": points[-1], "curve": points}
     (runs / name / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
@@ -237,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run's result depends on besides its variant and seed: a finished run is reused only
+    when these match."""
+    keys = ("budget", "num_prompts", "steps", "guidance_scale", "threads", "curve_every")
+    return {k: getattr(args, k) for k in keys}
+
+
 def worker_command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
     """The subprocess that runs ``(variant, seed)``: this script with ``--worker`` and the run's settings."""
     forwarded = [a for k, v in vars(args).items() if k not in ("worker", "jobs", "seeds", "variants") and v is not None
@@ -260,26 +269,38 @@ def main() -> None:
     tasks = [(v, s) for v in variants for s in range(args.seeds)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
+    settings = run_settings(args)
+
+    def finished(variant: str, seed: int) -> dict | None:
+        path = out / "runs" / f"{variant}-seed{seed}" / "result.json"
+        result = json.loads(path.read_text()) if path.is_file() else None
+        return result if result is not None and result.get("settings") == settings else None
+
+    failed: list[str] = []
+
     def run(task: tuple[str, int]) -> None:
         variant, seed = task
-        if (out / "runs" / f"{variant}-seed{seed}" / "result.json").is_file():
-            print(f"skip {variant} seed {seed}: done", flush=True)
+        if finished(variant, seed) is not None:
+            print(f"skip {variant} seed {seed}: done with these settings", flush=True)
             return
         log = out / "runs" / f"{variant}-seed{seed}.log"
         print(f"start {variant} seed {seed} (log {log})", flush=True)
         with open(log, "w") as f:
             rc = subprocess.run(worker_command(args, variant, seed), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         print(f"{variant} seed {seed}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'}", flush=True)
+        if rc != 0:
+            failed.append(f"{variant} seed {seed}")
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(run, tasks))
-    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    results = [r for r in results if r["variant"] in variants]
+    results = [r for v, s in tasks if (r := finished(v, s)) is not None]  # this command's runs only
     if not results:
         sys.exit("no run finished: see the logs under " + str(out / "runs"))
     print(summarise(results, out))
     if args.curve_every:
         plot_curves(results, out / "curves.png")
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs under {out / 'runs'})")
 
 
 if __name__ == "__main__":

@@ -288,3 +288,27 @@ def test_a_resumed_folder_run_keeps_its_fitted_vocabulary(tmp_path, monkeypatch)
     (ref, ref_ema), (got, got_ema) = _weights(whole.run_dir), _weights(halves.run_dir)
     for key in ref:  # bitwise the uninterrupted run
         assert torch.equal(ref[key], got[key]) and torch.equal(ref_ema[key], got_ema[key]), key
+
+
+def _drop_tokenizer_files(run):
+    for path in run.rglob("text_tokenizer.json"):
+        path.unlink()
+
+
+def test_a_resumed_run_without_its_tokenizer_file_never_fits_a_new_one(tmp_path):
+    folder = _caption_folder(tmp_path)
+    # an older folder run (trained on bytes, before the caption_tokenizer field): its config rebuilds bytes
+    old = loop.train(_folder_cfg(tmp_path, folder, "old", caption_tokenizer="bytes"), stop_at_step=1, log=lambda m: None)
+    _drop_tokenizer_files(old.run_dir)
+    for config in old.run_dir.rglob("config.json"):
+        saved = json.loads(config.read_text())
+        del saved["data"]["caption_tokenizer"], saved["data"]["caption_vocab_size"]
+        config.write_text(json.dumps(saved))
+    resumed = loop.train(_folder_cfg(tmp_path, folder, "old"), resume=old.run_dir, log=lambda m: None)
+    assert resumed.step == 2 and isinstance(ditkit.load(old.run_dir, device="cpu").tokenizer, ByteCaptionTokenizer)
+    # a fitted vocabulary without its file: a one-line error, not a new vocabulary
+    fitted = loop.train(_folder_cfg(tmp_path, folder, "fitted"), stop_at_step=1, log=lambda m: None)
+    _drop_tokenizer_files(fitted.run_dir)
+    with pytest.raises(ConfigError, match="fitted on its training captions and its text_tokenizer.json"):
+        loop.train(_folder_cfg(tmp_path, folder, "fitted"), resume=fitted.run_dir, log=lambda m: None)
+

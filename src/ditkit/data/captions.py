@@ -436,6 +436,16 @@ def load_captioned_folder(
 PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
 
 
+def _tokenizers() -> Any:
+    """The Hugging Face ``tokenizers`` module; ConfigError saying how to get it (or do without)."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError("word-level caption tokenizers need the `tokenizers` package: pip install tokenizers "
+                          "(or read captions as UTF-8 bytes: --set data.caption_tokenizer=bytes)") from None
+    return tokenizers
+
+
 class CaptionTokenizer:
     """Word-level tokenizer (Hugging Face ``tokenizers``: NFKC + lowercase, split on whitespace and
     punctuation). Ids: ``[PAD]`` 0, ``[UNK]`` 1, ``[BOS]`` 2, then the words. Every encoding starts
@@ -454,7 +464,7 @@ class CaptionTokenizer:
     def fit(cls, captions: Iterable[str], max_length: int = 32, min_frequency: int = 1, vocab_size: int = 8192) -> "CaptionTokenizer":
         """Fit the word vocabulary on ``captions`` (words seen ``min_frequency`` times, at most
         ``vocab_size`` ids including the three special tokens)."""
-        import tokenizers as tk
+        tk = _tokenizers()
 
         hf = tk.Tokenizer(tk.models.WordLevel(unk_token=UNK))
         hf.normalizer = tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])
@@ -500,7 +510,7 @@ class CaptionTokenizer:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> "CaptionTokenizer":
-        import tokenizers as tk
+        tk = _tokenizers()
 
         if spec.get("kind") != "caption_word":
             raise DataError(f"not a caption tokenizer (kind {spec.get('kind')!r})")
@@ -984,7 +994,7 @@ def shapes_captions_vocabulary() -> list[str]:
 def _caption_tokenizer_from_words(words: Sequence[str], max_length: int) -> CaptionTokenizer:
     """A ``CaptionTokenizer`` with a fixed vocabulary: ``[PAD]`` 0, ``[UNK]`` 1, ``[BOS]`` 2, then
     ``words`` in the given order (no fitting, so the same words give the same ids)."""
-    import tokenizers as tk
+    tk = _tokenizers()
 
     vocab = {PAD: 0, UNK: 1, BOS: 2}
     for w in words:
@@ -1144,8 +1154,8 @@ def load_caption_training_set(data: Any, tokenizer: Any = None) -> CaptionTraini
     ``shapes_captions`` (``num_items`` scenes of the train split, seed 0) or a captioned folder,
     tokenized for the joint encoder, or with ``data.text_encoder`` indexing a frozen encoder's cached
     states (``frozen_caption_pairs``). The joint encoder's tokenizer is ``tokenizer`` when given (a
-    resumed run's own) or ``caption_tokenizer(data, captions)``; a fitted vocabulary records its size
-    (``data_fields["caption_vocab_size"]``: the embedding rows of the encoder)."""
+    resumed run's own) or ``caption_tokenizer(data, captions)`` (training records a fitted
+    vocabulary's size as ``data.caption_vocab_size``: the encoder's embedding rows)."""
     if getattr(data, "text_encoder", None):
         text_encoder_folder(data.text_encoder)  # a bad --text-encoder fails before the images load
     from ditkit.data.video import captioned_clips, is_video_source
@@ -1162,7 +1172,4 @@ def load_caption_training_set(data: Any, tokenizer: Any = None) -> CaptionTraini
     if tokenizer is None:
         keep = len(scenes) if data.max_items is None else min(len(scenes), data.max_items)
         tokenizer = caption_tokenizer(data, [c for i in range(keep) for c in scenes.captions[i]])
-    pairs = caption_pairs(scenes, tokenizer, data.max_items)
-    if caption_tokenizer_kind(data) == "words" and isinstance(tokenizer, CaptionTokenizer):
-        pairs.data_fields["caption_vocab_size"] = int(tokenizer.vocab_size)
-    return pairs
+    return caption_pairs(scenes, tokenizer, data.max_items)

@@ -35,8 +35,9 @@ from ditkit.registry import MODEL_FAMILIES
 
 __all__ = ["PromptDiT", "PROMPT_DIT_PRESETS", "PROMPT_LATTE_PRESETS", "BACKBONES", "PROMPT_VOCAB_SIZE"]
 
-# Token ids of the caption tokenizers (``ditkit.data.captions``): [PAD] 0, [UNK] 1, [BOS] 2, then
-# 256 bytes or at most 256 words; the encoder's embedding table has PROMPT_VOCAB_SIZE rows.
+# Token ids of the caption tokenizers (``ditkit.data.captions``): [PAD] 0, [UNK] 1, [BOS] 2, then 256
+# bytes or a fixed grammar's words: the encoder's embedding table has PROMPT_VOCAB_SIZE rows by default;
+# a vocabulary fitted on the captions sets its own size (``data.caption_vocab_size``, builders/prompt.py).
 PROMPT_VOCAB_SIZE = 259
 
 BACKBONES: dict[str, type[nn.Module]] = {"cross_dit": CrossDiT, "mmdit": MMDiT, "latte": Latte}

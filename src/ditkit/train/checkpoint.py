@@ -128,13 +128,15 @@ def save_checkpoint(
     config: Config,
     training_state: dict[str, Any],
     staged: Optional[Path] = None,
+    extra_files: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """Atomically write ``RUN/checkpoints/step_XXXXXXX/`` (see module doc) and return its path.
 
     ``training_state`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors,
     numbers, strings, lists, tuples, dicts). An existing checkpoint of the same step is replaced.
     ``staged``: the directory from ``staging_dir`` that already holds files written by others
-    (the FSDP shards); it is published together with the files written here.
+    (the FSDP shards); it is published together with the files written here. ``extra_files``:
+    ``{name: bytes}`` published with the rest (the tokenizer beside ``config.json``).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -158,6 +160,8 @@ def save_checkpoint(
         buffer = io.BytesIO()
         torch.save(training_state, buffer)
         _write_file(tmp / STATE_FILE, buffer.getvalue())
+        for name, data in (extra_files or {}).items():
+            _write_file(tmp / name, data)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, publish, then delete it
             os.rename(final, old)  # a crash from here to the next rename: readers use .old-* (see below)

@@ -625,9 +625,10 @@ class DistContext:
         optimizer: torch.optim.Optimizer,
         cfg: Config,
         training_state: Callable[[], dict[str, Any]],
+        extra_files: Optional[dict[str, bytes]] = None,
     ) -> Path:
-        """Write step ``step`` (rank 0; FSDP: every rank its shards, rank 0 the rest) and return its
-        path on every rank once it is complete on disk (a barrier)."""
+        """Write step ``step`` (rank 0; FSDP: every rank its shards, rank 0 the rest; ``extra_files``
+        as ``save_checkpoint``) and return its path on every rank once it is complete on disk (a barrier)."""
         final = Path(run_dir) / "checkpoints" / step_dir_name(step)
         if self.fsdp:
             import torch.distributed.checkpoint as dcp
@@ -649,8 +650,9 @@ class DistContext:
             ema_state = get_model_state_dict(ema.model, options=full)
             if self.is_main:
                 state = {k: v for k, v in training_state().items() if k != "optimizer"}  # in sharded/
-                save_checkpoint(run_dir, step, model_state, ema_state, cfg, state, staged=Path(staged))
+                save_checkpoint(run_dir, step, model_state, ema_state, cfg, state, staged=Path(staged), extra_files=extra_files)
         elif self.is_main:
-            save_checkpoint(run_dir, step, model.state_dict(), ema.model.state_dict(), cfg, training_state())
+            save_checkpoint(run_dir, step, model.state_dict(), ema.model.state_dict(), cfg, training_state(),
+                            extra_files=extra_files)
         self.barrier()
         return final

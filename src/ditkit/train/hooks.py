@@ -506,12 +506,13 @@ class CheckpointHook(Hook):
 def save_adapter_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, cfg: Config, training_state: dict[str, Any],
     model_state: Optional[dict[str, torch.Tensor]] = None, ema_state: Optional[dict[str, torch.Tensor]] = None,
+    extra_files: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """A LoRA run's ``RUN/checkpoints/step_N``: ``adapter/`` and ``ema_adapter/`` (``save_adapter``:
     the adapter tensors only, a few percent of the model), ``config.json`` and ``state.pt``, staged
     and published by one atomic rename as ``save_checkpoint`` does (the base is ``train.init_from``).
     ``model_state`` / ``ema_state``: full state dicts to take the adapter tensors from (FSDP2: the
-    gathered weights; default: the modules' own ``state_dict()``)."""
+    gathered weights; default: the modules' own ``state_dict()``); ``extra_files`` as ``save_checkpoint``."""
     root = Path(run_dir) / "checkpoints"
     staged = staging_dir(run_dir, step)
     try:
@@ -521,6 +522,8 @@ def save_adapter_checkpoint(
         buffer = io.BytesIO()
         torch.save(training_state, buffer)
         atomic_write_bytes(staged / STATE_FILE, buffer.getvalue())
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(staged / name, data)
         final = root / step_dir_name(step)
         if final.exists():  # re-saving a step (rare): the old copy goes first
             shutil.rmtree(final)
@@ -532,7 +535,13 @@ def save_adapter_checkpoint(
 
 def checkpoint_saver(run: Run, state_extra: Callable[[], dict[str, Any]], tokenizer: Any = None) -> Callable[[TrainState], Path]:
     """``save(state) -> Path``: the weights and ``state.state_dict()`` at ``RUN/checkpoints/step_N``
-    (several processes: through the ``DistContext``), plus the tokenizer of a text run."""
+    (several processes: through the ``DistContext``), plus the tokenizer of a text or prompt run,
+    published with them (a checkpoint folder never lacks its tokenizer)."""
+    extra = None
+    if tokenizer is not None:
+        from ditkit.data.tokenizers import TOKENIZER_FILE
+
+        extra = {TOKENIZER_FILE: json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")}
 
     def save(state: TrainState) -> Path:
         def training_state() -> dict[str, Any]:
@@ -548,17 +557,15 @@ def checkpoint_saver(run: Run, state_extra: Callable[[], dict[str, Any]], tokeni
                 if gathered is not None:
                     model_state, ema_state, saved["optimizer"] = gathered
                 ckpt = save_adapter_checkpoint(run.run_dir, state.step, state.model, state.ema.model, run.cfg, saved,
-                                               model_state, ema_state)
+                                               model_state, ema_state, extra_files=extra)
             if run.ctx.active:
                 run.ctx.barrier()  # every rank returns once the checkpoint is complete
         elif run.ctx.active:  # rank 0 writes (FSDP: every rank its shards); all ranks wait until it is complete
-            ckpt = run.ctx.save_checkpoint(run.run_dir, state.step, state.model, state.ema, state.optimizer, run.cfg, training_state)
+            ckpt = run.ctx.save_checkpoint(run.run_dir, state.step, state.model, state.ema, state.optimizer, run.cfg,
+                                           training_state, extra_files=extra)
         else:
-            ckpt = save_checkpoint(run.run_dir, state.step, state.model.state_dict(), state.ema.model.state_dict(), run.cfg, training_state())
-        if tokenizer is not None and run.ctx.is_main:  # beside config.json
-            from ditkit.data.tokenizers import save_tokenizer
-
-            save_tokenizer(tokenizer, ckpt)
+            ckpt = save_checkpoint(run.run_dir, state.step, state.model.state_dict(), state.ema.model.state_dict(), run.cfg,
+                                   training_state(), extra_files=extra)
         return ckpt
 
     return save

@@ -46,7 +46,7 @@ from torch import nn
 
 from ditkit.builders import build_model, check_model_config, training_objective
 from ditkit.config import Config, ConfigError
-from ditkit.data import EpochBatchSampler, load_dataset
+from ditkit.data import EpochBatchSampler, is_caption_data, load_dataset
 from ditkit.train.checkpoint import (
     CONFIG_FILE,
     atomic_write_bytes,
@@ -219,11 +219,14 @@ def _load_data(cfg: Config, ckpt_in: Optional[Path]) -> Any:
 
     where = [d for d in (ckpt_in, ckpt_in.parent.parent) if (d / TOKENIZER_FILE).is_file()] if ckpt_in is not None else []
     if cfg.modality != "text":
-        if not where:
-            return load_dataset(cfg.data)
-        from ditkit.data.captions import caption_tokenizer_from_dict
+        from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict
 
-        return load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
+        if where:
+            return load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
+        if ckpt_in is not None and is_caption_data(cfg.data) and not cfg.data.text_encoder:
+            # never fit again: older runs rebuild theirs from the config, a fitted one is a ConfigError
+            return load_dataset(cfg.data, caption_tokenizer(cfg.data))
+        return load_dataset(cfg.data)
     from ditkit.data.text_loader import load_text_data
 
     if ckpt_in is not None and not where:
@@ -253,6 +256,12 @@ def _resolve_data(cfg: Config, dataset: Any) -> Config:
     resolved.data.class_names = names if resolved.data.num_classes and len(names) == resolved.data.num_classes else None
     for key, value in getattr(dataset, "data_fields", {}).items():  # e.g. a frozen text encoder's hash and width
         setattr(resolved.data, key, value)
+    if is_caption_data(cfg.data) and not cfg.data.text_encoder:  # a fitted caption vocabulary sizes the encoder
+        from ditkit.data.captions import CaptionTokenizer, caption_tokenizer_kind
+
+        saved = getattr(dataset, "saved_tokenizer", None)
+        if caption_tokenizer_kind(cfg.data) == "words" and isinstance(saved, CaptionTokenizer):
+            resolved.data.caption_vocab_size = int(saved.vocab_size)
     return resolved
 
 
