@@ -312,3 +312,16 @@ def test_a_resumed_run_without_its_tokenizer_file_never_fits_a_new_one(tmp_path)
     with pytest.raises(ConfigError, match="fitted on its training captions and its text_tokenizer.json"):
         loop.train(_folder_cfg(tmp_path, folder, "fitted"), resume=fitted.run_dir, log=lambda m: None)
 
+
+
+def test_a_users_own_caption_set_with_a_fitted_vocabulary_sizes_the_encoder(tmp_path):
+    from ditkit.data.captions import load_captioned_folder, caption_pairs
+
+    folder = _caption_folder(tmp_path)
+    scenes = load_captioned_folder(str(folder), 16, 3)
+    own = CaptionTokenizer.fit(["a red card", "ein blaues Bild ü", "extra words of my own"])  # 12 words + 3 specials
+    cfg = _folder_cfg(tmp_path, folder, "own")
+    run = loop.train(cfg, dataset=caption_pairs(scenes, own), log=lambda m: None).run_dir
+    pipe = ditkit.load(run, device="cpu")
+    assert pipe.cfg.data.caption_vocab_size == own.vocab_size == 15 == pipe.model.text_encoder.vocab_size
+    assert pipe.tokenizer.hf.get_vocab() == own.hf.get_vocab()
