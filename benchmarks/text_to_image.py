@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit.checkpoint_io import load_training_state
 from ditkit.data.captions import shapes_captions
 from ditkit.data.images import ImageDataset
 from ditkit.eval.attributes import FD_NAME, _fd, eval_scenes, evaluate_text_to_image, load_or_train_judge, score_images
@@ -160,7 +161,7 @@ def worker(args: argparse.Namespace) -> None:
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     points = []
     for ckpt in ckpts if args.curve_every else ckpts[-1:]:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        state = load_training_state(ckpt)
         scores = evaluate(variant, ckpt, judge, args, index)
         points.append({"step": int(state["step"]), "train_s": float(state["elapsed_s"]), **scores})
         print(f"{name} step {points[-1]['step']}: in-dist success {scores['in_distribution']['success']:.3f}, "

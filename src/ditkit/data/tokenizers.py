@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 __all__ = [
     "Tokenizer",
@@ -22,6 +22,7 @@ __all__ = [
     "BPETokenizer",
     "build_tokenizer",
     "save_tokenizer",
+    "tokenizer_json",
     "load_tokenizer",
     "TOKENIZER_FILE",
 ]
@@ -209,6 +210,11 @@ def build_tokenizer(kind: str, texts: Sequence[str], bpe_vocab_size: int = 1024)
     raise ValueError(f"tokenizer={kind!r}: choose 'char', 'bpe' or a path to a tokenizer.json")
 
 
+def tokenizer_json(tokenizer: Any) -> bytes:
+    """What ``text_tokenizer.json`` holds: ``tokenizer.to_dict()`` as UTF-8 JSON (text and caption tokenizers)."""
+    return json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")
+
+
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
     """Write ``directory/text_tokenizer.json`` atomically (a temp file, then a rename: a crash
     never leaves a half-written tokenizer beside a checkpoint); returns its path."""
@@ -216,7 +222,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False))
+        tmp.write_bytes(tokenizer_json(tokenizer))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

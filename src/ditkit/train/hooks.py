@@ -539,9 +539,9 @@ def checkpoint_saver(run: Run, state_extra: Callable[[], dict[str, Any]], tokeni
     published with them (a checkpoint folder never lacks its tokenizer)."""
     extra = None
     if tokenizer is not None:
-        from ditkit.data.tokenizers import TOKENIZER_FILE
+        from ditkit.data.tokenizers import TOKENIZER_FILE, tokenizer_json
 
-        extra = {TOKENIZER_FILE: json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")}
+        extra = {TOKENIZER_FILE: tokenizer_json(tokenizer)}
 
     def save(state: TrainState) -> Path:
         def training_state() -> dict[str, Any]:
