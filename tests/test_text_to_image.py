@@ -325,3 +325,44 @@ def test_a_users_own_caption_set_with_a_fitted_vocabulary_sizes_the_encoder(tmp_
     pipe = ditkit.load(run, device="cpu")
     assert pipe.cfg.data.caption_vocab_size == own.vocab_size == 15 == pipe.model.text_encoder.vocab_size
     assert pipe.tokenizer.hf.get_vocab() == own.hf.get_vocab()
+
+
+def test_a_prompt_model_fine_tunes_from_a_prompt_run_with_its_tokenizer_lora_and_merge(tmp_path, run_dir):
+    """--init-from a shapes_captions run (grammar words, 259-row encoder) onto a captioned folder whose
+    words the grammar never wrote: the new run keeps the source's tokenizer and encoder size (fitting a
+    vocabulary on the folder would remap every id), its LoRA base is the source's EMA, and ``lora merge``
+    carries the tokenizer into the merged run."""
+    from ditkit.interop import InteropError, init_from
+
+    base_ema = _weights(run_dir)[1]
+    folder = _caption_folder(tmp_path)
+    cfg = _folder_cfg(tmp_path, folder, "lora", image_size=32)
+    cfg.train.init_from, cfg.train.lora_rank = str(run_dir), 4
+    lora = loop.train(cfg, log=lambda m: None).run_dir
+    source_tokenizer = (run_dir / "text_tokenizer.json").read_text(encoding="utf-8")
+    assert (lora / "text_tokenizer.json").read_text(encoding="utf-8") == source_tokenizer
+    pipe = ditkit.load(lora, device="cpu")
+    assert pipe.cfg.data.caption_tokenizer == "grammar" and pipe.cfg.data.caption_vocab_size is None
+    assert pipe.model.text_encoder.vocab_size == 259 and json.loads((lora / "init_from.json").read_text())["kind"] == "ditkit"
+    assert pipe("a red square", num_inference_steps=2).tensors.shape == (1, 3, 32, 32)
+    without = ditkit.load(lora, device="cpu")
+    without.unload_lora()  # the base under the adapter is the source's EMA: the same draw as the source
+    draw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    same = ditkit.load(run_dir, device="cpu")("a red square", **draw).tensors
+    assert torch.equal(without("a red square", **{**draw, "generator": torch.Generator().manual_seed(3)}).tensors, same)
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", str(run_dir), str(lora), "--out", str(merged)]) == 0
+    assert (merged / "text_tokenizer.json").read_text(encoding="utf-8") == source_tokenizer
+    assert ditkit.load(merged, device="cpu").tokenizer.hf.get_vocab() == pipe.tokenizer.hf.get_vocab()
+    # a plain full fine-tune starts from the source's EMA weights exactly
+    from ditkit.builders import build_model
+
+    base_cfg = ditkit.load(run_dir, device="cpu").cfg
+    fresh = build_model(base_cfg)
+    record = init_from(fresh, run_dir)
+    assert record["kind"] == "ditkit" and all(torch.equal(fresh.state_dict()[k], v) for k, v in base_ema.items())
+    with pytest.raises(InteropError, match="class-map is for class DiT models"):
+        init_from(fresh, run_dir, class_map={0: 1})
+    base_cfg.model.name = base_cfg.model.name.replace("/4", "/2")  # another patch size: named keys
+    with pytest.raises(InteropError, match="does not fit the model"):
+        init_from(build_model(base_cfg), run_dir)

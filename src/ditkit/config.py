@@ -186,7 +186,8 @@ class DataConfig:
     max_caption_length: int = 32  # tokens per caption, [BOS] included; longer ones are truncated with a warning
     # the jointly trained encoder's tokenizer (ditkit.data.captions.caption_tokenizer): "auto" (the
     # grammar's words for shapes_captions, else "words"), "words" (a word-level vocabulary fitted on the
-    # training captions by Hugging Face tokenizers, saved beside every checkpoint) or "bytes" (UTF-8)
+    # training captions by Hugging Face tokenizers, saved beside every checkpoint), "bytes" (UTF-8) or
+    # "grammar" (shapes_captions' fixed words; set for a fine-tune that starts from such a run)
     caption_tokenizer: str = "auto"
     caption_vocab_size: Optional[int] = None  # set by training: ids of a fitted caption vocabulary
     allow_uncaptioned: bool = False  # train images without a caption with the empty prompt

@@ -952,7 +952,7 @@ def frozen_caption_pairs(data: CaptionDataset, cfg_data: Any, max_items: Optiona
 # (captioned folders of images or clips, the moving-digits captions), or UTF-8 bytes (ByT5, Xue et
 # al. 2022, trains on bytes too: no vocabulary, every script, longer sequences).
 
-CAPTION_TOKENIZERS = ("auto", "words", "bytes")
+CAPTION_TOKENIZERS = ("auto", "words", "bytes", "grammar")
 MAX_CAPTION_WORDS = 8192  # ids of a fitted vocabulary at most (specials included); rarer words read as [UNK]
 
 

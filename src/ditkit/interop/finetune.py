@@ -137,9 +137,31 @@ def _final_layer(weight: torch.Tensor, patch: int, old_out: int, new_out: int) -
     return out.reshape(patch * patch * new_out, *rest)
 
 
+def _same_architecture(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], record: dict[str, Any], class_map: Optional[ClassMap]
+) -> dict[str, Any]:
+    """Every model family but the class DiT (prompt DiTs, Latte, TextDiT, AudioDiT): the source must be
+    a ditkit run of the same architecture (same keys and shapes), copied as it is; nothing is
+    resized or remapped, so a class map is refused."""
+    name = type(model).__name__
+    if class_map is not None:
+        raise InteropError(f"--class-map is for class DiT models: a {name} starts from a run of its own architecture, "
+                           "label table included")
+    if record["kind"] != "ditkit":
+        raise InteropError(f"--init-from {record['source']}: a {name} starts only from a ditkit run of the same model "
+                           f"({record['kind']} weights are class DiT weights)")
+    check_state_dict(model, state, what=f"--init-from source {record['source']}",
+                     hint=f"a {name} starts only from a run of the same model and data sizes (model.name, "
+                          "image size, channels, vocabulary)")
+    model.load_state_dict(state, strict=True)
+    return {"init_from": record["source"], "kind": record["kind"], "weights": record["weights"],
+            "label_rows_copied": 0, "label_rows_fresh": 0, "class_map": None, "pos_embed": "copied",
+            "notes": [f"{name}: same architecture, every tensor copied"]}
+
+
 @torch.no_grad()
 def init_from(
-    model: DiT,
+    model: torch.nn.Module,
     source: str | Path,
     class_map: Optional[ClassMap] = None,
     *,
@@ -148,12 +170,17 @@ def init_from(
 ) -> dict[str, Any]:
     """Load pretrained weights from `source` into the freshly built `model` (in place).
 
+    A class ``DiT`` may differ from the source as the module docstring lists; any other model
+    family (prompt DiTs, Latte, TextDiT, AudioDiT) takes a ditkit run of exactly its architecture.
+
     `class_map`: new class -> source class, as a dict or a list (entry None: fresh row). Default:
     identity when the class counts agree, else all rows fresh. `generator` seeds the fresh rows.
     Returns a JSON-ready provenance record to store with the run: ``init_from`` (path), ``kind``,
     ``weights``, ``label_rows_copied``, ``label_rows_fresh``, ``pos_embed``, ``notes``.
     """
     state, record = read_source_state_dict(source, use_ema=use_ema)
+    if not isinstance(model, DiT):
+        return _same_architecture(model, state, record, class_map)
     target = model.state_dict()
     info = infer_dit_kwargs(state)
     notes: list[str] = []

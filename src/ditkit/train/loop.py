@@ -218,11 +218,16 @@ def _load_data(cfg: Config, ckpt_in: Optional[Path]) -> Any:
     from ditkit.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 
     where = [d for d in (ckpt_in, ckpt_in.parent.parent) if (d / TOKENIZER_FILE).is_file()] if ckpt_in is not None else []
+    if not where and ckpt_in is None and cfg.train.init_from is not None:
+        where = _init_source_tokenizer(cfg)  # a fine-tune keeps its source's token ids
     if cfg.modality != "text":
         from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict
 
         if where:
-            return load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
+            dataset = load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
+            if ckpt_in is None:  # --init-from a prompt run: its tokenizer kind and length size the encoder
+                dataset.data_fields.update(_init_source_caption_fields(where[0]))
+            return dataset
         if ckpt_in is not None and is_caption_data(cfg.data) and not cfg.data.text_encoder:
             # never fit again: older runs rebuild theirs from the config, a fitted one is a ConfigError
             return load_dataset(cfg.data, caption_tokenizer(cfg.data))
@@ -232,6 +237,32 @@ def _load_data(cfg: Config, ckpt_in: Optional[Path]) -> Any:
     if ckpt_in is not None and not where:
         raise ConfigError(f"{ckpt_in} holds no {TOKENIZER_FILE}: it was not trained on text by ditkit")
     return load_text_data(cfg.data, load_tokenizer(where[0]) if where else None)
+
+
+def _init_source_tokenizer(cfg: Config) -> list[Path]:
+    """The folder holding the tokenizer of a ditkit ``--init-from`` source (its checkpoint, else its
+    run folder; [] for other sources): a fine-tuned text or prompt model must read the ids its
+    embeddings were trained on, not a vocabulary fitted again on the new data."""
+    from ditkit.data.tokenizers import TOKENIZER_FILE
+
+    source = Path(cfg.train.init_from)
+    if not source.is_dir() or (cfg.modality != "text" and not (is_caption_data(cfg.data) and not cfg.data.text_encoder)):
+        return []
+    steps = sorted((p for p in (source / "checkpoints").glob("step_*") if p.is_dir()), key=lambda p: p.name)
+    return [d for d in (*steps[-1:], source) if (d / TOKENIZER_FILE).is_file()][:1]
+
+
+def _init_source_caption_fields(folder: Path) -> dict[str, Any]:
+    """The data fields a fine-tune takes from its prompt source's ``config.json`` in ``folder``: the
+    caption tokenizer's kind (``grammar`` / ``words`` / ``bytes``) and length, so the new run builds the
+    source's encoder (a grammar or byte encoder has 259 rows, a fitted one its vocabulary's)."""
+    from types import SimpleNamespace
+
+    from ditkit.data.captions import caption_tokenizer_kind
+
+    data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("data", {})
+    return {"caption_tokenizer": caption_tokenizer_kind(SimpleNamespace(**data)),
+            "max_caption_length": int(data.get("max_caption_length") or 32)}
 
 
 def _resolve_data(cfg: Config, dataset: Any) -> Config:
@@ -260,7 +291,7 @@ def _resolve_data(cfg: Config, dataset: Any) -> Config:
         from ditkit.data.captions import CaptionTokenizer, caption_tokenizer_kind
 
         saved = getattr(dataset, "saved_tokenizer", None)
-        if caption_tokenizer_kind(cfg.data) == "words" and isinstance(saved, CaptionTokenizer):
+        if caption_tokenizer_kind(resolved.data) == "words" and isinstance(saved, CaptionTokenizer):
             resolved.data.caption_vocab_size = int(saved.vocab_size)
     return resolved
 
