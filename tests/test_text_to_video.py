@@ -423,3 +423,48 @@ def test_the_pipeline_guides_against_the_encoded_negative_prompt(trained, monkey
     seen.clear()
     pipe("a 3 moving up", num_inference_steps=1)
     assert (seen[0][1, 1:] == pipe.tokenizer.pad_id).all() and seen[0][1, 0] == 2  # the empty caption: [BOS]
+
+
+def test_attention_maps_per_word_and_frame_from_the_pipeline_and_the_cli(trained, tmp_path):
+    """DAAM for clips: per clip and prompt word a heat map in every frame, recorded without changing
+    the samples; ``ditkit sample --attention-maps`` writes a sheet per clip."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from ditkit.pipelines.prompt import AttentionMaps
+
+    pipe = ditkit.load(trained.run_dir, device="cpu")
+    prompts = ["a 3 moving up", "a 7 moving left"]
+    out = pipe(prompts, num_inference_steps=2, attention_maps=True)
+    assert torch.allclose(out.tensors, pipe(prompts, num_inference_steps=2).tensors, atol=1e-4)  # recording: same draw
+    assert [[w for w, _ in clip] for clip in out.attention_maps] == [["a", "3", "moving", "up"], ["a", "7", "moving", "left"]]
+    heat = out.attention_maps[0][1][1]
+    assert heat.shape == (8, 16, 16) and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+    assert not torch.allclose(heat[0], heat[-1])  # a map per frame, not one map repeated
+    # the recorder reads the spatial blocks' tokens in (frame, patch) order: token f*g*g + n is frame f
+    layer = SimpleNamespace(attention_store=None)
+    recorder = AttentionMaps([layer], leading=(3,))
+    frame_of_token = torch.arange(3).repeat_interleave(4).float()  # 3 frames of a 2x2 grid
+    probs = frame_of_token.view(1, 1, 12, 1).expand(2, 2, 12, 5)  # (B, heads, F*g*g, L)
+
+    def forward(x, t, y):
+        layer.attention_store.append(probs)
+        return x
+
+    with recorder.batch(0, 2):
+        recorder.wrap(forward)(torch.zeros(2), None, None)
+    (maps,) = recorder.maps
+    assert maps.shape == (2, 3, 2, 2, 5) and torch.equal(maps[:, 2], torch.full((2, 2, 2, 5), 2.0))
+    # a tubelet model's F' token frames are repeated to the clip's frames
+    recorder.maps = [torch.rand(1, 2, 4, 4, 6)]
+    ((word, tubelet_heat), *_), = pipe.word_attention_maps(recorder, ["a 3 moving up"], 16, frames=4)
+    assert word == "a" and tubelet_heat.shape == (4, 16, 16) and torch.equal(tubelet_heat[0], tubelet_heat[1])
+    # the CLI: NNNNNN_attention.png per clip, the clip's row then one row per word
+    sheet_dir = tmp_path / "maps"
+    assert main(["sample", "--ckpt", str(trained.run_dir), "--prompt", "a 5 moving down", "--num-videos-per-prompt", "2",
+                 "--num-sampling-steps", "2", "--attention-maps", "--out-dir", str(sheet_dir)]) == 0
+    for i in range(2):
+        sheet = Image.open(sheet_dir / f"{i:06d}_attention.png")
+        assert sheet.height == 5 * (16 * 4 + 2) and "cross-attention map" in sheet.text["layout"]
+        assert sheet.text["prompt"] == "a 5 moving down"

@@ -52,6 +52,12 @@ def display_scale(image_size: int, target: int = 64) -> int:
     return max(1, math.ceil(target / image_size))
 
 
+def heat_rgb(heat: torch.Tensor) -> torch.Tensor:
+    """A heat map ``(..., H, W)`` in [0, 1] as colours ``(..., H, W, 3)`` in [0, 1]: red where
+    attended (1), blue where not (0), as ditkit's attention-map PNGs draw them."""
+    return torch.stack([heat, heat * 0.3, 1 - heat], dim=-1)
+
+
 def save_png(pixels: np.ndarray, path: str | Path | IO[bytes], metadata: Optional[dict[str, str]] = None) -> None:
     """Save (H, W, C) uint8 (C = 1 or 3) as PNG with ``metadata`` as tEXt chunks (``path`` may
     also be a binary file object, e.g. ``io.BytesIO``)."""

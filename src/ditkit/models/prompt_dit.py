@@ -129,12 +129,13 @@ class PromptDiT(nn.Module):
         return self.dit(x, t, self.encode(y))
 
     def cross_attention_modules(self) -> list[nn.Module]:
-        """The cross-attention layers (one per block) whose ``attention_store`` records word maps;
+        """The cross-attention layers whose ``attention_store`` records word maps: one per block of
+        the cross-attention DiT, one per spatial block of Latte (its tokens in (frame, patch) order);
         ConfigError for the MMDiT, which has joint attention instead."""
-        if self.backbone_name != "cross_dit":
-            raise ConfigError(f"attention maps read the cross-attention of a T2I-CrossDiT model; this backbone is "
-                              f"{self.backbone_name} (maps are not wired for it)")
-        return [block.cross_attn for block in self.dit.blocks]
+        if self.backbone_name not in ("cross_dit", "latte"):
+            raise ConfigError(f"attention maps read the cross-attention of a T2I-CrossDiT or T2V-Latte model; this "
+                              f"backbone is {self.backbone_name} (maps are not wired for it)")
+        return [block.cross_attn for block in self.dit.blocks if getattr(block, "cross_attn", None) is not None]
 
 
 def _encoder_for(hidden_size: int) -> str:

@@ -39,7 +39,7 @@ from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict, word_spans
 from ditkit.models.text_encoder import PromptCondition
-from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
+from ditkit.media import display_scale, heat_rgb, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import BatchHook, TrajectoryRecorder
 from ditkit.pipelines.image import ImagePipeline, ImagePipelineOutput
@@ -137,7 +137,7 @@ class PromptPipelineOutput(ImagePipelineOutput):
             image = image.expand(-1, -1, 3)
         tiles, words = [image], [""]
         for word, heat in self.attention_maps[index]:
-            tiles.append(torch.stack([heat, heat * 0.3, 1 - heat], dim=-1))  # red = attended, blue = not
+            tiles.append(heat_rgb(heat))
             words.append(word)
         size = image.shape[0] * scale
         strip = Image.new("RGB", (len(tiles) * (size + 2), size + 12), (0, 0, 0))
@@ -279,6 +279,51 @@ class PromptConditioning:
         return (torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=pad),
                 torch.nn.functional.pad(neg_ids, (0, length - neg_ids.shape[1]), value=pad))
 
+    def word_attention_maps(self, recorder: "AttentionMaps", texts: Sequence[str], size: int,
+                            frames: Optional[int] = None) -> Optional[list[list[tuple[str, torch.Tensor]]]]:
+        """Per text, ``[(word, heat)]`` from what ``recorder`` gathered: the attention of the word's
+        tokens summed, resized bilinearly to ``size`` px and scaled to [0, 1] over the whole image
+        (heat ``(size, size)``) or, with ``frames``, the whole clip (heat ``(frames, size, size)``; a
+        tubelet model's ``F'`` maps are repeated to ``frames``). DAAM (Tang et al. 2022)."""
+        if not recorder.maps:
+            return None
+        maps = torch.cat(recorder.maps)  # (N, *leading, g, g, L)
+        word_maps = []
+        for i, text in enumerate(texts):
+            per_word = []
+            for word, positions in self._word_spans(text):
+                heat = maps[i][..., positions].sum(-1)  # (g, g) or (F', g, g)
+                g = heat.shape[-1]
+                heat = torch.nn.functional.interpolate(heat.reshape(-1, 1, g, g), size=(size, size), mode="bilinear",
+                                                       align_corners=False)[:, 0]  # (F' or 1, size, size)
+                heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+                if frames is None:
+                    heat = heat[0]
+                elif heat.shape[0] != frames:
+                    heat = heat.repeat_interleave(frames // heat.shape[0], dim=0)
+                per_word.append((word, heat))
+            word_maps.append(per_word)
+        return word_maps
+
+    def _word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
+        """``[(word, token positions)]`` of ``prompt`` as the encoder sees it: the joint tokenizer's
+        (``word_spans``), or a frozen encoder's tokens with special tokens left out and WordPiece
+        continuations (``##``) joined to their word."""
+        if self.encoder is None:
+            return word_spans(self.tokenizer, prompt)
+        tok = self.encoder.tokenizer
+        ids = tok(prompt, truncation=True, max_length=self.encoder.max_length)["input_ids"]
+        special = set(getattr(tok, "all_special_ids", []))
+        spans: list[tuple[str, list[int]]] = []
+        for k, (i, piece) in enumerate(zip(ids, tok.convert_ids_to_tokens(ids))):
+            if i in special:
+                continue
+            if piece.startswith("##") and spans:
+                spans[-1] = (spans[-1][0] + piece[2:], spans[-1][1] + [k])
+            else:
+                spans.append((piece.lstrip("\u0120\u2581"), [k]))
+        return spans
+
     @classmethod
     def add_prompt_arguments(cls, parser: Any) -> None:
         """The ``ditkit sample`` flags of every prompt model."""
@@ -286,6 +331,9 @@ class PromptConditioning:
         parser.add_argument("--prompt-file", metavar="FILE", help="prompt models: one prompt per line (UTF-8)")
         parser.add_argument("--negative-prompt", help="prompt models: what to steer away from (replaces the empty prompt)")
         parser.add_argument("--strict", action="store_true", help="refuse prompts over the token limit instead of truncating")
+        parser.add_argument("--attention-maps", action="store_true",
+                            help="cross-attention prompt models: also write a cross-attention map per word (DAAM): "
+                                 "attention_NN.png per prompt (images), NNNNNN_attention.png per clip (video, per frame)")
         parser.add_argument("--text-encoder", metavar="DIR",
                             help="prompt runs trained with a frozen encoder: where its folder is now (same weights)")
 
@@ -306,11 +354,12 @@ class PromptConditioning:
 class AttentionMaps(BatchHook):
     """Per-token cross-attention of the conditional prompts: for each batch, the maps the
     ``layers`` store on every network call (the first ``hi - lo`` rows: a guided call's conditional
-    half), averaged over heads, layers and calls, one ``(B, g, g, L)`` tensor per batch in ``maps``
-    (``g * g`` image tokens, ``L`` prompt tokens)."""
+    half), averaged over heads, layers and calls, one ``(B, *leading, g, g, L)`` tensor per batch in
+    ``maps`` (``g * g`` tokens per image or frame, ``L`` prompt tokens; ``leading`` is ``()`` for
+    images, ``(F',)`` for clips whose tokens are in (frame, patch) order)."""
 
-    def __init__(self, layers: list[torch.nn.Module]) -> None:
-        self.layers, self.maps = layers, []  # type: ignore[var-annotated]
+    def __init__(self, layers: list[torch.nn.Module], leading: tuple[int, ...] = ()) -> None:
+        self.layers, self.maps, self.leading = layers, [], tuple(leading)  # type: ignore[var-annotated]
         self._rows, self._sum, self._calls = 0, None, 0
 
     def _stores(self, on: bool) -> None:
@@ -339,8 +388,8 @@ class AttentionMaps(BatchHook):
         finally:
             self._stores(False)
         if self._sum is not None:
-            g = int(math.isqrt(self._sum.shape[1]))
-            self.maps.append((self._sum / self._calls).view(hi - lo, g, g, -1))
+            g = int(math.isqrt(self._sum.shape[1] // math.prod(self.leading)))
+            self.maps.append((self._sum / self._calls).view(hi - lo, *self.leading, g, g, -1))
 
 
 @PIPELINES.register("text_to_image")
@@ -394,20 +443,8 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
                                       batch_size=batch_size, callback=TrajectoryRecorder(()).callback(progress),
                                       conditions=(ids, neg_ids), finish=self.finish_images(),
                                       hooks=[recorder] if recorder is not None else [], **plan.sampling)
-        maps = torch.cat(recorder.maps) if recorder is not None and recorder.maps else None  # (N, g, g, L)
         metadata = self.sampling_metadata(plan)
-        word_maps = None
-        if maps is not None:
-            size = tensors.shape[-1]
-            word_maps = []
-            for i, text in enumerate(expanded):
-                per_word = []
-                for word, positions in self._word_spans(text):
-                    heat = maps[i][..., positions].sum(-1)[None, None]  # (1, 1, g, g)
-                    heat = torch.nn.functional.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-                    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-                    per_word.append((word, heat))
-                word_maps.append(per_word)
+        word_maps = self.word_attention_maps(recorder, expanded, tensors.shape[-1]) if recorder is not None else None
         is_latent = bool(self.cfg.data.latent_channels) and self.vae is None  # undecoded, unclamped latents
         return PromptPipelineOutput([] if is_latent else to_pil(tensors), tensors, None, plan.seeds, metadata, [],
                                     is_latent=is_latent, prompts=expanded, negative_prompts=expanded_neg,
@@ -418,31 +455,10 @@ class PromptPipeline(PromptConditioning, ImagePipeline):
     def add_cli_arguments(cls, parser: Any) -> None:
         cls.add_prompt_arguments(parser)
         parser.add_argument("--num-images-per-prompt", type=int, help="text-to-image: images per prompt (default 4)")
-        parser.add_argument("--attention-maps", action="store_true",
-                            help="text-to-image: also write attention_NN.png, a cross-attention map per word (DAAM)")
         parser.add_argument("--ddim-eta", type=float, help="samplers that take eta (DDIM)")
         parser.add_argument("--timestep-spacing", choices=["uniform", "quadratic"],
                             help="gaussian samplers (default: the checkpoint's)")
         parser.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NxHxWxC)")
-
-    def _word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
-        """``[(word, token positions)]`` of ``prompt`` as the encoder sees it: the joint tokenizer's
-        (``word_spans``), or a frozen encoder's tokens with special tokens left out and WordPiece
-        continuations (``##``) joined to their word."""
-        if self.encoder is None:
-            return word_spans(self.tokenizer, prompt)
-        tok = self.encoder.tokenizer
-        ids = tok(prompt, truncation=True, max_length=self.encoder.max_length)["input_ids"]
-        special = set(getattr(tok, "all_special_ids", []))
-        spans: list[tuple[str, list[int]]] = []
-        for k, (i, piece) in enumerate(zip(ids, tok.convert_ids_to_tokens(ids))):
-            if i in special:
-                continue
-            if piece.startswith("##") and spans:
-                spans[-1] = (spans[-1][0] + piece[2:], spans[-1][1] + [k])
-            else:
-                spans.append((piece.lstrip("\u0120\u2581"), [k]))
-        return spans
 
     def cli_call(self, args: Any, distributed: bool = False) -> PromptPipelineOutput:
         prompts = self.cli_prompts(args)

@@ -25,7 +25,7 @@ from ditkit.config import ConfigError
 from ditkit.data.video import tile_clips, training_prompts
 from ditkit.media import display_scale
 from ditkit.pipelines.base import GeneratorArg
-from ditkit.pipelines.prompt import PromptConditioning
+from ditkit.pipelines.prompt import AttentionMaps, PromptConditioning
 from ditkit.pipelines.video import DEFAULT_FPS, VideoPipeline, VideoPipelineOutput
 from ditkit.progress import sampling_progress
 from ditkit.registry import PIPELINES
@@ -61,6 +61,7 @@ class TextToVideoPipeline(PromptConditioning, VideoPipeline):
         allow_untrained_uncond: bool = False,
         progress: Optional[Callable[[int], None]] = None,
         trajectory_points: int = 0,
+        attention_maps: bool = False,
     ) -> VideoPipelineOutput:
         """Draw ``num_videos_per_prompt`` clips per prompt (prompt-major order).
 
@@ -69,8 +70,9 @@ class TextToVideoPipeline(PromptConditioning, VideoPipeline):
         length), ``num_inference_steps``, ``guidance_scale`` (1 = none), ``sampler``, ``eta``,
         ``timestep_spacing``, ``generator`` / ``seed``, ``fps``, ``progress`` and
         ``trajectory_points`` as ``VideoPipeline.__call__``; ``strict`` refuses prompts over the token
-        limit instead of truncating them. Returns a ``VideoPipelineOutput`` with ``prompts`` (one per
-        clip) and ``labels`` None. Raises ``ConfigError`` for empty prompts and bad options, and
+        limit instead of truncating them; ``attention_maps``: per clip and prompt word its
+        cross-attention heat in every frame (DAAM; ``out.attention_maps``, ``NNNNNN_attention.png``).
+        Returns a ``VideoPipelineOutput`` with ``prompts`` (one per clip) and ``labels`` None. Raises ``ConfigError`` for empty prompts and bad options, and
         guidance on a model trained without caption dropout (unless ``allow_untrained_uncond``).
         """
         frames = self.check_num_frames(num_frames)
@@ -82,8 +84,13 @@ class TextToVideoPipeline(PromptConditioning, VideoPipeline):
                          allow_untrained_uncond=allow_untrained_uncond, trajectory_points=trajectory_points,
                          count=len(expanded))
         conditions = self.encode_prompt_pair(expanded, expanded_neg, strict)
-        out = self.draw_clips(plan, frames, fps=fps, batch_size=batch_size, progress=progress, conditions=conditions)
+        tubelet = int(getattr(self.model.dit, "tubelet_size", 1))  # the model sees frames / tubelet token frames
+        recorder = AttentionMaps(self.model.cross_attention_modules(), (frames // tubelet,)) if attention_maps else None
+        out = self.draw_clips(plan, frames, fps=fps, batch_size=batch_size, progress=progress, conditions=conditions,
+                              hooks=[recorder] if recorder is not None else [])
         out.prompts, out.negative_prompts = expanded, expanded_neg
+        if recorder is not None:
+            out.attention_maps = self.word_attention_maps(recorder, expanded, out.tensors.shape[-1], frames=frames)
         return out
 
     # ---- ditkit sample ----------------------------------------------------------------------------
@@ -102,7 +109,7 @@ class TextToVideoPipeline(PromptConditioning, VideoPipeline):
                 num_videos_per_prompt=args.num_videos_per_prompt or 4, seed=args.seed, sampler=args.sampler,
                 eta=args.ddim_eta, timestep_spacing=args.timestep_spacing, batch_size=min(args.batch_size, 16),
                 fps=args.fps or DEFAULT_FPS, strict=args.strict, allow_untrained_uncond=args.allow_untrained_uncond,
-                progress=progress, trajectory_points=self.trajectory_points_of(args),
+                progress=progress, trajectory_points=self.trajectory_points_of(args), attention_maps=args.attention_maps,
             )
 
     def write_training_samples(self, path_stem: Path) -> Path:

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
-from ditkit.media import display_scale, to_pil
+from ditkit.media import display_scale, heat_rgb, save_png, to_pil
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import DenoisingPipeline, LatentDecoding, SamplingPlan, TrajectoryRecorder
 from ditkit.progress import announce_total, sampling_progress
@@ -50,7 +51,8 @@ class VideoPipelineOutput:
     into ``metadata.json`` and the contact sheet); fps: playback rate of ``save``; trajectory /
     trajectory_xt: ``(N, K, C, F, H, W)`` the predicted clean clips and the noisy states at sampler
     steps ``trajectory_steps`` (``trajectory_points=K``), or None; prompts / negative_prompts: one
-    per clip from a text-to-video model (labels None), else empty."""
+    per clip from a text-to-video model (labels None), else empty; attention_maps: per clip a list of
+    ``(word, heat (F, H, W) in [0, 1])`` (``attention_maps=True`` of a text-to-video model), or None."""
 
     tensors: torch.Tensor
     frames: list[list[Image.Image]]
@@ -64,6 +66,7 @@ class VideoPipelineOutput:
     trajectory_steps: list[int] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
+    attention_maps: Optional[list[list[tuple[str, torch.Tensor]]]] = None
 
     @property
     def num_frames(self) -> int:
@@ -106,12 +109,37 @@ class VideoPipelineOutput:
         clip = self.tensors[index]  # (C, F, H, W) -> F one-frame clips in a row
         return clip_to_frames(tile_clips(clip.transpose(0, 1)[:, :, None], nrow=clip.shape[1], pad_value=0.5), scale)[0]
 
+    def attention_sheet(self, index: int, scale: Optional[int] = None) -> Any:
+        """``(H', W', 3)`` uint8: clip ``index``'s frames in a row, then one row per prompt word of its
+        cross-attention heat per frame (red attended, blue not), the word at the left of its row."""
+        if self.attention_maps is None:
+            raise ValueError("no attention maps: sample with attention_maps=True")
+        scale = scale or display_scale(self.tensors.shape[-1])
+        clip = (self.tensors[index].clamp(-1, 1) + 1) / 2  # (C, F, H, W) in [0, 1]
+        rows = [clip.expand(3, -1, -1, -1).permute(1, 2, 3, 0)]  # (F, H, W, 3)
+        words = [""]
+        for word, heat in self.attention_maps[index]:
+            rows.append(heat_rgb(heat))
+            words.append(word)
+        frames, size = clip.shape[1], clip.shape[-1] * scale
+        margin = 8 + 6 * max(len(w) for w in words)
+        sheet = Image.new("RGB", (margin + frames * (size + 2), len(rows) * (size + 2)), (0, 0, 0))
+        draw = ImageDraw.Draw(sheet)
+        for r, (row, word) in enumerate(zip(rows, words)):
+            for f in range(frames):
+                tile = Image.fromarray((row[f].clamp(0, 1) * 255).byte().numpy())
+                sheet.paste(tile.resize((size, size), Image.Resampling.NEAREST), (margin + f * (size + 2), r * (size + 2)))
+            draw.text((2, r * (size + 2) + size // 2 - 5), word, fill=(255, 255, 255), font=ImageFont.load_default())
+        return np.asarray(sheet)
+
     def save(self, out_dir: str | Path, *, fps: Optional[float] = None, scale: Optional[int] = None,
              mp4: bool = True) -> list[Path]:
         """Write ``NNNNNN.gif`` (looping) and ``NNNNNN.mp4`` (H.264, yuv420p) per clip,
         ``contact_sheet.png`` (one row of frames per clip, metadata in tEXt chunks),
-        ``metadata.json`` and, with a trajectory, ``NNNNNN_trajectory.png`` per clip (first 8): for
-        each recorded step a row of the predicted clean frames, then a row of the noisy state. ``scale``: integer enlargement (default: at least 64 px wide). Each
+        ``metadata.json``, with a trajectory ``NNNNNN_trajectory.png`` per clip (first 8): for each
+        recorded step a row of the predicted clean frames, then a row of the noisy state, and with
+        attention maps ``NNNNNN_attention.png`` per clip (``attention_sheet``). ``scale``: integer
+        enlargement (default: at least 64 px wide). Each
         file is written whole or not at all. Returns the paths written."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +162,12 @@ class VideoPipelineOutput:
                 written.append(save_contact_sheet(rows, out / f"{i:06d}_trajectory.png", scale=scale, metadata={
                     **self.sample_metadata(i), "trajectory_steps": steps,
                     "layout": "per step: a row of predicted clean frames (x0), then a row of the noisy state (x_t)"}))
+        for i in range(len(self.tensors) if self.attention_maps is not None else 0):
+            path = out / f"{i:06d}_attention.png"
+            save_png(self.attention_sheet(i, scale), path, {
+                **self.sample_metadata(i),
+                "layout": "the clip's frames, then per prompt word its cross-attention map in each frame (DAAM)"})
+            written.append(path)
         meta = {"shared": {**self.metadata, "fps": f"{fps:g}"},
                 "samples": [self.sample_metadata(i) for i in range(len(self.tensors))]}
         tmp = out / ".metadata.json.tmp"
@@ -219,10 +253,10 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
 
     def draw_clips(
         self, plan: SamplingPlan, frames: int, *, fps: float, batch_size: int, progress: Optional[Callable[[int], None]],
-        conditions: Optional[tuple[Any, Any]] = None,
+        conditions: Optional[tuple[Any, Any]] = None, hooks: Sequence[Any] = (),
     ) -> VideoPipelineOutput:
         """Draw the clips of a checked ``plan`` (``plan.labels``, or ``conditions`` = (prompts,
-        null prompts) encoded for a prompt model; see ``sample_batches``): ``(n, C, frames, S, S)``
+        null prompts) encoded for a prompt model; ``hooks``: ``BatchHook``s; see ``sample_batches``): ``(n, C, frames, S, S)``
         float32 clips in [-1, 1] with their frames, metadata and trajectory. Progress counts
         frames x steps."""
         d = self.cfg.data
@@ -236,7 +270,7 @@ class VideoPipeline(LatentDecoding, DenoisingPipeline):
         channels = channels or 1
         clips = self.sample_batches(plan.labels, plan.generators, plan.n, (channels, frames, size, size),
                                     guide_channels=channels, callback=recorder.callback(progress, frames),
-                                    batch_size=batch_size, conditions=conditions, **plan.sampling,
+                                    batch_size=batch_size, conditions=conditions, hooks=list(hooks), **plan.sampling,
                                     finish=self.decode_clips if d.latent_channels else None)
         metadata = self.sampling_metadata(plan)
         metadata.update({"num_frames": str(frames), "trained_frames": str(self.trained_frames)})
