@@ -167,3 +167,35 @@ def test_keep_best_needs_evaluations():
     cfg.train.keep_best = True
     with pytest.raises(ConfigError, match="set train.eval_every"):
         cfg.validate()
+
+
+def test_a_text_model_fine_tunes_from_a_text_run_with_its_tokenizer(tmp_path):
+    """--init-from a ditkit text run onto a user's own corpus: the TextDiT starts from the source's EMA
+    weights (not read as a class DiT) and the new run reads the source's tokenizer, whose ids the
+    embeddings were trained on; a tokenizer fitted on this smaller corpus would have fewer rows."""
+    from ditkit.builders import build_model
+
+    base = train(dataclass_run(tmp_path, "base", steps=2), log=lambda message: None)
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("".join(f"{a}+{a}={2 * a}\n" for a in range(1, 5)) * 40, encoding="utf-8")
+    cfg = dataclass_run(tmp_path, "tuned", steps=2)
+    cfg.data.dataset, cfg.train.init_from = str(corpus), str(base.run_dir)
+    with pytest.raises(ConfigError, match=r"character '\\n' is not in the vocabulary"):  # the source never saw it
+        train(cfg, log=lambda message: None)
+    corpus.write_text("".join(f"{a}+{b}={a + b}" for a in range(1, 60) for b in range(1, 30)), encoding="utf-8")
+    tuned = train(cfg, log=lambda message: None)
+    assert (tuned.run_dir / "text_tokenizer.json").read_text() == (base.run_dir / "text_tokenizer.json").read_text()
+    assert json.loads((tuned.run_dir / "init_from.json").read_text())["kind"] == "ditkit"
+    fresh = build_model(load(tuned.run_dir, device="cpu").cfg)
+    from ditkit.interop import init_from
+
+    init_from(fresh, base.run_dir)
+    base_ema = load_file(sorted((base.run_dir / "checkpoints").iterdir())[-1] / "ema.safetensors")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in base_ema.items())
+
+
+def dataclass_run(tmp_path, name, steps):
+    cfg = get_recipe("text_sums")
+    cfg.train.max_steps, cfg.train.ckpt_every = steps, steps
+    cfg.run.results_dir, cfg.run.run_name = str(tmp_path), name
+    return cfg
