@@ -265,3 +265,53 @@ def test_training_after_sampling_under_inference_mode() -> None:
     model.train()
     model(clip(), T2, Y2).square().mean().backward()
     assert model.x_embedder.proj.weight.grad is not None
+
+
+# ---- RoPE (pos_embed="rope") -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["interleaved", "full"])
+def test_rope_keeps_the_weights_and_runs_at_any_size(attention: str) -> None:
+    rope = tiny(attention=attention, pos_embed="rope")
+    assert rope.state_dict().keys() == tiny(attention=attention).state_dict().keys()  # nothing learned is added
+    out = rope(clip(F=6, H=24, W=32), T2, Y2)
+    assert out.shape == (2, 2, 6, 24, 32) and torch.isfinite(out).all()
+    # checkpointing passes the tables through: same output
+    ckpt = tiny(attention=attention, pos_embed="rope", grad_checkpointing=True).train()
+    ckpt.y_embedder.dropout_prob = 0.0
+    with torch.enable_grad():
+        assert torch.allclose(ckpt(clip(), T2, Y2), rope(clip(), T2, Y2), atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["interleaved", "full"])
+def test_rope_carries_no_absolute_position_and_keeps_frame_order(attention: str) -> None:
+    """With rotated queries and keys nothing marks where a token is: a clip of one constant value
+    comes out the same at every place and frame (sin-cos tables make the places differ). Relative
+    offsets still order the frames: reversing a clip does not reverse the output."""
+    rope, sincos = tiny(attention=attention, pos_embed="rope"), tiny(attention=attention)
+    flat = torch.full((1, 1, 4, 16, 16), 0.3)
+    out = rope(flat, T2[:1], Y2[:1])
+    patches = out.unfold(3, 4, 4).unfold(4, 4, 4)  # (1, C, F, 4, 4, p, p): every patch of every frame
+    first = patches[:, :, :1, :1, :1]
+    assert torch.allclose(patches, first.expand_as(patches), atol=1e-5)
+    sincos_patches = sincos(flat, T2[:1], Y2[:1]).unfold(3, 4, 4).unfold(4, 4, 4)
+    assert (sincos_patches - sincos_patches[:, :, :1, :1, :1]).abs().max() > 1e-3
+    x = clip()
+    assert (rope(x, T2, Y2) - rope(x.flip(2), T2, Y2).flip(2)).abs().max() > 1e-3
+
+
+def test_rope_tables_give_each_axis_its_channel_pairs() -> None:
+    from ditkit.models.layers import rope_2d, rope_axes
+
+    model = tiny(pos_embed="rope")  # head width 8: 4 pairs, 2 for rows and 2 for columns
+    (spatial_cos, spatial_sin), (temporal_cos, _) = model.rope_tables(5, 4, 4, torch.device("cpu"))
+    assert torch.equal(spatial_cos, rope_2d(4, 8)[0]) and torch.equal(spatial_sin, rope_2d(4, 8)[1])
+    assert temporal_cos.shape == (5, 4) and torch.equal(temporal_cos, rope_axes([torch.arange(5)], [4])[0])
+    full = Latte(**{**TINY, "hidden_size": 48, "num_heads": 4, "num_classes": 3, "attention": "full", "pos_embed": "rope"})
+    (cos, _), _ = full.rope_tables(2, 2, 3, torch.device("cpu"))  # head width 12: 6 pairs = 2 frame + 2 row + 2 column
+    f, r, c = torch.arange(2).repeat_interleave(6), torch.arange(2).repeat_interleave(3).repeat(2), torch.arange(3).repeat(4)
+    assert torch.equal(cos, rope_axes([f, r, c], [2, 2, 2])[0])
+    with pytest.raises(ValueError, match="pos_embed='alibi'"):
+        Latte(**TINY, pos_embed="alibi")
+    with pytest.raises(ValueError, match="must be even and >= 6"):
+        Latte(**{**TINY, "hidden_size": 16, "attention": "full", "pos_embed": "rope"})

@@ -15,10 +15,10 @@ from ditkit.registry import MODEL_BUILDERS
 
 __all__ = ["latte_kwargs", "prompt_latte_kwargs"]
 
-# ModelConfig fields a Latte takes (pos_embed and time_conditioning are image- or text-only).
+# ModelConfig fields a Latte takes (time_conditioning is text-only).
 _LATTE_MODEL_FIELDS = (
     "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "qk_norm", "norm", "mlp",
-    "grad_checkpointing", "timestep_freq_shift", "attention", "tubelet_size",
+    "grad_checkpointing", "timestep_freq_shift", "attention", "tubelet_size", "pos_embed",
 )
 
 
@@ -62,9 +62,14 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
     and objective decide (all but the classes); ConfigError for sizes that do not divide."""
     m, d = cfg.model, cfg.data
     kwargs.update({k: getattr(m, k) for k in _LATTE_MODEL_FIELDS if getattr(m, k) is not None})
-    for name in ("pos_embed", "time_conditioning"):
-        if getattr(m, name) is not None:
-            raise ConfigError(f"model.{name} is not an option of {m.name}: drop it")
+    if m.time_conditioning is not None:
+        raise ConfigError(f"model.time_conditioning is not an option of {m.name}: drop it")
+    if m.pos_embed is not None and m.pos_embed not in ("sincos", "rope"):
+        raise ConfigError(f"model.pos_embed={m.pos_embed!r}: {m.name} takes sincos or rope")
+    head = kwargs["hidden_size"] // kwargs["num_heads"]
+    if kwargs.get("pos_embed") == "rope" and (head % 2 or head < (6 if kwargs.get("attention") == "full" else 4)):
+        raise ConfigError(f"model.pos_embed=rope needs an even head width of at least "
+                          f"{6 if kwargs.get('attention') == 'full' else 4}; {m.name} has {head} (hidden_size / num_heads)")
     patch, frames = kwargs["patch_size"], d.num_frames or DEFAULT_NUM_FRAMES
     channels, side = model_input_shape(cfg)  # pixels, or per-frame VAE latents (--vae)
     if side % patch or (d.latent_channels and d.image_size % (d.vae_downsample or 1)):

@@ -26,6 +26,14 @@ the output layer predicts all k frames of each token.
 Sizes are not baked in: the sin-cos position tables are computed for the (F, H, W) of each call
 (no weights depend on them), so a model trained on 8 frames of 32 x 32 runs on 16 frames or at
 48 x 32. Positions past the trained range are extrapolated, not interpolated.
+
+Positions. ``pos_embed="sincos"`` (Latte's) adds the tables above. ``pos_embed="rope"`` adds none
+and rotates queries and keys instead (RoFormer, Su et al. 2021): 2-D axial RoPE over (row, column)
+in the spatial blocks, 1-D over the frame index in the temporal blocks, 3-D axial (frame, row,
+column) with full attention (as CogVideoX). Attention then depends on relative offsets only, so what
+the network learns about a digit at one place holds at every place: on ``moving_digits`` frames,
+where a digit may stand anywhere, that is what the sin-cos model takes long to learn
+(docs/video.md). Rotated tables are computed per call too.
 """
 
 from __future__ import annotations
@@ -46,11 +54,14 @@ from ditkit.models.layers import (
     TimestepEmbedder,
     init_adaln_zero,
     modulate,
+    rope_axes,
 )
 from ditkit.models.text_encoder import PromptCondition
 from ditkit.registry import MODEL_FAMILIES
 
 ATTENTION_KINDS = ("interleaved", "full")
+POS_EMBEDS = ("sincos", "rope")
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (tokens of one attention run, head_dim // 2)
 
 # ------------------------------------------------------------------------------------------------
 # Sin-cos position tables for any grid (MAE layout, as the image DiT), float64 -> cast by caller.
@@ -100,14 +111,15 @@ class SpaceTimeBlock(DiTBlock):
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, c: torch.Tensor, groups: int = 1, context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None, rope: Rope | None = None,
     ) -> torch.Tensor:
+        """``rope``: (cos, sin) of the T / groups tokens of one attention run, or None (sin-cos model)."""
         if groups == 1 and self.cross_attn is None:
-            return super().forward(x, c)
+            return super().forward(x, c, rope=rope)
         B, T, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(B * groups, T // groups, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h).reshape(B, T, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, rope=rope).reshape(B, T, D)
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block cross-attends to a caption: pass its states (context)")
@@ -157,8 +169,15 @@ class Latte(nn.Module):
         grad_checkpointing: bool = False,
         timestep_freq_shift: float = 0.0,
         caption_channels: int | None = None,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed={pos_embed!r}: choose one of {', '.join(POS_EMBEDS)}")
+        head = hidden_size // num_heads
+        if pos_embed == "rope" and (head % 2 or head < (6 if attention == "full" else 4)):
+            raise ValueError(f"RoPE rotates channel pairs, at least one per axis: the head width hidden_size / num_heads "
+                             f"= {head} must be even and >= {6 if attention == 'full' else 4}")
         if caption_channels and num_classes:
             raise ValueError(f"a prompt Latte (caption_channels={caption_channels}) takes no class labels: num_classes=0")
         if attention not in ATTENTION_KINDS:
@@ -170,6 +189,7 @@ class Latte(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_frames, self.tubelet_size, self.attention = num_frames, tubelet_size, attention
         self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.use_rope = pos_embed == "rope"
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
         self.grad_checkpointing = grad_checkpointing
@@ -189,7 +209,7 @@ class Latte(nn.Module):
         )
         out_per_token = tubelet_size * patch_size * patch_size * self.out_channels
         self.final_layer = FinalLayer(hidden_size, out_per_token, norm=norm)
-        self._pos_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pos_cache: dict[tuple, tuple[Any, Any]] = {}
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -225,6 +245,30 @@ class Latte(nn.Module):
             self._pos_cache[key] = (spatial, temporal)
         return self._pos_cache[key]
 
+    def rope_tables(self, frames: int, height: int, width: int, device: torch.device) -> tuple[Rope, Rope]:
+        """RoPE (cos, sin) for the two kinds of attention run, cached per size and device:
+        interleaved: (spatial over the ``height x width`` tokens of a frame, 2-D axial with half the
+        pairs each; temporal over ``frames``, 1-D); full: (3-D axial over all ``frames x height x
+        width`` tokens in (frame, row, column) order, a quarter of the pairs on the frame axis and the
+        rest split between rows and columns, twice)."""
+        key = ("rope", frames, height, width, device)
+        if key not in self._pos_cache:
+            pairs = self.hidden_size // self.num_heads // 2
+            rows, cols = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+            with torch.inference_mode(False), torch.no_grad():
+                if self.attention == "full":
+                    n = height * width
+                    time_pairs = pairs - 2 * (3 * pairs // 8)
+                    axes = [torch.arange(frames).repeat_interleave(n), rows.repeat(frames), cols.repeat(frames)]
+                    full = rope_axes(axes, [time_pairs, 3 * pairs // 8, 3 * pairs // 8])
+                    tables = (tuple(t.to(device) for t in full), tuple(t.to(device) for t in full))
+                else:
+                    spatial = rope_axes([rows, cols], [pairs // 2, pairs - pairs // 2])
+                    temporal = rope_axes([torch.arange(frames)], [pairs])
+                    tables = (tuple(t.to(device) for t in spatial), tuple(t.to(device) for t in temporal))
+            self._pos_cache[key] = tables  # type: ignore[assignment]
+        return self._pos_cache[key]  # type: ignore[return-value]
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless x is (B, in_channels, F, H, W) with F divisible by the
         tubelet size and H, W by the patch size."""
@@ -258,10 +302,15 @@ class Latte(nn.Module):
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.embed(x)  # (B, F', N, D)
         B, frames, N, D = tokens.shape
-        spatial_pos, temporal_pos = self.position_tables(frames, h, w, tokens.device, tokens.dtype)
-        tokens = tokens + spatial_pos
-        if self.attention == "full":
-            tokens = tokens + temporal_pos
+        if self.use_rope:  # rotated queries and keys instead of added tables
+            spatial_rope, temporal_rope = self.rope_tables(frames, h, w, tokens.device)
+            temporal_pos = None
+        else:
+            spatial_rope = temporal_rope = None
+            spatial_pos, temporal_pos = self.position_tables(frames, h, w, tokens.device, tokens.dtype)
+            tokens = tokens + spatial_pos
+            if self.attention == "full":
+                tokens = tokens + temporal_pos
 
         c = self.t_embedder(t)  # (B, D)
         context = context_mask = None
@@ -280,29 +329,30 @@ class Latte(nn.Module):
         if self.attention == "full":
             out = tokens.reshape(B, frames * N, D)
             for i in range(len(self.blocks)):
-                out = self._run(i, out, c, 1, context, context_mask)
+                out = self._run(i, out, c, 1, context, context_mask, spatial_rope)
         else:
             out = tokens.reshape(B, frames * N, D)  # (frame, patch) order
             for i in range(0, len(self.blocks), 2):
-                out = self._run(i, out, c, frames, context, context_mask)  # spatial: within each frame
+                out = self._run(i, out, c, frames, context, context_mask, spatial_rope)  # spatial: within each frame
                 out = out.view(B, frames, N, D).transpose(1, 2)  # (B, N, F', D): (patch, frame) order
-                if i == 0:
+                if i == 0 and temporal_pos is not None:
                     out = out + temporal_pos.transpose(1, 2)  # (1, 1, F', D): Latte adds it here once
-                out = self._run(i + 1, out.reshape(B, N * frames, D), c, N)  # temporal
+                out = self._run(i + 1, out.reshape(B, N * frames, D), c, N, rope=temporal_rope)  # temporal
                 out = out.view(B, N, frames, D).transpose(1, 2).reshape(B, frames * N, D)
         out = self.final_layer(out, c)  # (B, F' * N, k*p*p*C_out)
         return self.unpatchify(out, frames, h, w)
 
     def _run(self, index: int, x: torch.Tensor, c: torch.Tensor, groups: int, context: torch.Tensor | None = None,
-             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+             context_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         """Block ``index`` on x (B, T, D), with activation checkpointing when asked (training only);
-        ``context`` / ``context_mask``: the projected caption, for the blocks that read it."""
+        ``context`` / ``context_mask``: the projected caption, for the blocks that read it; ``rope``:
+        the rotation tables of this block's attention runs (RoPE models)."""
         block = self.blocks[index]
         if block.cross_attn is None:
             context = context_mask = None
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, groups, context, context_mask, use_reentrant=False)
-        return block(x, c, groups, context, context_mask)
+            return checkpoint(block, x, c, groups, context, context_mask, rope, use_reentrant=False)
+        return block(x, c, groups, context, context_mask, rope)
 
 
 class TubeletEmbed(nn.Module):

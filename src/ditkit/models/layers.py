@@ -112,8 +112,15 @@ def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> tuple[torc
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
     idx = torch.arange(grid_size)
-    rows, cols = idx.repeat_interleave(grid_size), idx.repeat(grid_size)
-    angles = torch.cat([rope_angles(rows, head_dim // 2, theta), rope_angles(cols, head_dim // 2, theta)], -1)
+    return rope_axes([idx.repeat_interleave(grid_size), idx.repeat(grid_size)], [head_dim // 4, head_dim // 4], theta)
+
+
+def rope_axes(axes: list[torch.Tensor], pairs: list[int], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial RoPE over several axes: token ``n`` has integer coordinate ``axes[a][n]`` on axis ``a``,
+    whose rotation uses ``pairs[a]`` of the head's channel pairs (``sum(pairs) = head_dim // 2``).
+    Returns (cos, sin), each (N, head_dim // 2) float32: ``rope_2d`` is the case ``[rows, cols]``
+    with ``head_dim // 4`` pairs each."""
+    angles = torch.cat([rope_angles(pos, 2 * k, theta) for pos, k in zip(axes, pairs)], -1)
     return angles.cos().float(), angles.sin().float()
 
 
