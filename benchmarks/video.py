@@ -10,7 +10,8 @@ Three ways to model a clip, each as a ``Latte-T/4``-sized network (hidden 64, 4 
 * ``full``: every block attends over all F x N space-time tokens (CogVideoX-style);
 * ``frames``: the image DiT (``DiT-T/4``) trained on single frames with the clip's label and
   sampled frame by frame (each frame its own seed): the floor for temporal coherence, since
-  nothing ties the frames of a clip together.
+  nothing ties the frames of a clip together. ``--frame-layout centred|lattice`` trains it on still
+  digits instead (at the frame centre, or on patch-aligned places): what the frames' difficulty is.
 
 Cost (``--frames 8 16 32``, batch ``--batch-size``): median seconds of one AdamW training step of
 4 (one warm-up first), MACs of one forward pass per clip, and the activation memory of one step,
@@ -112,18 +113,39 @@ def cost(variant: str, frames: int, batch_size: int, steps: int = 3) -> dict[str
             "params": sum(p.numel() for p in model.parameters())}
 
 
+FRAME_LAYOUTS = ("moving", "centred", "lattice")
+
+
 class FrameDataset:
-    """The recipe's clips as single frames ``(N * F, 1, 32, 32)`` with their clip's label: an image
-    dataset for the trainer (``images``, ``labels``, ``num_classes``, ``class_names``, ``source``)."""
+    """Single 32 x 32 frames with a ``digit_direction`` label: an image dataset for the trainer
+    (``images``, ``labels``, ``num_classes``, ``class_names``, ``source``).
 
-    def __init__(self, num_items: int) -> None:
-        from ditkit.data.video import make_moving_digits
+    ``layout``: ``moving`` (the recipe's clips cut into frames ``(N * F, 1, 32, 32)``, each with its
+    clip's label), or a diagnostic of what makes those frames hard: each training-split digit once,
+    at the clip's 14-pixel size, standing still ``centred`` in the frame, or on a ``lattice`` of 5 x 5
+    places 4 pixels apart (whole patches of a /4 model), labelled ``digit * 4`` (direction 0)."""
 
-        clips = make_moving_digits(num_items, 32, 8, 1, 4, "digit_direction", split="train")
-        self.images = clips.clips.transpose(1, 2).reshape(-1, 1, 32, 32)  # (N * F, 1, 32, 32)
-        self.labels = clips.labels.repeat_interleave(8)
-        self.num_classes, self.class_names, self.channels = 40, clips.class_names, 1
-        self.source = "frames of moving_digits"
+    def __init__(self, num_items: int, layout: str = "moving") -> None:
+        from ditkit.data.images import center_crop_resize
+        from ditkit.data.video import _mnist_digits, make_moving_digits
+
+        self.num_classes, self.channels, self.source = 40, 1, f"frames of moving_digits ({layout})"
+        if layout == "moving":
+            clips = make_moving_digits(num_items, 32, 8, 1, 4, "digit_direction", split="train")
+            self.images = clips.clips.transpose(1, 2).reshape(-1, 1, 32, 32)  # (N * F, 1, 32, 32)
+            self.labels = clips.labels.repeat_interleave(8)
+            self.class_names = clips.class_names
+            return
+        pool, digits = _mnist_digits()
+        train_split = torch.arange(pool.shape[0]) % 10 != 0  # make_moving_digits' split="train"
+        glyphs = center_crop_resize(pool[train_split], 14)  # (P, 1, 14, 14): 7/16 of the frame, as the clips
+        self.images = torch.zeros(glyphs.shape[0], 1, 32, 32, dtype=torch.uint8)
+        corners = torch.randint(0, 5, (glyphs.shape[0], 2), generator=torch.Generator().manual_seed(0)) * 4
+        for i, glyph in enumerate(glyphs):
+            x, y = (9, 9) if layout == "centred" else (int(corners[i, 0]), int(corners[i, 1]))
+            self.images[i, :, y:y + 14, x:x + 14] = glyph
+        self.labels = digits[train_split].to(torch.int64) * 4
+        self.class_names = [f"{d} {k}" for d in range(10) for k in range(4)]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -137,8 +159,11 @@ def frames_as_clips(pipe: Any, labels: list[int], num_frames: int, steps: int, s
     return out.tensors.view(n, num_frames, c, h, w).transpose(1, 2)
 
 
-def quality(variant: str, budget: str, out_dir: Path, num_samples: int, cache: Path) -> dict[str, Any]:
-    """Train ``variant`` for ``budget`` and score ``num_samples`` clips with the judges."""
+def quality(variant: str, budget: str, out_dir: Path, num_samples: int, cache: Path,
+            frame_layout: str = "moving") -> dict[str, Any]:
+    """Train ``variant`` for ``budget`` and score ``num_samples`` clips with the judges (the
+    ``frames`` variant on ``FrameDataset(layout=frame_layout)``: other layouts than ``moving`` are
+    scored on their digits only, since their frames neither move nor look like the clips)."""
     import ditkit
     from ditkit.data.video import make_moving_digits
     from ditkit.eval.video import (VideoJudgeConfig, clip_frechet_distance, evaluate_video, get_video_judges,
@@ -150,7 +175,7 @@ def quality(variant: str, budget: str, out_dir: Path, num_samples: int, cache: P
     cfg.run.results_dir, cfg.run.run_name = str(out_dir / "runs"), variant
     if variant == "frames":
         cfg.train.global_batch_size = 128  # 16 clips' worth of frames per step
-        result = train(cfg, dataset=FrameDataset(cfg.data.num_items), log=lambda m: None)
+        result = train(cfg, dataset=FrameDataset(cfg.data.num_items, frame_layout), log=lambda m: None)
     else:
         result = train(cfg, log=lambda m: None)
     pipe = ditkit.load(result.run_dir, device="cpu")
@@ -160,9 +185,12 @@ def quality(variant: str, budget: str, out_dir: Path, num_samples: int, cache: P
         report = evaluate_video(pipe, num_samples, cache_dir=cache)
         return {**row, **report["metrics"], "fd_real_vs_real": report["real"]["fd_real_vs_real"]}
     judges = get_video_judges(cache, VideoJudgeConfig())
-    labels = [i % 40 for i in range(num_samples)]
+    labels = [i % 40 for i in range(num_samples)] if frame_layout == "moving" else [(i % 10) * 4 for i in range(num_samples)]
     clips = frames_as_clips(pipe, labels, 8, steps, pipe.cfg.sample.seed)
     digits, directions = requested_attributes(labels, "digit_direction", 4)
+    if frame_layout != "moving":
+        row["frame_layout"] = frame_layout
+        return {**row, **{k: round(v, 4) for k, v in score_clips(judges, clips, digits).items()}}
     scores = score_clips(judges, clips, digits, directions)
     common = dict(image_size=32, num_frames=8, num_directions=4, label="digit_direction", split="test")
     reference, second = make_moving_digits(num_samples, seed=1, **common), make_moving_digits(num_samples, seed=2, **common)
@@ -190,6 +218,9 @@ def main() -> None:
                         help="recipe overrides for every variant, e.g. model.name=Latte-T/2 (the frames variant "
                              "takes the DiT of the same size)")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost table (quality only)")
+    parser.add_argument("--frame-layout", choices=FRAME_LAYOUTS, default="moving",
+                        help="frames variant: the clips' frames (moving), or each digit once, still, centred or on a "
+                             "patch-aligned lattice (a diagnostic of what makes the frames hard)")
     args = parser.parse_args()
     from ditkit.config import parse_set_option
 
@@ -206,7 +237,7 @@ def main() -> None:
     if args.budget:
         for variant in args.variants:
             results["quality"].append(quality(variant, args.budget, args.out_dir, args.num_samples,
-                                              args.cache_dir or cache_dir("eval")))
+                                              args.cache_dir or cache_dir("eval"), args.frame_layout))
             print(json.dumps(results["quality"][-1]), flush=True)
     (args.out_dir / "video.json").write_text(json.dumps(results, indent=2) + "\n")
     text = "## Cost as frames grow\n\n" + table(results["cost"], ["variant", "frames", "batch_size", "step_s",
