@@ -336,9 +336,16 @@ def test_a_prompt_model_fine_tunes_from_a_prompt_run_with_its_tokenizer_lora_and
 
     base_ema = _weights(run_dir)[1]
     folder = _caption_folder(tmp_path)
-    cfg = _folder_cfg(tmp_path, folder, "lora", image_size=32)
-    cfg.train.init_from, cfg.train.lora_rank = str(run_dir), 4
-    lora = loop.train(cfg, log=lambda m: None).run_dir
+    def lora_cfg(**data):
+        cfg = _folder_cfg(tmp_path, folder, "lora", image_size=32, **data)
+        cfg.train.init_from, cfg.train.lora_rank = str(run_dir), 4
+        return cfg
+
+    with pytest.raises(ConfigError, match="reads captions with caption_tokenizer='grammar'"):  # asked for another kind
+        loop.train(lora_cfg(caption_tokenizer="bytes"), log=lambda m: None)
+    lora = loop.train(lora_cfg(), stop_at_step=1, log=lambda m: None).run_dir
+    # resumed from Python with the config it started from (whose tokenizer fields say "auto")
+    assert loop.train(lora_cfg(), resume=lora, log=lambda m: None).step == 2
     source_tokenizer = (run_dir / "text_tokenizer.json").read_text(encoding="utf-8")
     assert (lora / "text_tokenizer.json").read_text(encoding="utf-8") == source_tokenizer
     pipe = ditkit.load(lora, device="cpu")

@@ -468,3 +468,41 @@ def test_attention_maps_per_word_and_frame_from_the_pipeline_and_the_cli(trained
         sheet = Image.open(sheet_dir / f"{i:06d}_attention.png")
         assert sheet.height == 5 * (16 * 4 + 2) and "cross-attention map" in sheet.text["layout"]
         assert sheet.text["prompt"] == "a 5 moving down"
+
+
+def test_attention_maps_keep_each_frame_apart_in_a_real_latte():
+    """The recorder's (frame, patch) reading matches Latte's token order: in a T2V-Latte whose first
+    (spatial, cross-attending) block runs before any temporal mixing, changing only the last frame of
+    the input changes only the last frame's attention map of one network call."""
+    from ditkit.pipelines.prompt import AttentionMaps
+
+    torch.manual_seed(0)
+    model = PromptDiT(backbone="latte", input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2,
+                      num_heads=2, num_classes=0, learn_sigma=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    recorder = AttentionMaps(model.cross_attention_modules(), leading=(4,))
+    ids = torch.tensor([[2, 10, 11, 12]])
+    x = torch.randn(1, 1, 4, 16, 16)
+    changed = x.clone()
+    changed[:, :, 3] = torch.randn(1, 1, 16, 16)
+    for clip in (x, changed):
+        with recorder.batch(0, 1), torch.no_grad():
+            recorder.wrap(model)(clip, torch.tensor([500.0]), ids)
+    before, after = recorder.maps  # (1, F, g, g, L) each
+    assert torch.equal(before[:, :3], after[:, :3]) and not torch.allclose(before[:, 3], after[:, 3])
+
+
+def test_init_from_a_run_of_another_layout_or_without_its_tokenizer_is_refused(tmp_path):
+    from ditkit.train.loop import train
+
+    source = train(tiny_cfg(tmp_path, "source", max_steps=1), log=quiet).run_dir
+    rope = tiny_cfg(tmp_path, "rope", max_steps=1, init_from=str(source))
+    rope.model.pos_embed = "rope"  # the same tensors, another computation
+    with pytest.raises(ConfigError, match=r"model.pos_embed='sincos' and this run asks for 'rope'"):
+        train(rope, log=quiet)
+    for path in source.rglob("text_tokenizer.json"):
+        path.unlink()
+    with pytest.raises(ConfigError, match="holds no text_tokenizer.json"):
+        train(tiny_cfg(tmp_path, "lost", max_steps=1, init_from=str(source)), log=quiet)

@@ -170,9 +170,10 @@ def test_keep_best_needs_evaluations():
 
 
 def test_a_text_model_fine_tunes_from_a_text_run_with_its_tokenizer(tmp_path):
-    """--init-from a ditkit text run onto a user's own corpus: the TextDiT starts from the source's EMA
-    weights (not read as a class DiT) and the new run reads the source's tokenizer, whose ids the
-    embeddings were trained on; a tokenizer fitted on this smaller corpus would have fewer rows."""
+    """--init-from a ditkit text run onto a user's own corpus: the new run reads the source's tokenizer,
+    whose ids the embeddings were trained on (a tokenizer fitted on this smaller corpus would have
+    fewer rows), and ``init_from`` loads the source's EMA weights into a TextDiT (it read every source
+    as a class DiT before)."""
     from ditkit.builders import build_model
 
     base = train(dataclass_run(tmp_path, "base", steps=2), log=lambda message: None)

@@ -66,10 +66,6 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"model.time_conditioning is not an option of {m.name}: drop it")
     if m.pos_embed is not None and m.pos_embed not in ("sincos", "rope"):
         raise ConfigError(f"model.pos_embed={m.pos_embed!r}: {m.name} takes sincos or rope")
-    head = kwargs["hidden_size"] // kwargs["num_heads"]
-    if kwargs.get("pos_embed") == "rope" and (head % 2 or head < (6 if kwargs.get("attention") == "full" else 4)):
-        raise ConfigError(f"model.pos_embed=rope needs an even head width of at least "
-                          f"{6 if kwargs.get('attention') == 'full' else 4}; {m.name} has {head} (hidden_size / num_heads)")
     patch, frames = kwargs["patch_size"], d.num_frames or DEFAULT_NUM_FRAMES
     channels, side = model_input_shape(cfg)  # pixels, or per-frame VAE latents (--vae)
     if side % patch or (d.latent_channels and d.image_size % (d.vae_downsample or 1)):
@@ -87,6 +83,10 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"model.depth={kwargs['depth']}: interleaved attention pairs spatial and temporal blocks, use an even depth")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
+    head = kwargs["hidden_size"] // kwargs["num_heads"]
+    if kwargs.get("pos_embed") == "rope" and (head % 2 or head < (6 if kwargs.get("attention") == "full" else 4)):
+        raise ConfigError(f"model.pos_embed=rope needs an even head width of at least "
+                          f"{6 if kwargs.get('attention') == 'full' else 4}; {m.name} has {head} (hidden_size / num_heads)")
     kwargs.update(
         input_size=side,
         num_frames=frames,

@@ -148,8 +148,8 @@ def _same_architecture(
         raise InteropError(f"--class-map is for class DiT models: a {name} starts from a run of its own architecture, "
                            "label table included")
     if record["kind"] != "ditkit":
-        raise InteropError(f"--init-from {record['source']}: a {name} starts only from a ditkit run of the same model "
-                           f"({record['kind']} weights are class DiT weights)")
+        raise InteropError(f"--init-from {record['source']}: a {name} starts only from a ditkit run or checkpoint folder "
+                           f"of the same model (point --init-from at the folder, not a weights file)")
     check_state_dict(model, state, what=f"--init-from source {record['source']}",
                      hint=f"a {name} starts only from a run of the same model and data sizes (model.name, "
                           "image size, channels, vocabulary)")

@@ -26,6 +26,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.images import ImageDataset
 from ditkit.data.latents import LatentCache, build_latent_cache
 from ditkit.interop.finetune import init_from
+from ditkit.models.dit import DiT
 from ditkit.interop.vae import LatentVAE, load_vae
 
 __all__ = ["INIT_RECORD", "parse_class_map", "prepare_latent_data", "apply_init_from"]
@@ -100,6 +101,27 @@ def prepare_latent_data(
     return resolved, cache, vae
 
 
+# Model options that change what a network computes without changing its tensors (keys and shapes
+# match either way), with what None means for every family that has them.
+_LAYOUT_DEFAULTS = {"pos_embed": "sincos", "attention": "interleaved", "tubelet_size": 1, "timestep_freq_shift": 0.0}
+
+
+def _check_same_layout(cfg: Config, folder: Path) -> None:
+    """ConfigError when the ditkit source in ``folder`` (its ``config.json``) was built with another
+    value of an option that leaves the tensors' shapes alone (``_LAYOUT_DEFAULTS``): its weights would
+    load and compute something else."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    theirs = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    for key, default in _LAYOUT_DEFAULTS.items():
+        ours, source = getattr(cfg.model, key, None), theirs.get(key)
+        ours, source = default if ours is None else ours, default if source is None else source
+        if ours != source:
+            raise ConfigError(f"--init-from {folder} was trained with model.{key}={source!r} and this run asks for "
+                              f"{ours!r}: its weights would compute something else; use --set model.{key}={source}")
+
+
 def apply_init_from(
     model: torch.nn.Module, cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print,
     write_record: bool = True,
@@ -118,6 +140,8 @@ def apply_init_from(
         record = init_from(model, t.init_from, class_map, generator=torch.Generator().manual_seed(t.seed))
     finally:
         model.to(device)
+    if record["kind"] == "ditkit" and not isinstance(model, DiT):
+        _check_same_layout(cfg, Path(record["init_from"]))
     if write_record:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,9 @@ Sizes are not baked in: the sin-cos position tables are computed for the (F, H, 
 Positions. ``pos_embed="sincos"`` (Latte's) adds the tables above. ``pos_embed="rope"`` adds none
 and rotates queries and keys instead (RoFormer, Su et al. 2021): 2-D axial RoPE over (row, column)
 in the spatial blocks, 1-D over the frame index in the temporal blocks, 3-D axial (frame, row,
-column) with full attention (as CogVideoX). Attention then depends on relative offsets only, so what
-the network learns about a digit at one place holds at every place: on ``moving_digits`` frames,
-where a digit may stand anywhere, that is what the sin-cos model takes long to learn
-(docs/video.md). Rotated tables are computed per call too.
+column) with full attention (as CogVideoX). Attention then depends on relative offsets only, the
+same at every place. (On ``moving_digits``, where a digit may stand anywhere, it did not shorten
+training at the CPU budget: docs/video.md.) Rotated tables are computed per call too.
 """
 
 from __future__ import annotations
@@ -248,9 +247,9 @@ class Latte(nn.Module):
     def rope_tables(self, frames: int, height: int, width: int, device: torch.device) -> tuple[Rope, Rope]:
         """RoPE (cos, sin) for the two kinds of attention run, cached per size and device:
         interleaved: (spatial over the ``height x width`` tokens of a frame, 2-D axial with half the
-        pairs each; temporal over ``frames``, 1-D); full: (3-D axial over all ``frames x height x
-        width`` tokens in (frame, row, column) order, a quarter of the pairs on the frame axis and the
-        rest split between rows and columns, twice)."""
+        channel pairs for rows and half for columns; temporal over ``frames``, 1-D); full: (3-D axial
+        over all ``frames x height x width`` tokens in (frame, row, column) order, ``3P // 8`` of the
+        ``P`` pairs each for rows and columns and the rest for frames, twice)."""
         key = ("rope", frames, height, width, device)
         if key not in self._pos_cache:
             pairs = self.hidden_size // self.num_heads // 2

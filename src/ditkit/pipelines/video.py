@@ -163,10 +163,14 @@ class VideoPipelineOutput:
                     **self.sample_metadata(i), "trajectory_steps": steps,
                     "layout": "per step: a row of predicted clean frames (x0), then a row of the noisy state (x_t)"}))
         for i in range(len(self.tensors) if self.attention_maps is not None else 0):
-            path = out / f"{i:06d}_attention.png"
-            save_png(self.attention_sheet(i, scale), path, {
-                **self.sample_metadata(i),
-                "layout": "the clip's frames, then per prompt word its cross-attention map in each frame (DAAM)"})
+            path, tmp = out / f"{i:06d}_attention.png", out / f".{i:06d}_attention.partial.png"
+            try:  # whole or not at all, as the other files
+                save_png(self.attention_sheet(i, scale), tmp, {
+                    **self.sample_metadata(i),
+                    "layout": "the clip's frames, then per prompt word its cross-attention map in each frame (DAAM)"})
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
             written.append(path)
         meta = {"shared": {**self.metadata, "fps": f"{fps:g}"},
                 "samples": [self.sample_metadata(i) for i in range(len(self.tensors))]}

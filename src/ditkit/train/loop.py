@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ditkit.builders import build_model, check_model_config, training_objective
-from ditkit.config import Config, ConfigError
+from ditkit.config import Config, ConfigError, DataConfig
 from ditkit.data import EpochBatchSampler, is_caption_data, load_dataset
 from ditkit.train.checkpoint import (
     CONFIG_FILE,
@@ -89,6 +89,8 @@ RESUMABLE_SECTIONS = ("train", "run", "sample")
 # data fields training fills in from the data: not given (None) means "take the checkpoint's"
 _DATA_FROM_TRAINING = ("channels", "num_classes", "vocab_size", "latent_channels", "vae_downsample", "class_names",
                        "text_encoder_sha256", "text_encoder_dim", "caption_vocab_size")
+# data fields a prompt fine-tune takes from its --init-from source's caption tokenizer
+_DATA_FROM_INIT_SOURCE = ("caption_tokenizer", "max_caption_length")
 COMPILE_AUTO_MIN_STEPS = 5_000
 
 
@@ -197,11 +199,14 @@ def preflight(cfg: Config, *, check_model: bool = True, check_data: bool = True)
 
 
 def _check_resume_config(cfg: Config, saved: Config, ckpt: Path) -> None:
+    defaults = dataclasses.asdict(DataConfig())
     for section in ("model", "objective", "data"):
         ours, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
         for key, value in ours.items():
             if section == "data" and key in _DATA_FROM_TRAINING and value is None:
                 continue  # not given: taken from the checkpoint
+            if section == "data" and key in _DATA_FROM_INIT_SOURCE and saved.train.init_from and value == defaults[key]:
+                continue  # a fine-tune took these from its source's tokenizer (_init_source_caption_fields)
             if value != theirs.get(key):
                 raise ConfigError(
                     f"cannot resume {ckpt} with {section}.{key}={value!r}: it was trained with {theirs.get(key)!r}. "
@@ -224,9 +229,10 @@ def _load_data(cfg: Config, ckpt_in: Optional[Path]) -> Any:
         from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict
 
         if where:
-            dataset = load_dataset(cfg.data, caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8"))))
-            if ckpt_in is None:  # --init-from a prompt run: its tokenizer kind and length size the encoder
-                dataset.data_fields.update(_init_source_caption_fields(where[0]))
+            tokenizer = caption_tokenizer_from_dict(json.loads((where[0] / TOKENIZER_FILE).read_text(encoding="utf-8")))
+            fields = _init_source_caption_fields(cfg, tokenizer, where[0]) if ckpt_in is None else {}
+            dataset = load_dataset(cfg.data, tokenizer)
+            dataset.data_fields.update(fields)  # --init-from a prompt run: its tokenizer's kind and length size the encoder
             return dataset
         if ckpt_in is not None and is_caption_data(cfg.data) and not cfg.data.text_encoder:
             # never fit again: older runs rebuild theirs from the config, a fitted one is a ConfigError
@@ -249,20 +255,33 @@ def _init_source_tokenizer(cfg: Config) -> list[Path]:
     if not source.is_dir() or (cfg.modality != "text" and not (is_caption_data(cfg.data) and not cfg.data.text_encoder)):
         return []
     steps = sorted((p for p in (source / "checkpoints").glob("step_*") if p.is_dir()), key=lambda p: p.name)
-    return [d for d in (*steps[-1:], source) if (d / TOKENIZER_FILE).is_file()][:1]
+    found = [d for d in (*steps[-1:], source) if (d / TOKENIZER_FILE).is_file()][:1]
+    if not found and any((d / CONFIG_FILE).is_file() for d in (*steps[-1:], source)):  # a ditkit run or checkpoint
+        raise ConfigError(f"--init-from {source} holds no {TOKENIZER_FILE}, which a text or prompt model needs to "
+                          "read its token ids: start from a text or prompt run (or copy the file back beside its config.json)")
+    return found
 
 
-def _init_source_caption_fields(folder: Path) -> dict[str, Any]:
-    """The data fields a fine-tune takes from its prompt source's ``config.json`` in ``folder``: the
-    caption tokenizer's kind (``grammar`` / ``words`` / ``bytes``) and length, so the new run builds the
-    source's encoder (a grammar or byte encoder has 259 rows, a fitted one its vocabulary's)."""
-    from types import SimpleNamespace
+def _init_source_caption_fields(cfg: Config, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """The data fields a fine-tune takes from its prompt source's caption ``tokenizer`` (read from
+    ``folder``): its kind (``bytes``, the ``grammar`` of shapes_captions, or fitted ``words``) and
+    length, so the new run builds the source's encoder (a grammar or byte encoder has 259 rows, a
+    fitted one its vocabulary's). ConfigError when the user asked for another kind or length."""
+    from ditkit.data.captions import ByteCaptionTokenizer, caption_tokenizer
 
-    from ditkit.data.captions import caption_tokenizer_kind
-
-    data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("data", {})
-    return {"caption_tokenizer": caption_tokenizer_kind(SimpleNamespace(**data)),
-            "max_caption_length": int(data.get("max_caption_length") or 32)}
+    if isinstance(tokenizer, ByteCaptionTokenizer):
+        kind = "bytes"
+    else:
+        grammar = caption_tokenizer(dataclasses.replace(cfg.data, caption_tokenizer="grammar"))
+        kind = "grammar" if tokenizer.hf.get_vocab() == grammar.hf.get_vocab() else "words"
+    fields = {"caption_tokenizer": kind, "max_caption_length": int(tokenizer.max_length)}
+    defaults = DataConfig()
+    for key, value in fields.items():
+        asked = getattr(cfg.data, key)
+        if asked != getattr(defaults, key) and asked != value:
+            raise ConfigError(f"data.{key}={asked!r}: the --init-from source {folder} reads captions with "
+                              f"{key}={value!r}, which its weights need; drop the setting or start a fresh run")
+    return fields
 
 
 def _resolve_data(cfg: Config, dataset: Any) -> Config:
