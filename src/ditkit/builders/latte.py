@@ -8,7 +8,7 @@ from typing import Any
 
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import DEFAULT_NUM_FRAMES, Config, ConfigError
-from ditkit.models.latte import LATTE_PRESETS
+from ditkit.models.latte import LATTE_PRESETS, POS_EMBEDS, rope_head_problem
 from ditkit.builders.prompt import caption_kwargs
 from ditkit.models.prompt_dit import PROMPT_LATTE_PRESETS
 from ditkit.registry import MODEL_BUILDERS
@@ -64,8 +64,8 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs.update({k: getattr(m, k) for k in _LATTE_MODEL_FIELDS if getattr(m, k) is not None})
     if m.time_conditioning is not None:
         raise ConfigError(f"model.time_conditioning is not an option of {m.name}: drop it")
-    if m.pos_embed is not None and m.pos_embed not in ("sincos", "rope"):
-        raise ConfigError(f"model.pos_embed={m.pos_embed!r}: {m.name} takes sincos or rope")
+    if m.pos_embed is not None and m.pos_embed not in POS_EMBEDS:
+        raise ConfigError(f"model.pos_embed={m.pos_embed!r}: {m.name} takes {' or '.join(POS_EMBEDS)}")
     patch, frames = kwargs["patch_size"], d.num_frames or DEFAULT_NUM_FRAMES
     channels, side = model_input_shape(cfg)  # pixels, or per-frame VAE latents (--vae)
     if side % patch or (d.latent_channels and d.image_size % (d.vae_downsample or 1)):
@@ -83,10 +83,10 @@ def _clip_kwargs(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"model.depth={kwargs['depth']}: interleaved attention pairs spatial and temporal blocks, use an even depth")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"model.hidden_size={kwargs['hidden_size']} is not divisible by model.num_heads={kwargs['num_heads']}")
-    head = kwargs["hidden_size"] // kwargs["num_heads"]
-    if kwargs.get("pos_embed") == "rope" and (head % 2 or head < (6 if kwargs.get("attention") == "full" else 4)):
-        raise ConfigError(f"model.pos_embed=rope needs an even head width of at least "
-                          f"{6 if kwargs.get('attention') == 'full' else 4}; {m.name} has {head} (hidden_size / num_heads)")
+    if kwargs.get("pos_embed") == "rope":
+        problem = rope_head_problem(kwargs["hidden_size"], kwargs["num_heads"], kwargs.get("attention", "interleaved"))
+        if problem:
+            raise ConfigError(f"model.pos_embed=rope with {m.name}: {problem}")
     kwargs.update(
         input_size=side,
         num_frames=frames,

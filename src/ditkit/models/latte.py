@@ -62,6 +62,17 @@ ATTENTION_KINDS = ("interleaved", "full")
 POS_EMBEDS = ("sincos", "rope")
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (tokens of one attention run, head_dim // 2)
 
+
+def rope_head_problem(hidden_size: int, num_heads: int, attention: str) -> str | None:
+    """Why RoPE cannot rotate this head width, or None: it turns channel pairs, at least one pair per
+    axis (two axes in the spatial blocks, three with full attention), so the width must be even and
+    at least 4 (6 with full attention)."""
+    head, least = hidden_size // num_heads, 6 if attention == "full" else 4
+    if head % 2 or head < least:
+        return (f"RoPE rotates channel pairs, at least one per axis: the head width hidden_size / num_heads = {head} "
+                f"must be even and >= {least}")
+    return None
+
 # ------------------------------------------------------------------------------------------------
 # Sin-cos position tables for any grid (MAE layout, as the image DiT), float64 -> cast by caller.
 # ------------------------------------------------------------------------------------------------
@@ -173,10 +184,9 @@ class Latte(nn.Module):
         super().__init__()
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={pos_embed!r}: choose one of {', '.join(POS_EMBEDS)}")
-        head = hidden_size // num_heads
-        if pos_embed == "rope" and (head % 2 or head < (6 if attention == "full" else 4)):
-            raise ValueError(f"RoPE rotates channel pairs, at least one per axis: the head width hidden_size / num_heads "
-                             f"= {head} must be even and >= {6 if attention == 'full' else 4}")
+        problem = rope_head_problem(hidden_size, num_heads, attention) if pos_embed == "rope" else None
+        if problem:
+            raise ValueError(problem)
         if caption_channels and num_classes:
             raise ValueError(f"a prompt Latte (caption_channels={caption_channels}) takes no class labels: num_classes=0")
         if attention not in ATTENTION_KINDS:
@@ -255,17 +265,14 @@ class Latte(nn.Module):
             pairs = self.hidden_size // self.num_heads // 2
             rows, cols = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
             with torch.inference_mode(False), torch.no_grad():
-                if self.attention == "full":
-                    n = height * width
-                    time_pairs = pairs - 2 * (3 * pairs // 8)
-                    axes = [torch.arange(frames).repeat_interleave(n), rows.repeat(frames), cols.repeat(frames)]
-                    full = rope_axes(axes, [time_pairs, 3 * pairs // 8, 3 * pairs // 8])
-                    tables = (tuple(t.to(device) for t in full), tuple(t.to(device) for t in full))
+                if self.attention == "full":  # one table serves every block
+                    space = 3 * pairs // 8
+                    axes = [torch.arange(frames).repeat_interleave(height * width), rows.repeat(frames), cols.repeat(frames)]
+                    spatial = temporal = rope_axes(axes, [pairs - 2 * space, space, space])
                 else:
                     spatial = rope_axes([rows, cols], [pairs // 2, pairs - pairs // 2])
                     temporal = rope_axes([torch.arange(frames)], [pairs])
-                    tables = (tuple(t.to(device) for t in spatial), tuple(t.to(device) for t in temporal))
-            self._pos_cache[key] = tables  # type: ignore[assignment]
+            self._pos_cache[key] = tuple(tuple(t.to(device) for t in table) for table in (spatial, temporal))  # type: ignore[assignment]
         return self._pos_cache[key]  # type: ignore[return-value]
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -254,9 +254,9 @@ def _init_source_tokenizer(cfg: Config) -> list[Path]:
     source = Path(cfg.train.init_from)
     if not source.is_dir() or (cfg.modality != "text" and not (is_caption_data(cfg.data) and not cfg.data.text_encoder)):
         return []
-    steps = sorted((p for p in (source / "checkpoints").glob("step_*") if p.is_dir()), key=lambda p: p.name)
-    found = [d for d in (*steps[-1:], source) if (d / TOKENIZER_FILE).is_file()][:1]
-    if not found and any((d / CONFIG_FILE).is_file() for d in (*steps[-1:], source)):  # a ditkit run or checkpoint
+    folders = [d for d in (latest_checkpoint(source), source) if d is not None]  # its newest checkpoint, then itself
+    found = [d for d in folders if (d / TOKENIZER_FILE).is_file()][:1]
+    if not found and any((d / CONFIG_FILE).is_file() for d in folders):  # a ditkit run or checkpoint
         raise ConfigError(f"--init-from {source} holds no {TOKENIZER_FILE}, which a text or prompt model needs to "
                           "read its token ids: start from a text or prompt run (or copy the file back beside its config.json)")
     return found
