@@ -56,26 +56,31 @@ from ditkit.samplers.masked import ancestral, canvas
 CLIP = {1: (0.5, 1.0), 4: (0.45, 0.95), 16: (0.3, 0.8)}
 
 
-def make(kind: str, vocab: int, seq_len: int, block_size: int, eps: float, preset: dict[str, Any]):
-    """(model, objective) for ``kind`` in block | masked | ar."""
+def make(kind: str, vocab: int, seq_len: int, block_size: int, eps: float, preset: dict[str, Any],
+         clip: tuple[float, float] | None = None):
+    """(model, objective) for ``kind`` in block | masked | ar; ``clip`` replaces ``CLIP``'s range."""
     model = build_text_dit(preset.pop("name"), vocab, causal=kind == "ar", max_seq_len=max(seq_len, 512), **preset)
     if kind == "ar":
         return model, AutoregressiveLM(vocab)
     if kind == "masked":
         return model, MaskedDiffusion(vocab, eps=eps)
-    lo, hi = CLIP.get(block_size, (0.0, 1.0)) if block_size < seq_len else (0.0, 1.0)
+    lo, hi = (clip or CLIP.get(block_size, (0.0, 1.0))) if block_size < seq_len else (0.0, 1.0)
     return model, BlockDiffusion(vocab, block_size, eps=eps, noise_min=lo, noise_max=hi)
 
 
 def train_model(model: TextDiT, objective: Any, tokens: torch.Tensor, t: Any, steps: int, seed: int,
-                log: Callable[[str], None]) -> tuple[TextDiT, dict[str, float]]:
-    """AdamW, linear warm-up then cosine to ``lr * min_lr_ratio``, clipping, EMA; returns the EMA copy."""
+                log: Callable[[str], None], score_at: dict[int, Callable[[TextDiT], float]] | None = None,
+                ) -> tuple[TextDiT, dict[str, Any]]:
+    """AdamW, linear warm-up then cosine to ``lr * min_lr_ratio``, clipping, EMA; returns the EMA copy.
+
+    ``score_at`` maps steps (1-based) to a scorer of the EMA weights at that step; the scores come back
+    as ``info["curve"]`` (``[[step, score], ...]``), the scoring time left out of ``train_seconds``."""
     torch.manual_seed(seed)
     gen, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    start, losses = time.perf_counter(), []
+    start, losses, curve, scoring = time.perf_counter(), [], [], 0.0
     for step in range(steps):
         if step < t.warmup_steps:
             lr = t.lr * (step + 1) / t.warmup_steps
@@ -95,10 +100,16 @@ def train_model(model: TextDiT, objective: Any, tokens: torch.Tensor, t: Any, st
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         losses.append(float(loss))
+        if score_at and step + 1 in score_at:
+            t0 = time.perf_counter()
+            curve.append([step + 1, score_at[step + 1](ema)])
+            scoring += time.perf_counter() - t0
+            log(f"  step {step + 1}: score {curve[-1][1]:.4f}")
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"  step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
                 f"({(step + 1) / (time.perf_counter() - start):.2f} steps/s)")
-    return ema, {"train_seconds": time.perf_counter() - start, "final_loss": sum(losses[-100:]) / len(losses[-100:])}
+    return ema, {"train_seconds": time.perf_counter() - start - scoring,
+                 "final_loss": sum(losses[-100:]) / len(losses[-100:]), **({"curve": curve} if score_at else {})}
 
 
 def tokens_per_s(fn: Callable[[], torch.Tensor], generated: int) -> dict[str, float]:
@@ -130,6 +141,8 @@ def bd3_sample(model: TextDiT, objective: BlockDiffusion, prefix: torch.Tensor, 
 def part_likelihood(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     cfg = get_recipe("shakespeare_char")
     cfg.data.dataset = args.data
+    if args.lr is not None:
+        cfg.train.lr = args.lr
     data = load_text_data(cfg.data)
     V, L, tok = data.tokenizer.vocab_size, cfg.data.seq_len, data.tokenizer
     val, chars = data.text.val, data.text.val_chars
@@ -140,21 +153,28 @@ def part_likelihood(args: argparse.Namespace, log: Callable[[str], None]) -> dic
     for kind, bs in [("block", b) for b in args.block_sizes] + ([] if args.no_ar else [("ar", 0)]):
         label = "AR" if kind == "ar" else ("MDLM (block = L)" if bs == L else f"BD3-LM block {bs}")
         log(f"{label}: training {args.steps} steps")
-        model, objective = make(kind, V, L, bs or L, cfg.objective.mask_eps, dict(preset))
-        model, info = train_model(model, objective, data.tokens, cfg.train, args.steps, args.seed, log)
+        model, objective = make(kind, V, L, bs or L, cfg.objective.mask_eps, dict(preset),
+                                clip=tuple(args.clip) if args.clip else None)
+
+        def score(net: TextDiT, kind: str = kind, objective: Any = objective) -> Any:
+            with torch.no_grad():
+                if kind == "ar":
+                    return autoregressive_nll(objective, net, val, num_chars=chars)
+                return block_diffusion_bound(objective, net, val, num_chars=chars, num_passes=args.passes,
+                                             generator=torch.Generator().manual_seed(0))
+
+        at = {s: (lambda net: score(net).bits_per_char) for s in args.score_at if 0 < s < args.steps}
+        model, info = train_model(model, objective, data.tokens, cfg.train, args.steps, args.seed, log, at)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if kind == "ar":
-                lik = autoregressive_nll(objective, model, val, num_chars=chars)
-            else:
-                lik = block_diffusion_bound(objective, model, val, num_chars=chars, num_passes=args.passes,
-                                            generator=torch.Generator().manual_seed(0))
-        row = {"model": label, "block_size": bs or None, "steps": args.steps, **info,
+        lik = score(model)
+        row = {"model": label, "block_size": bs or None, "steps": args.steps, "lr": cfg.train.lr, **info,
                "clip": [objective.noise_min, objective.noise_max] if kind == "block" else None,
                "bits_per_char": lik.bits_per_char, "stderr": lik.stderr_bits_per_char, "exact": lik.exact,
                "num_val_chunks": lik.num_sequences, "eval_seconds": time.perf_counter() - t0}
         log(f"  {label}: {lik.bits_per_char:.3f} +- {lik.stderr_bits_per_char:.3f} bits/char")
         rows.append(row)
+        if args.skip_speed:
+            continue
         # ---- sampling speed, with and without the KV cache
         prefix = torch.zeros(args.speed_batch, 0, dtype=torch.long)
         n = args.speed_tokens
@@ -254,6 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-likelihood", action="store_true")
     p.add_argument("--skip-sums", action="store_true")
+    p.add_argument("--lr", type=float, default=None, help="part 1's peak learning rate (default: the recipe's)")
+    p.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="part 1's clipped mask-rate range for every block size < L (default: CLIP)")
+    p.add_argument("--score-at", type=int, nargs="*", default=[],
+                   help="part 1: also score the EMA weights at these steps (a learning curve)")
+    p.add_argument("--skip-speed", action="store_true", help="leave out part 1's sampling-speed runs")
     p.add_argument("--no-ar", action="store_true",
                    help="leave out the AR baseline of part 1 (to split the block sizes over processes)")
     args = p.parse_args(argv)
