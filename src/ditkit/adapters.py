@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ditkit.errors import ConfigError
+from ditkit.fileio import atomic_path, write_text
 
 __all__ = [
     "LORA_TARGET_PRESETS",
@@ -738,10 +739,9 @@ def save_adapter(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = json.dumps(info.to_json(), indent=2) + "\n"
-    tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state_dict(model, name, state_dict), str(tmp), metadata={"format": "pt", _META_KEY: config})
-    tmp.replace(folder / ADAPTER_WEIGHTS)
-    (folder / ADAPTER_CONFIG).write_text(config)
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(adapter_state_dict(model, name, state_dict), str(tmp), metadata={"format": "pt", _META_KEY: config})
+    write_text(folder / ADAPTER_CONFIG, config)
     return folder
 
 

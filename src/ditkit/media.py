@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ditkit.fileio import atomic_path
+
 __all__ = ["to_uint8", "to_pil", "make_grid", "display_scale", "save_png"]
 
 
@@ -60,9 +62,14 @@ def heat_rgb(heat: torch.Tensor) -> torch.Tensor:
 
 def save_png(pixels: np.ndarray, path: str | Path | IO[bytes], metadata: Optional[dict[str, str]] = None) -> None:
     """Save (H, W, C) uint8 (C = 1 or 3) as PNG with ``metadata`` as tEXt chunks (``path`` may
-    also be a binary file object, e.g. ``io.BytesIO``)."""
+    also be a binary file object, e.g. ``io.BytesIO``). A path is written whole or not at all
+    (``ditkit.fileio.atomic_path``); its parent folder is created."""
     info = PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, str(value))
-    array = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-    Image.fromarray(array).save(path, format="PNG", pnginfo=info)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    if not isinstance(path, (str, Path)):
+        image.save(path, format="PNG", pnginfo=info)
+        return
+    with atomic_path(path) as tmp:  # a crash never leaves half a PNG under the final name
+        image.save(tmp, format="PNG", pnginfo=info)

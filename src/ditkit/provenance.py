@@ -30,13 +30,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ditkit import __version__
 from ditkit.errors import ConfigError
+from ditkit.fileio import write_bytes
 
 __all__ = [
     "DIGITAL_SOURCE_TYPE",
@@ -277,16 +277,7 @@ def sign_png(src: str | Path, dst: str | Path, manifest: dict[str, Any], cert: s
     except c2pa.C2paError as err:
         message = " ".join(str(err).split())
         raise ConfigError(f"C2PA signing failed: {message} (cert {cert}, key {key})") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(out.getvalue())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return write_bytes(dst, out.getvalue())
 
 
 def verify(path: str | Path, trust_anchors: str | Path | None = None) -> dict[str, Any]:

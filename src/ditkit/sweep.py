@@ -40,7 +40,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ditkit.config import Config, ConfigError, apply_overrides
+from ditkit.fileio import write_text
 
 __all__ = [
     "Param", "METRICS", "SAMPLE_KEYS", "STUDY_FILE", "SETTINGS_FILE", "load_space", "parse_space", "check_space",
@@ -335,9 +335,7 @@ def open_study(study_dir: Path, settings: dict[str, Any], *, resume: bool, stora
                 raise ConfigError(f"cannot resume {study_dir} with another {what} than it was started "
                                   f"with ({SETTINGS_FILE}): use the same flags, or a new --study-dir")
     else:
-        tmp = settings_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, settings_path)
+        write_text(settings_path, json.dumps(settings, indent=2) + "\n")
     # Optuna 4.9+ names the retry callback RetryHeartbeatStaleTrialCallback (older: RetryFailedTrialCallback)
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental by Optuna
@@ -706,7 +704,7 @@ def write_report(study: Any, study_dir: str | Path, *, log: Callable[[str], None
     if best is not None:
         best_record = {"trial": best.number, "value": best.value, "metric": metric_key, "params": best.params,
                        "run_dir": best.user_attrs.get("run_dir")}
-        (study_dir / "best.json").write_text(json.dumps(best_record, indent=2) + "\n")
+        write_text(study_dir / "best.json", json.dumps(best_record, indent=2) + "\n")
         written["best.json"] = study_dir / "best.json"
         lines += [f"## Best: trial {best.number}, {metric_key} = {best.value:.4g}", ""]
         lines += [f"- `{k}` = `{_fmt(v)}`" for k, v in best.params.items()]
@@ -719,7 +717,7 @@ def write_report(study: Any, study_dir: str | Path, *, log: Callable[[str], None
             base = Config.from_dict(settings["base_config"])
             cfg = apply_overrides(base, best.params)
             cfg.run = base.run.__class__()  # a fresh run: default results dir, a new numbered name
-            (study_dir / "best_config.json").write_text(cfg.to_json())
+            write_text(study_dir / "best_config.json", cfg.to_json())
             written["best_config.json"] = study_dir / "best_config.json"
             lines += ["", f"Its run: `{best.user_attrs.get('run_dir')}`. Train it again (same budget): "
                       f"`ditkit train --config {study_dir / 'best_config.json'}`", ""]
@@ -741,7 +739,7 @@ def write_report(study: Any, study_dir: str | Path, *, log: Callable[[str], None
         lines += ["", "## Plots", ""] + [f"- [{name}](plots/{name})" for name in sorted(plots)]
     lines += ["", "Resume or add workers: the same command with `--resume`. Browse the study: "
               f"`optuna-dashboard sqlite:///{study_dir / STUDY_FILE}`", ""]
-    (study_dir / "report.md").write_text("\n".join(lines))
+    write_text(study_dir / "report.md", "\n".join(lines))
     written["report.md"] = study_dir / "report.md"
     return written
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ditkit.config import Config, ConfigError, apply_overrides, parse_set_option
 from ditkit.registry import COMMANDS
+from ditkit.fileio import write_text
 
 __all__ = ["register", "cmd_distill", "plan_rounds", "round_config", "default_start_steps", "PLAN_FILE", "final_run"]
 
@@ -133,10 +134,7 @@ def _read_plan(parent: Path) -> dict[str, Any]:
 
 
 def _write_plan(parent: Path, plan: dict[str, Any]) -> None:
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    tmp.replace(parent / PLAN_FILE)
+    write_text(parent / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
 
 
 def final_run(path: str | Path) -> Path:

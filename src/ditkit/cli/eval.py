@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.registry import COMMANDS, OBJECTIVES, SAMPLERS
+from ditkit.fileio import write_text
 
 __all__ = ["register", "cmd_eval"]
 
@@ -112,10 +113,7 @@ def _write_json(results: dict[str, Any], out: Path) -> None:
     import json
 
     text = json.dumps(results, indent=2, ensure_ascii=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, text + "\n")
     print(text)
     print(f"wrote {out}")
 

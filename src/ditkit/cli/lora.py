@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.config import ConfigError
+from ditkit.fileio import write_text
 from ditkit.registry import COMMANDS
 
 __all__ = ["register", "cmd_lora", "merge_to_run"]
@@ -93,10 +94,10 @@ def merge_to_run(base: str | Path, adapters: list[str], out: str | Path, *, use_
     # the tokenizer beside config.json (text runs, prompt runs' own encoder: a fitted vocabulary has no other copy)
     tokenizer = getattr(pipe, "tokenizer", None) if getattr(pipe, "encoder", None) is None else None
     for where in (ckpt, out):
-        (where / CONFIG_FILE).write_text(cfg.to_json())
+        write_text(where / CONFIG_FILE, cfg.to_json())
         if tokenizer is not None and hasattr(tokenizer, "to_dict"):
             save_tokenizer(tokenizer, where)
-    (out / "merged_from.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out / "merged_from.json", json.dumps(record, indent=2) + "\n")
     return ckpt
 
 

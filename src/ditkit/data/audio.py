@@ -36,6 +36,7 @@ import torch
 
 from ditkit.cache import cache_dir
 from ditkit.data.images import DataError
+from ditkit.fileio import atomic_path
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -207,16 +208,8 @@ def write_wav(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: in
     if arr.ndim != 1 or arr.size == 0:
         raise DataError(f"write_wav wants a non-empty mono waveform (S,), got shape {arr.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".wav")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         sf.write(tmp, np.clip(arr, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a written sound is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

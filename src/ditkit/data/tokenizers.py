@@ -12,7 +12,7 @@ rebuilt by ``load_tokenizer``, which also accepts a plain Hugging Face ``tokeniz
 from __future__ import annotations
 
 import json
-import os
+from ditkit.fileio import write_bytes
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -218,14 +218,7 @@ def tokenizer_json(tokenizer: Any) -> bytes:
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
     """Write ``directory/text_tokenizer.json`` atomically (a temp file, then a rename: a crash
     never leaves a half-written tokenizer beside a checkpoint); returns its path."""
-    path = Path(directory) / TOKENIZER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(tokenizer_json(tokenizer))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = write_bytes(Path(directory) / TOKENIZER_FILE, tokenizer_json(tokenizer))
     return path
 
 

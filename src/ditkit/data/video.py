@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from PIL import Image, ImageSequence
 
 from ditkit.config import DEFAULT_NUM_FRAMES, DataConfig
 from ditkit.data.images import IMAGE_EXTENSIONS, DataError, center_crop_resize
+from ditkit.fileio import atomic_path
 
 __all__ = [
     "VideoDataset",
@@ -591,27 +591,18 @@ def _as_clip(clip: torch.Tensor) -> torch.Tensor:
     return tile_clips(clip) if clip.ndim == 5 else clip
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.partial{path.suffix}")  # same suffix: the writer picks the format by it
-
-
 def save_gif(clip: torch.Tensor, path: str | Path, fps: float = 8.0, scale: int = 1) -> Path:
     """Write an animated, looping GIF of a clip (C, F, H, W) or a grid of a batch (B, C, F, H, W),
     values in [-1, 1] or uint8. Written to a temporary name and renamed: never half a file."""
     path = Path(path)
     frames = clip_to_frames(_as_clip(clip), scale)
     pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         # Pillow merges identical consecutive frames (adding their durations): a still stretch
         # plays the same but reads back as fewer frames.
         pictures[0].save(
             tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0,
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -631,17 +622,13 @@ def save_mp4(
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     plugin = _check_backend(backend) or _default_backend()
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if plugin == "pyav":
             iio.imwrite(tmp, frames, plugin="pyav", codec="libx264", fps=fps, out_pixel_format="yuv420p")
         else:
             iio.imwrite(
                 tmp, frames, plugin="FFMPEG", codec="libx264", fps=fps, macro_block_size=1, pixelformat="yuv420p"
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -659,13 +646,9 @@ def save_contact_sheet(
     # Frames side by side: treat each frame as a one-frame clip and tile F per row.
     as_images = clips.permute(0, 2, 1, 3, 4).reshape(B * F_, C, 1, H, W)
     sheet = clip_to_frames(tile_clips(as_images, nrow=F_, padding=padding, pad_value=0.5), scale)[0]  # (H', W', C)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         info = PngInfo()
         for key, value in (metadata or {}).items():
             info.add_text(key, str(value))
         Image.fromarray(sheet[..., 0] if C == 1 else sheet).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from ditkit.data.captions import COLOURS, SHAPES, SIZES, shapes_captions
 from ditkit.eval.frechet import feature_stats, frechet_distance
+from ditkit.fileio import atomic_path, write_text
 
 __all__ = [
     "AttributeJudge", "train_judge", "load_or_train_judge", "detect", "score_prompt", "score_images",
@@ -145,10 +146,8 @@ def load_or_train_judge(
         return judge.eval()
     t0 = time.time()
     judge = train_judge(image_size=image_size, log=log, **train_kwargs)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(judge.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(judge.state_dict(), tmp)
     log(f"attribute judge trained in {time.time() - t0:.0f} s, cached at {path}")
     return judge
 
@@ -427,11 +426,7 @@ def cmd_eval_text_to_image(args: Any) -> int:
     results["checkpoint"] = str(pipe.checkpoint.dir) if pipe.checkpoint is not None else None
     name = f"{pipe.checkpoint.dir.name}-t2i-{sampler}-{steps}-cfg{scale:g}-n{args.num_samples}-seed{seed}"
     out = Path(args.out) if args.out else pipe.checkpoint.run_dir / "eval" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2, ensure_ascii=False)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(out)  # nothing written half
+    write_text(out, json.dumps(results, indent=2, ensure_ascii=False) + "\n")  # nothing written half
     ind, held = results["in_distribution"], results["held_out"]
     print(f"success in-distribution {ind['success']:.3f} | held-out {held['success']:.3f} | {FD_NAME} "
           f"{results[FD_NAME]:.3f} (real-vs-real floor {results[FD_NAME + ' real-vs-real floor']:.3f})")

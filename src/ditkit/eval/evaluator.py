@@ -21,8 +21,6 @@ tensors and `.npz` files of the same samples score the same.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from ditkit.eval.frechet import feature_stats, frechet_distance
 from ditkit.eval.images import images_to_uint8, load_npz_labels, load_npz_samples
 from ditkit.eval.inception import InceptionExtractor, inception_score, torch_fidelity_version
 from ditkit.eval.precision_recall import precision_recall
+from ditkit.fileio import atomic_path, write_text
 
 FD_CLASSIFIER_DISPLAY_NAME = "FD (classifier features)"
 
@@ -98,12 +97,9 @@ def reference_statistics(
     tensors = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
     if keep_features:
         tensors["features"] = features.contiguous()
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     metadata = {"extractor": extractor.name, "extractor_hash": extractor.hash, "data_hash": data_hash}
-    handle, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".reference-", suffix=".safetensors")
-    os.close(handle)
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return ReferenceStats(mu, sigma, features if keep_features else None, key)
 
 
@@ -323,8 +319,7 @@ def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError as error:
         raise ValueError(f"results contain NaN or inf, which JSON cannot hold ({error}); check the samples") from error
-    path.write_text(text + "\n")
-    return path
+    return write_text(path, text + "\n")
 
 
 def summarize(results: Mapping[str, Any]) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditkit.fileio import atomic_path
+
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Quantise float images (N, C, H, W) in [-1, 1] to uint8 (N, C, H, W): round((x + 1) * 127.5).
@@ -85,4 +87,6 @@ def save_npz_samples(path: str | Path, images: torch.Tensor, labels: torch.Tenso
     """Write samples (N, C, H, W) in [-1, 1] (or uint8) as an ADM-style `.npz` (arr_0 NHWC uint8, arr_1 labels)."""
     arr = images_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     arrays = [arr] if labels is None else [arr, labels.cpu().numpy().astype(np.int64)]
-    np.savez(path, *arrays)
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")  # np.savez's own naming
+    with atomic_path(path) as tmp:
+        np.savez(tmp, *arrays)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
+from ditkit.fileio import write_text
 from ditkit.models.dit import DIT_PRESETS, DiT
 from ditkit.models.layers import RMSNorm
 
@@ -227,7 +228,7 @@ def save_imported(model: DiT, out_dir: str | Path, meta: Mapping[str, Any] | Non
         "preset": preset_name(kwargs["depth"], kwargs["hidden_size"], kwargs["patch_size"]),
         "source": dict(meta or {}),
     }
-    (out / IMPORTED_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out / IMPORTED_CONFIG, json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -339,7 +340,7 @@ def save_imported_run(model: DiT, run_dir: str | Path, config: Config, meta: Map
     save_file(tensors, str(tmp / EMA_FILE), metadata=header)  # released weights are the EMA ones
     (tmp / CONFIG_FILE).write_text(config.to_json())
     os.replace(tmp, final)
-    (run / CONFIG_FILE).write_text(config.to_json())
+    write_text(run / CONFIG_FILE, config.to_json())
     kwargs = dit_kwargs(model)
     record = {
         "dit_kwargs": kwargs,
@@ -347,7 +348,7 @@ def save_imported_run(model: DiT, run_dir: str | Path, config: Config, meta: Map
         "source": dict(meta or {}),
         "checkpoint": str(final),
     }
-    (run / IMPORTED_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    write_text(run / IMPORTED_CONFIG, json.dumps(record, indent=2) + "\n")
     return final
 
 

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from ditkit.fileio import write_text
 from ditkit.models.dit import DiT, sincos_2d
 from ditkit.interop.common import InteropError, check_state_dict, dit_kwargs, infer_dit_kwargs
 
@@ -291,7 +292,7 @@ def _write_transformer(model: DiT, folder: Path, allow_lossy: bool = False) -> N
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_diffusers_state_dict(model.state_dict(), depth=len(model.blocks))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 # Written next to model_index.json when the class count is not 1000 (DiTPipeline's hard-coded null).
@@ -385,12 +386,11 @@ def export_diffusers(
         return out
     _write_transformer(model, out / "transformer", allow_lossy)
     if model.num_classes != 1000:
-        (out / CUSTOM_PIPELINE_FILE).write_text(_CUSTOM_PIPELINE_SOURCE.replace("{num_classes}", str(model.num_classes)))
+        write_text(out / CUSTOM_PIPELINE_FILE, _CUSTOM_PIPELINE_SOURCE.replace("{num_classes}", str(model.num_classes)))
     _copy_vae(vae, out / "vae")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config(schedule, num_timesteps, prediction, scheduler), indent=2) + "\n"
-    )
+    write_text(out / "scheduler" / "scheduler_config.json",
+               json.dumps(scheduler_config(schedule, num_timesteps, prediction, scheduler), indent=2) + "\n")
     if id2label is None:
         labels = {str(i): str(i) for i in range(model.num_classes)}
     elif isinstance(id2label, Mapping):
@@ -405,7 +405,7 @@ def export_diffusers(
         "transformer": ["diffusers", "DiTTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
     return out
 
 

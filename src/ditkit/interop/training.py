@@ -25,6 +25,7 @@ from ditkit.cache import cache_dir
 from ditkit.config import Config, ConfigError
 from ditkit.data.images import ImageDataset
 from ditkit.data.latents import LatentCache, build_latent_cache
+from ditkit.fileio import write_text
 from ditkit.interop.finetune import init_from
 from ditkit.models.dit import DiT
 from ditkit.interop.vae import LatentVAE, load_vae
@@ -145,7 +146,7 @@ def apply_init_from(
     if write_record:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_text(run_dir / INIT_RECORD, json.dumps(record, indent=2) + "\n")
     log(
         f"initialised from {record['init_from']} ({record['kind']}, {record['weights']} weights): "
         f"{record['label_rows_copied']} label rows copied, {record['label_rows_fresh']} fresh, pos_embed "

@@ -30,6 +30,7 @@ import torch
 from ditkit.builders import default_sampler  # noqa: F401  (re-exported for symmetry with image.py)
 from ditkit.config import Config, ConfigError
 from ditkit.data.audio import MelSpec, logmel_to_waveform, mel_spec_of, spectrogram_pixels, write_wav
+from ditkit.fileio import write_text
 from ditkit.media import save_png
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import DenoisingPipeline, TrajectoryRecorder
@@ -126,9 +127,7 @@ class AudioPipelineOutput:
         save_png(spectrogram_strip(self.logmels), out / "spectrograms.png",
                  {**self.metadata, "layout": "one spectrogram per sample, left to right; low frequencies at the bottom"})
         meta = {"shared": self.metadata, "samples": [self.sample_metadata(i) for i in range(len(self.waveforms))]}
-        tmp = out / ".metadata.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(out / "metadata.json")
+        write_text(out / "metadata.json", json.dumps(meta, indent=1))
         written += [out / "spectrograms.png", out / "metadata.json"]
         if self.trajectory is not None and self.trajectory_xt is not None:
             n = min(8, len(self.trajectory))

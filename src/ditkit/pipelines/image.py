@@ -28,6 +28,7 @@ from PIL import Image
 
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import ConfigError
+from ditkit.fileio import atomic_path
 from ditkit.media import display_scale, make_grid, save_png, to_pil, to_uint8
 from ditkit.models.caching import StepCache, attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, trajectory_indices
@@ -123,7 +124,8 @@ class ImagePipelineOutput:
                 arrays["seeds"] = np.asarray(self.seeds, dtype=np.int64)
             if self.labels is not None:
                 arrays["arr_1"] = np.asarray(self.labels, dtype=np.int64)
-            np.savez(out / "latents.npz", **arrays)
+            with atomic_path(out / "latents.npz") as tmp:
+                np.savez(tmp, **arrays)
             return [out / "latents.npz"]
         scale = display_scale(self.tensors.shape[-1])
         pixels = to_uint8(self.tensors)
@@ -135,7 +137,8 @@ class ImagePipelineOutput:
             arrays = {"arr_0": pixels}
             if self.labels is not None:
                 arrays["arr_1"] = np.asarray(self.labels, dtype=np.int64)
-            np.savez(out / "samples.npz", **arrays)
+            with atomic_path(out / "samples.npz") as tmp:
+                np.savez(tmp, **arrays)
             written.append(out / "samples.npz")
         if self.trajectory is not None:
             traj = self.trajectory[: min(8, len(self.trajectory))]  # (n, K, C, H, W): rows = samples

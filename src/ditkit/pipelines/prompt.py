@@ -39,6 +39,7 @@ from ditkit.builders.dit import model_input_shape
 from ditkit.config import Config, ConfigError
 from ditkit.data.captions import caption_tokenizer, caption_tokenizer_from_dict, word_spans
 from ditkit.models.text_encoder import PromptCondition
+from ditkit.fileio import atomic_path
 from ditkit.media import display_scale, heat_rgb, make_grid, save_png, to_pil, to_uint8
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import BatchHook, TrajectoryRecorder
@@ -110,7 +111,8 @@ class PromptPipelineOutput(ImagePipelineOutput):
         save_png(self.grid(nrow), out / "grid.png", {**self.metadata, "prompts": " | ".join(dict.fromkeys(self.prompts))})
         written.insert(0, out / "grid.png")
         if npz:
-            np.savez(out / "samples.npz", arr_0=pixels)
+            with atomic_path(out / "samples.npz") as tmp:
+                np.savez(tmp, arr_0=pixels)
             written.append(out / "samples.npz")
         for p, i in enumerate(range(0, len(pixels), self.num_images_per_prompt)):
             if self.attention_maps is None:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ditkit.config import Config, ConfigError
 from ditkit.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ditkit.fileio import write_text
 from ditkit.models.caching import attach_step_cache, make_step_cache
 from ditkit.pipelines.base import GeneratorArg, Pipeline, generator_slice, resolve_generators
 from ditkit.progress import announce_total, sampling_progress
@@ -158,7 +159,7 @@ class TextPipelineOutput:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         info = "".join(f"# {k}: {v}\n" for k, v in self.metadata.items())
-        (out / "samples.txt").write_text(info + format_samples(self.texts, self.header), encoding="utf-8")
+        write_text(out / "samples.txt", info + format_samples(self.texts, self.header))
         with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
             f.write(json.dumps({"metadata": self.metadata}, ensure_ascii=False) + "\n")
             for row in self.records():
@@ -173,7 +174,7 @@ class TextPipelineOutput:
                 lines.append(self.header(i))
                 lines += [f"step {k + 1:>{width}} | " + text.replace("\\", "\\\\").replace("\n", "\\n")
                           for k, text in zip(self.trajectory_steps, rows)]
-            (out / "trajectory.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            write_text(out / "trajectory.txt", "\n".join(lines) + "\n")
             written.append(out / "trajectory.txt")
         return written
 
@@ -461,7 +462,7 @@ class TextPipeline(Pipeline):
             label = f", label {labels[i]} ({names[labels[i]]})" if labels else ""
             return f"==== {path.stem} sample {i} (seed {self.cfg.sample.seed + i}{label}) ===="
 
-        path.write_text(format_samples(out.texts, header), encoding="utf-8")
+        write_text(path, format_samples(out.texts, header))
         return path
 
 

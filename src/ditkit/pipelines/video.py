@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ditkit.builders.dit import model_input_shape
 from ditkit.config import DEFAULT_NUM_FRAMES, ConfigError
 from ditkit.data.video import clip_to_frames, save_contact_sheet, save_gif, save_mp4, tile_clips
+from ditkit.fileio import write_text
 from ditkit.media import display_scale, heat_rgb, save_png, to_pil
 from ditkit.pipelines.base import GeneratorArg
 from ditkit.pipelines.denoising import DenoisingPipeline, LatentDecoding, SamplingPlan, TrajectoryRecorder
@@ -163,20 +163,14 @@ class VideoPipelineOutput:
                     **self.sample_metadata(i), "trajectory_steps": steps,
                     "layout": "per step: a row of predicted clean frames (x0), then a row of the noisy state (x_t)"}))
         for i in range(len(self.tensors) if self.attention_maps is not None else 0):
-            path, tmp = out / f"{i:06d}_attention.png", out / f".{i:06d}_attention.partial.png"
-            try:  # whole or not at all, as the other files
-                save_png(self.attention_sheet(i, scale), tmp, {
-                    **self.sample_metadata(i),
-                    "layout": "the clip's frames, then per prompt word its cross-attention map in each frame (DAAM)"})
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            path = out / f"{i:06d}_attention.png"
+            save_png(self.attention_sheet(i, scale), path, {  # whole or not at all, as the other files
+                **self.sample_metadata(i),
+                "layout": "the clip's frames, then per prompt word its cross-attention map in each frame (DAAM)"})
             written.append(path)
         meta = {"shared": {**self.metadata, "fps": f"{fps:g}"},
                 "samples": [self.sample_metadata(i) for i in range(len(self.tensors))]}
-        tmp = out / ".metadata.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / "metadata.json")
+        write_text(out / "metadata.json", json.dumps(meta, indent=1))
         return written + [out / "metadata.json"]
 
 

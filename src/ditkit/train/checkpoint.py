@@ -39,6 +39,7 @@ from ditkit.checkpoint_io import (
     weights_sha256,
 )
 from ditkit.config import Config
+from ditkit.fileio import fsync_dir, write_bytes
 
 __all__ = [
     "MODEL_FILE",
@@ -74,30 +75,9 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``path`` through a temp file in the same directory + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_file(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    """Write ``path`` through a temp file in the same directory + fsync + rename (``ditkit.fileio``)."""
+    write_bytes(path, data, fsync=True)
 
 
 def _tensors_for_file(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,11 +142,11 @@ def save_checkpoint(
         _write_file(tmp / STATE_FILE, buffer.getvalue())
         for name, data in (extra_files or {}).items():
             _write_file(tmp / name, data)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, publish, then delete it
             os.rename(final, old)  # a crash from here to the next rename: readers use .old-* (see below)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if old.exists() and not final.exists():

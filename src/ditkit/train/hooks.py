@@ -39,6 +39,7 @@ from ditkit.config import Config
 from ditkit.errors import ConfigError
 from ditkit.adapters import adapters_of, save_adapter
 from ditkit.checkpoint_io import ADAPTER_DIR, EMA_ADAPTER_DIR
+from ditkit.fileio import write_text
 from ditkit.train.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
@@ -243,7 +244,7 @@ class MetricsLogger:
         self.total_steps, self.budget_s, self.rate = total_steps, budget_s, None
         if self.path.exists():  # resumed: drop lines from steps after the checkpoint (and torn lines)
             kept = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.tb = None
         if cfg.run.tensorboard:
