@@ -42,7 +42,7 @@ def test_write_bytes_with_fsync_and_write_text_utf8(tmp_path):
 
 
 def test_two_threads_writing_one_path_never_share_a_temporary(tmp_path):
-    target, seen, barrier = tmp_path / "x.txt", [], threading.Barrier(2)
+    target, seen, barrier = tmp_path / "x.txt", [], threading.Barrier(2, timeout=30)
 
     def writer(text):
         with atomic_path(target) as tmp:
@@ -90,6 +90,24 @@ def test_npz_samples_keep_numpy_naming_and_write_whole(tmp_path):
     save_npz_samples(tmp_path / "samples", images, torch.tensor([1, 2]))  # np.savez adds .npz
     data = np.load(tmp_path / "samples.npz")
     assert data["arr_0"].shape == (2, 4, 4, 3) and data["arr_1"].tolist() == [1, 2]
+    assert _siblings(tmp_path) == ["samples.npz"]
+
+
+def test_npz_samples_failing_half_way_leave_the_earlier_file(tmp_path, monkeypatch):
+    from ditkit.eval import images as image_io
+
+    image_io.save_npz_samples(tmp_path / "samples.npz", torch.zeros(1, 3, 4, 4))
+
+    def broken_savez(file, *arrays):
+        with open(file, "wb") as f:
+            f.write(b"PK half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(image_io.np, "savez", broken_savez)
+    with pytest.raises(OSError, match="No space"):
+        image_io.save_npz_samples(tmp_path / "samples.npz", torch.ones(5, 3, 4, 4))
+    monkeypatch.undo()
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (1, 4, 4, 3)
     assert _siblings(tmp_path) == ["samples.npz"]
 
 

@@ -16,7 +16,7 @@ LEAF = {"errors", "registry"}
 ALLOWED = {
     "errors": set(),
     "registry": {"errors"},
-    "config": {"errors", "registry"},
+    "config": {"errors", "registry", "fileio"},
     "fileio": set(),
     "media": {"fileio"},
     "progress": set(),

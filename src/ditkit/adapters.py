@@ -1123,7 +1123,8 @@ def export_lora_diffusers(model: nn.Module, folder: str | Path, name: str = "def
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / DIFFUSERS_LORA_WEIGHTS
-    save_file(out, str(file), metadata={"format": "pt", _DIFFUSERS_META_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    with atomic_path(file) as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt", _DIFFUSERS_META_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
     return file
 
 

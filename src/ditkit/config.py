@@ -45,6 +45,7 @@ __all__ = [
 
 
 from ditkit.errors import ConfigError, a_or_an  # one error class for every room (re-exported here)
+from ditkit.fileio import write_text
 
 
 # Datasets that need no file on disk (see ditkit.data.builtin and ditkit.data.text, which import
@@ -833,9 +834,8 @@ def _parse_string(tp: Any, raw: str, key: str) -> Any:
 # ---- files ---------------------------------------------------------------------------------------
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as indented JSON (not atomic: checkpoints write theirs through
-    ``ditkit.train.checkpoint``)."""
-    Path(path).write_text(cfg.to_json())
+    """Write ``cfg`` as indented JSON, whole or not at all (``ditkit.fileio``)."""
+    write_text(path, cfg.to_json())
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,4 +1,4 @@
-"""Whole files or none: every file ditkit writes for a user goes through here.
+"""Whole files or none: the files ditkit writes for a user go through here.
 
 ``atomic_path(path)`` hands the writer a temporary sibling of ``path`` (same folder, so the rename
 stays on one file system; same suffix, since PIL, imageio and soundfile pick the format by it) and
@@ -8,13 +8,15 @@ temporary file is removed and ``path`` is left as it was. ``fsync=True`` also fl
 its folder to disk before and after the rename, so the file survives a power loss (checkpoints,
 run configs); without it the rename still protects against a crash of the process.
 
-A leaf room: it imports nothing from ditkit, so every room may use it.
+A leaf room: it imports nothing from ditkit (tests/test_layering.py lists the rooms that use it).
+Not covered: staging folders renamed into place as a whole (checkpoints, latent and caption caches,
+judges), which are atomic one level up.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +39,7 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # a writable handle: Windows' fsync needs one
     try:
         os.fsync(fd)
     finally:
@@ -48,13 +50,14 @@ def _fsync_file(path: Path) -> None:
 def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` on success.
 
-    Creates the parent folder. The temporary name is hidden (``.name.partial-PID-THREAD.suffix``) and
-    unique per process and thread, so two writers of one path never share it (the last rename wins).
+    Creates the parent folder. The temporary name is hidden (``.stem.partial-PID-RANDOM.suffix``) and
+    random per call, so two writers of one path (threads, processes, hosts sharing a file system)
+    never share it; the last rename wins.
     Raises whatever the block raises (after removing the temporary file) and ``OSError`` from the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{threading.get_ident()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         if fsync:

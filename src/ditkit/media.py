@@ -7,6 +7,7 @@ code here). Images come in as ``(N, C, H, W)`` float tensors in ``[-1, 1]``.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import IO, Optional
 
@@ -68,7 +69,7 @@ def save_png(pixels: np.ndarray, path: str | Path | IO[bytes], metadata: Optiona
     for key, value in (metadata or {}).items():
         info.add_text(key, str(value))
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, os.PathLike)):
         image.save(path, format="PNG", pnginfo=info)
         return
     with atomic_path(path) as tmp:  # a crash never leaves half a PNG under the final name

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ditkit.config import Config, ConfigError, apply_overrides
-from ditkit.fileio import write_text
+from ditkit.fileio import atomic_path, write_text
 
 __all__ = [
     "Param", "METRICS", "SAMPLE_KEYS", "STUDY_FILE", "SETTINGS_FILE", "load_space", "parse_space", "check_space",
@@ -687,7 +687,7 @@ def write_report(study: Any, study_dir: str | Path, *, log: Callable[[str], None
         rows.append([t.number, t.state.name.lower(), t.value, *(t.params.get(k) for k in param_keys),
                      t.user_attrs.get("pruned_at_step"), *(t.user_attrs.get(k) for k in attr_keys),
                      t.user_attrs.get("run_dir"), error])
-    with open(study_dir / "trials.csv", "w", newline="") as f:
+    with atomic_path(study_dir / "trials.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

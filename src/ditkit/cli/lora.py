@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.config import ConfigError
-from ditkit.fileio import write_text
+from ditkit.fileio import atomic_path, write_text
 from ditkit.registry import COMMANDS
 
 __all__ = ["register", "cmd_lora", "merge_to_run"]
@@ -90,7 +90,8 @@ def merge_to_run(base: str | Path, adapters: list[str], out: str | Path, *, use_
     ckpt = out / "checkpoints" / step_dir_name(pipe.step or 0)
     ckpt.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in pipe.model.state_dict().items()}
-    save_file(state, str(ckpt / MODEL_FILE), metadata={"format": "pt", "step": str(pipe.step or 0)})
+    with atomic_path(ckpt / MODEL_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "step": str(pipe.step or 0)})
     # the tokenizer beside config.json (text runs, prompt runs' own encoder: a fitted vocabulary has no other copy)
     tokenizer = getattr(pipe, "tokenizer", None) if getattr(pipe, "encoder", None) is None else None
     for where in (ckpt, out):

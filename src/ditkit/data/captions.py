@@ -41,6 +41,7 @@ from PIL import Image
 from ditkit.data.images import IMAGE_EXTENSIONS, DataError, convert_channels
 from ditkit.data.sampler import to_model_range
 from ditkit.errors import ConfigError
+from ditkit.fileio import write_text
 from ditkit.models.text_encoder import PromptCondition, masked_mean
 
 __all__ = [
@@ -517,7 +518,7 @@ class CaptionTokenizer:
         return cls(tk.Tokenizer.from_str(json.dumps(spec["tokenizer"])), int(spec["max_length"]))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+        write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "CaptionTokenizer":

@@ -12,9 +12,10 @@ rebuilt by ``load_tokenizer``, which also accepts a plain Hugging Face ``tokeniz
 from __future__ import annotations
 
 import json
-from ditkit.fileio import write_bytes
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
+
+from ditkit.fileio import write_bytes
 
 __all__ = [
     "Tokenizer",

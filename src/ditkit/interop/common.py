@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, SampleConfig
-from ditkit.fileio import write_text
+from ditkit.fileio import atomic_path, write_text
 from ditkit.models.dit import DIT_PRESETS, DiT
 from ditkit.models.layers import RMSNorm
 
@@ -220,8 +220,9 @@ def save_imported(model: DiT, out_dir: str | Path, meta: Mapping[str, Any] | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _contiguous(model.state_dict())
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    save_file(tensors, str(out / "ema.safetensors"), metadata={"format": "pt"})
+    for name in ("model.safetensors", "ema.safetensors"):
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     kwargs = dit_kwargs(model)
     record = {
         "dit_kwargs": kwargs,

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ditkit.fileio import write_text
+from ditkit.fileio import atomic_path, write_text
 from ditkit.models.dit import DiT, sincos_2d
 from ditkit.interop.common import InteropError, check_state_dict, dit_kwargs, infer_dit_kwargs
 
@@ -291,7 +291,8 @@ def _write_transformer(model: DiT, folder: Path, allow_lossy: bool = False) -> N
         warnings.warn("pos_embed differs from the sin-cos table diffusers recomputes; it is not exported", stacklevel=3)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_diffusers_state_dict(model.state_dict(), depth=len(model.blocks))
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 

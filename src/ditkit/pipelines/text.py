@@ -160,10 +160,8 @@ class TextPipelineOutput:
         out.mkdir(parents=True, exist_ok=True)
         info = "".join(f"# {k}: {v}\n" for k, v in self.metadata.items())
         write_text(out / "samples.txt", info + format_samples(self.texts, self.header))
-        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-            f.write(json.dumps({"metadata": self.metadata}, ensure_ascii=False) + "\n")
-            for row in self.records():
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        lines = [{"metadata": self.metadata}, *self.records()]
+        write_text(out / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines))
         written = [out / "samples.txt", out / "samples.jsonl"]
         if self.trajectory is not None:
             width = len(str(max(self.trajectory_steps, default=0) + 1))
