@@ -18,6 +18,8 @@ means TF32 matmuls, as in the training loop.
     python benchmarks/train_throughput.py --cases fp32,bf16,bf16+compile --steps 10
     python benchmarks/train_throughput.py --model TextDiT-S --seq-len 256 --batch 8   # text (MDLM)
     python benchmarks/train_throughput.py --model DiT-XL/2 --batch 32 --device cuda   # on a GPU
+    python benchmarks/train_throughput.py --model DiT-XS/4 --channels 1 --num-classes 40 --batch 128 \
+        --cases fp32,bf16 --threads 1 --pos-embed rope   # RoPE's cost (docs/video.md)
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict:
         y = None
     else:
         model = build_dit(args.model, input_size=args.image_size, in_channels=args.channels,
-                          num_classes=args.num_classes, learn_sigma=True).to(device)
+                          num_classes=args.num_classes, learn_sigma=True, pos_embed=args.pos_embed).to(device)
         objective = GaussianDiffusion(make_schedule("linear", 1000), learn_sigma=True)
         macs_per_item = forward_macs(model)
         x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
@@ -209,6 +211,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pos-embed", choices=["sincos", "rope"], default="sincos", help="image DiTs: positions")
     parser.add_argument("--seq-len", type=int, default=256, help="text models (TextDiT-*): tokens per sequence")
     parser.add_argument("--vocab-size", type=int, default=65, help="text models: vocabulary (65: tinyshakespeare chars)")
     parser.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")
